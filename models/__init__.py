@@ -1,0 +1,1 @@
+"""Model definitions, synthetic data generation and training for ctr-serve."""

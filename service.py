@@ -1,0 +1,138 @@
+"""The BentoML services of ctr-serve (../DESIGN.md): thin wiring over the `ctr` package.
+
+CTRGateway is the entry (POST /predict); it runs features, transform and the fallback
+table in its own process and coalesces concurrent requests into one CTRModel call.
+FeatureService and FallbackService serve the same `ctr` code over HTTP on their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bentoml
+import numpy as np
+
+from ctr import modelstore, wiring
+from ctr.api import Context
+from ctr.http import make_app
+from ctr.settings import Settings
+from ctr.transform import Transformer
+
+SETTINGS = Settings()
+MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+# Measured pitfalls (notes/bentoml.md): access logging costs ~14 % of throughput and most
+# of the p99 tail; a caller's connection to a dependency is recycled every 100 requests
+# while still in use (random 500s) unless the callee raises runner_connection limits.
+COMMON: dict[str, Any] = {
+    "logging": {"access": {"enabled": False}},
+    "runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9},
+    "traffic": {"timeout": 30},
+}
+
+
+@bentoml.service(name="ctr_model", workers=1, **COMMON)
+class CTRModel:
+    """The batchable model runner; the process that owns the device."""
+
+    stored = MODEL
+
+    def __init__(self) -> None:
+        from ctr.runner import ModelRunner
+
+        art = modelstore.artifacts(str(self.stored.tag))
+        self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads)
+        wiring.settle_gc()
+
+    # max_latency_ms is BentoML's shedding cut-off, not a batching window: kept far above
+    # the gateway's deadline so nothing is shed below saturation; max_batch_size is kept
+    # above the gateway's largest coalesced call so no call is split into fragments.
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.model_max_batch_rows,
+        max_latency_ms=SETTINGS.model_max_latency_ms,
+    )
+    async def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.runner(features)
+
+
+@bentoml.service(name="ctr_features", workers=1, **COMMON)
+class FeatureService:
+    """The tiered feature store and transform, over HTTP."""
+
+    stored = MODEL
+
+    def __init__(self) -> None:
+        art = modelstore.artifacts(str(self.stored.tag))
+        self.lookup = wiring.feature_lookup(SETTINGS)
+        self.transformer = Transformer(art.spec)
+
+    @bentoml.api
+    async def features(self, user_id: str, ad_ids: list[str]) -> dict[str, Any]:
+        f = await self.lookup.lookup(user_id, ad_ids)
+        return {
+            "user": {"user_static": f.user_static, "user_behavioral": f.user_behavioral},
+            "ads": [{"ad_meta": m, "ad_stats": s} for m, s in zip(f.ad_meta, f.ad_stats, strict=True)],
+            "degraded": f.degraded,
+        }
+
+    @bentoml.api
+    async def matrix(self, user_id: str, ad_ids: list[str], context: Context) -> dict[str, Any]:
+        f = await self.lookup.lookup(user_id, ad_ids)
+        x = self.transformer.matrix(f.user_static, f.user_behavioral, f.ad_meta, f.ad_stats, context.model_dump())
+        return {"matrix": x, "degraded": f.degraded}
+
+
+@bentoml.service(name="ctr_fallback", workers=1, **COMMON)
+class FallbackService:
+    """Historical segment CTR blended with the global CTR, over HTTP."""
+
+    stored = MODEL
+
+    def __init__(self) -> None:
+        art = modelstore.artifacts(str(self.stored.tag))
+        self.table = art.segments
+        self.version = f"fallback:{art.tag}"
+
+    @bentoml.api
+    async def predict(self, ad_ids: list[str], context: Context) -> dict[str, Any]:
+        return {"scores": self.table.scores(context.model_dump(), len(ad_ids)), "model_version": self.version}
+
+
+predict_app = make_app()
+
+
+@bentoml.asgi_app(predict_app, path="/")
+@bentoml.service(name="ctr_gateway", workers=1, **COMMON)
+class CTRGateway:
+    """The entry: /predict, features in-process, coalesced calls to CTRModel, fallback."""
+
+    stored = MODEL
+    model = bentoml.depends(CTRModel)
+    feature_service = bentoml.depends(FeatureService)
+    fallback_service = bentoml.depends(FallbackService)
+
+    def __init__(self) -> None:
+        self.art = modelstore.artifacts(str(self.stored.tag))
+        remote = self._remote_features if SETTINGS.features_remote else None
+        self.gateway = wiring.gateway(SETTINGS, self.art, self._model_call, remote)
+        predict_app.state.max_ads = SETTINGS.max_ads
+        predict_app.state.gateway = self.gateway
+        wiring.settle_gc()
+
+    async def _model_call(self, x: np.ndarray) -> np.ndarray:
+        return await self.model.to_async.predict(x)
+
+    async def _remote_features(
+        self, user_id: str, ad_ids: list[str], context: dict[str, Any]
+    ) -> tuple[np.ndarray, list[str]]:
+        out = await self.feature_service.to_async.matrix(user_id=user_id, ad_ids=ad_ids, context=context)
+        return np.asarray(out["matrix"], dtype=np.int64), list(out["degraded"])
+
+    @bentoml.api
+    async def model_info(self) -> dict[str, Any]:
+        """The served model's tag, test metrics, feature versions and data fingerprint."""
+        md = self.art.metadata
+        keys = ("metrics", "feature_versions", "data_fingerprint", "data_config")
+        return {"model_version": self.art.tag, **{k: md.get(k) for k in keys}}

@@ -1,0 +1,94 @@
+"""Shared fixtures. The test process gets its own BentoML home and data directory, so
+tests never touch (or depend on) the developer's model store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_TMP = Path(tempfile.mkdtemp(prefix="ctr-tests-"))
+os.environ["BENTOML_HOME"] = str(_TMP / "bentoml")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+os.environ["CTR_DATA_DIR"] = str(_TMP / "data")
+os.environ.pop("CTR_DATABASE_URL", None)
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# A small log: big enough for a model that beats chance clearly, small enough to train in seconds.
+SMALL = ["--users", "2000", "--ads", "300", "--impressions", "60000", "--max-epochs", "3"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_TMP, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def small_setup() -> dict[str, str]:
+    """Generate a small click log, train a model into the test model store, load features."""
+    env = {**os.environ, "BENTOML_HOME": str(_TMP / "bentoml-e2e"), "CTR_DATA_DIR": str(_TMP / "data-e2e")}
+    subprocess.run([str(BIN / "ctr"), "setup", *SMALL], check=True, env=env, cwd=ROOT, capture_output=True)
+    return env
+
+
+class Server:
+    def __init__(self, target: str, env: dict[str, str], timeout_s: float = 90.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bentoml-serve-", suffix=".log", delete=False)  # noqa: SIM115
+        cmd = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout_s} s: {Path(self.log.name).read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def gateway(small_setup: dict[str, str]) -> Iterator[Server]:
+    """The real `bentoml serve service:CTRGateway` (all four services) on a free port."""
+    env = {**small_setup, "CTR_MAX_ADS": "50"}
+    server = Server("service:CTRGateway", env)
+    yield server
+    server.stop()

@@ -1,0 +1,115 @@
+"""The synthetic log, training, and the model store round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctr import modelstore
+from ctr.setup import _ad_rows, _user_rows
+from ctr.transform import Transformer
+from models import data
+from models.train import TrainConfig, expected_calibration_error, feature_matrix, predict, train
+
+SMALL = data.DataConfig(n_users=2000, n_ads=300, n_impressions=60_000, seed=3)
+CTX_NAMES = ("hour", "device", "site", "banner", "conn")
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("log")
+    data.write(d, SMALL)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(log_dir: Path):  # type: ignore[no-untyped-def]
+    return train(log_dir, TrainConfig(max_epochs=3))
+
+
+def test_generation_is_deterministic_by_seed() -> None:
+    """Same seed, same log; another seed, another log."""
+    cfg = data.DataConfig(n_users=100, n_ads=20, n_impressions=2000)
+    assert data.fingerprint(data.generate(cfg)) == data.fingerprint(data.generate(cfg))
+    other = data.DataConfig(n_users=100, n_ads=20, n_impressions=2000, seed=8)
+    assert data.fingerprint(data.generate(cfg)) != data.fingerprint(data.generate(other))
+
+
+def test_log_is_realistic(log_dir: Path) -> None:
+    """Zipf popularity, labels drawn from the stored true probability, time-ordered splits."""
+    a, cfg, _ = data.load(log_dir)
+    counts = np.sort(np.bincount(a["imp_user"], minlength=SMALL.n_users))[::-1]
+    assert counts[0] > 20 * np.median(counts)  # a heavy head
+    p, y = a["imp_p"], a["imp_label"]
+    assert ((p > 0) & (p < 1)).all()
+    assert abs(y.mean() - p.mean()) < 0.005  # labels are Bernoulli(p)
+    assert 0.01 < y.mean() < 0.1
+    sp = data.split_indices(len(y), cfg)
+    assert a["imp_t"][sp["train"]].max() <= a["imp_t"][sp["valid"]].min()
+    assert a["imp_t"][sp["valid"]].max() <= a["imp_t"][sp["test"]].min()
+
+
+def test_training_and_serving_build_identical_rows(log_dir: Path, trained) -> None:  # type: ignore[no-untyped-def]
+    """The serving transform over the feature-store rows reproduces the training matrix."""
+    a, _, _ = data.load(log_dir)
+    x = feature_matrix(a, trained.spec)
+    users, ads = list(_user_rows(a)), list(_ad_rows(a))
+    t = Transformer(trained.spec)
+    for i in range(0, 60_000, 6007):
+        u, ad = users[a["imp_user"][i]], ads[a["imp_ad"][i]]
+        ctx = {"hour": int(a["imp_hour"][i]), "device_type": ["mobile", "desktop", "tablet"][a["imp_device"][i]],
+               "site_category": data.schema.SITE_CATEGORIES[a["imp_site"][i]], "banner_pos": int(a["imp_banner"][i]),
+               "conn_type": data.schema.CONN_TYPES[a["imp_conn"][i]]}  # fmt: skip
+        row = t.matrix(u[1], u[2], [ad[1]], [ad[2]], ctx)[0]
+        assert list(row) == list(x[i]), i
+
+
+def test_model_learns_and_is_calibrated(trained) -> None:  # type: ignore[no-untyped-def]
+    """Clearly better than chance, not better than the Bayes-optimal AUC, calibrated."""
+    m = trained.metrics
+    assert 0.6 < m["test_auc"] <= m["bayes_auc"] + 0.01
+    assert m["test_ece"] < 0.02
+    assert m["test_logloss"] < 0.3
+
+
+def test_ece_of_perfect_and_biased_predictions() -> None:
+    """ECE is ~0 for the true probabilities and grows with a constant bias."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.01, 0.2, 200_000)
+    y = (rng.random(len(p)) < p).astype(int)
+    assert expected_calibration_error(y, p) < 0.003
+    assert expected_calibration_error(y, p + 0.05) == pytest.approx(0.05, abs=0.005)
+
+
+def test_store_round_trip(trained, log_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Saved to the BentoML store with its metadata; reloaded weights predict the same."""
+    tag = modelstore.save(trained)
+    art = modelstore.artifacts(tag)
+    md = art.metadata
+    assert md["data_fingerprint"] == trained.fingerprint
+    assert md["metrics"]["bayes_auc"] == pytest.approx(trained.metrics["bayes_auc"])
+    assert md["feature_versions"] == {"user_static": 1, "user_behavioral": 1, "ad_meta": 1, "ad_stats": 1}
+    assert md["segments"]["global_impressions"] > 0
+    a, _, _ = data.load(log_dir)
+    x = feature_matrix(a, art.spec)[:500]
+    assert np.allclose(predict(modelstore.load_module(art), x), predict(trained.model, x), atol=1e-6)
+
+
+def test_weights_are_loaded_without_unpickling_objects(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A weights file holding an arbitrary object is refused, not executed."""
+    import dataclasses
+    import shutil
+
+    art = modelstore.artifacts(modelstore.save(trained))
+    art = dataclasses.replace(art, path=Path(shutil.copytree(art.path, tmp_path / "copy")))
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, art.path / modelstore.WEIGHTS)
+    with pytest.raises(Exception, match=r"[Ww]eights only"):
+        modelstore.load_module(art)

@@ -1,0 +1,116 @@
+"""End to end: the real `bentoml serve` with a freshly trained model, over HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import Server
+
+CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
+
+
+def predict(server: Server, body: object, **kw: object) -> httpx.Response:
+    return httpx.post(server.url + "/predict", json=body, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def test_predict_returns_a_calibrated_score_per_ad(gateway: Server) -> None:
+    """A known user and ads get one score in (0, 1) per ad, from the model, undegraded."""
+    r = predict(gateway, {"user_id": "u1", "ad_ids": ["a7", "a19", "a3"], "context": CTX})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["scores"]) == 3 and all(0 < s < 1 for s in body["scores"])
+    assert len(set(body["scores"])) > 1  # a model, not a constant
+    assert body["model_version"].startswith("ctr_model:")
+    assert body["arm"] == "stable" and body["fallback"] is False and body["degraded"] == []
+    assert body["request_id"]
+
+
+def test_request_id_is_echoed(gateway: Server) -> None:
+    """A caller's X-Request-ID is kept, so logs can be joined."""
+    r = predict(gateway, {"user_id": "u1", "ad_ids": ["a1"], "context": CTX}, headers={"x-request-id": "abc-1"})
+    assert r.json()["request_id"] == "abc-1"
+
+
+def test_unknown_user_and_ads_get_defaults_and_say_so(gateway: Server) -> None:
+    """Cold start is not an error: default features, flagged in `degraded`."""
+    r = predict(gateway, {"user_id": "nobody", "ad_ids": ["a1", "zz-new"], "context": CTX})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["fallback"] is False
+    assert set(body["degraded"]) == {"features:user:default", "features:ad:default"}
+    assert all(0 < s < 1 for s in body["scores"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ("not json", 400, "not valid JSON"),
+        ([1, 2], 400, "JSON object"),
+        ({"ad_ids": ["a1"], "context": CTX}, 422, "user_id: Field required"),
+        ({"user_id": 42, "ad_ids": ["a1"], "context": CTX}, 422, "user_id: Input should be a valid string"),
+        ({"user_id": "u1", "ad_ids": "a1", "context": CTX}, 422, "ad_ids"),
+        ({"user_id": "u1", "ad_ids": [], "context": CTX}, 422, "at least 1 item"),
+        ({"user_id": "u1", "ad_ids": [f"a{i}" for i in range(51)], "context": CTX}, 422, "at most 50 (CTR_MAX_ADS)"),
+        ({"user_id": "u1", "ad_ids": ["a1"], "context": {**CTX, "hour": 24}}, 422, "context.hour"),
+        ({"user_id": "u1", "ad_ids": ["a1"], "context": {**CTX, "banner_pos": -1}}, 422, "context.banner_pos"),
+        ({"user_id": "u1", "ad_ids": ["a1"], "context": {**CTX, "device_type": "fridge"}}, 422, "context.device_type"),
+        ({"user_id": "u1", "ad_ids": ["a1"], "context": {**CTX, "hour": "14"}}, 422, "context.hour"),
+        ({"user_id": "u1", "ad_ids": ["a1"]}, 422, "context: Field required"),
+    ],
+)
+def test_bad_input_gets_a_readable_4xx(gateway: Server, body: object, status: int, needle: str) -> None:
+    """Each kind of bad input is refused with its status and a message naming the problem."""
+    if isinstance(body, str):
+        r = httpx.post(gateway.url + "/predict", content=body, timeout=10)
+    else:
+        r = predict(gateway, body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_health_and_metrics(gateway: Server) -> None:
+    """BentoML's probes answer, and the project's ctr_* metrics are exported."""
+    assert httpx.get(gateway.url + "/livez").status_code == 200
+    assert httpx.get(gateway.url + "/readyz").status_code == 200
+    predict(gateway, {"user_id": "u2", "ad_ids": ["a2"], "context": CTX})
+    text = httpx.get(gateway.url + "/metrics").text
+    for name in (
+        'ctr_requests_total{outcome="ok"}',
+        'ctr_requests_total{outcome="bad_request"}',
+        'ctr_request_latency_seconds_bucket{le="0.005",outcome="ok"}',
+        'ctr_stage_latency_seconds_count{stage="features"}',
+        'ctr_stage_latency_seconds_count{stage="transform"}',
+        'ctr_stage_latency_seconds_count{stage="inference"}',
+        'ctr_stage_latency_seconds_count{stage="request"}',
+        "ctr_model_batch_rows_count",
+    ):
+        assert name in text, name
+
+
+def test_model_info_reports_metrics(gateway: Server) -> None:
+    """The gateway tells which model it serves and how it scored on test."""
+    r = httpx.post(gateway.url + "/model_info", json={}, timeout=10)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model_version"].startswith("ctr_model:")
+    assert 0.5 < body["metrics"]["test_auc"] <= body["metrics"]["bayes_auc"] + 0.02
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "body", "key"),
+    [
+        ("service:FallbackService", "/predict", {"ad_ids": ["a1", "a2"], "context": CTX}, "scores"),
+        ("service:FeatureService", "/features", {"user_id": "u1", "ad_ids": ["a1"]}, "ads"),
+    ],
+)
+def test_side_services_serve_on_their_own(
+    small_setup: dict[str, str], target: str, path: str, body: dict, key: str
+) -> None:
+    """FallbackService and FeatureService each start alone and answer their API."""
+    server = Server(target, small_setup)
+    try:
+        r = httpx.post(server.url + path, json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        assert key in r.json()
+    finally:
+        server.stop()

@@ -1,0 +1,158 @@
+"""The feature path: L1 TTLs on an injected clock, tier backfill, negative caching,
+versioned keys, the SQLite store, and degradation when the database fails."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctr import schema
+from ctr.features.sql import SqliteStore, sqlite_path
+from ctr.features.store import FeatureLookup, TieredStore
+from ctr.features.tiers import MemoryTier, feature_key
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingSource:
+    """An origin that counts its reads (wrapping a real SQLite store)."""
+
+    name = "l3"
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.calls: list[tuple[str, list[str]]] = []
+
+    async def get_many(self, group: schema.FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        self.calls.append((group.name, list(ids)))
+        return self.store.read(group, ids)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> SqliteStore:
+    store = SqliteStore(tmp_path / "f.db")
+    store.write(schema.USER_STATIC, [("u1", [30, "f", 3, 2]), ("u2", [50, "m", 1, 0])])
+    store.write(schema.USER_BEHAVIORAL, [("u1", [100, 4])])
+    store.write(schema.AD_META, [("a1", [5, 2, "image"]), ("a2", [6, 3, "video"])])
+    store.write(schema.AD_STATS, [("a1", [5000, 200]), ("a2", [3000, 90])])
+    return store
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_memory_tier_expires_per_entry_ttl() -> None:
+    """Each entry lives its own TTL on the injected clock; TTL 0 is never stored."""
+    clock = Clock()
+    tier = MemoryTier(clock=clock)
+    run(tier.set_many([("short", (1,), 10.0), ("long", (2,), 100.0), ("never", (3,), 0.0)]))
+    assert run(tier.get_many(["short", "long", "never"])) == [(1,), (2,), None]
+    clock.now += 50
+    assert run(tier.get_many(["short", "long"])) == [None, (2,)]
+    clock.now += 51
+    assert run(tier.get_many(["long"])) == [None]
+
+
+def test_memory_tier_is_bounded() -> None:
+    """Past max_entries the least recently used entry goes."""
+    tier = MemoryTier(max_entries=2)
+    run(tier.set_many([("a", (1,), 60.0), ("b", (2,), 60.0)]))
+    run(tier.get_many(["a"]))
+    run(tier.set_many([("c", (3,), 60.0)]))
+    assert run(tier.get_many(["a", "b", "c"])) == [(1,), None, (3,)]
+
+
+def test_keys_change_with_version_entity_and_group() -> None:
+    """Bumping a group's version gives every entity a new key (old entries unreachable)."""
+    g = schema.USER_STATIC
+    bumped = dataclasses.replace(g, version=g.version + 1)
+    assert feature_key(g, "u1") != feature_key(bumped, "u1")
+    assert feature_key(g, "u1") != feature_key(schema.USER_BEHAVIORAL, "u1")
+    assert feature_key(g, "u1") == feature_key(g, "u1")
+
+
+def test_tiered_read_backfills_and_serves_from_l1(db: SqliteStore) -> None:
+    """A first read goes to the database and fills L1; the second never leaves L1."""
+    origin = CountingSource(db)
+    l1 = MemoryTier()
+    store = TieredStore([l1], origin)
+    first = run(store.get(schema.AD_META, ["a1", "a2"]))
+    assert first == [(5, 2, "image"), (6, 3, "video")]
+    assert run(store.get(schema.AD_META, ["a2", "a1"])) == [(6, 3, "video"), (5, 2, "image")]
+    assert origin.calls == [("ad_meta", ["a1", "a2"])] or origin.calls == [("ad_meta", ["a2", "a1"])]
+    assert len(l1) == 2
+
+
+def test_lower_tier_hit_backfills_upper_tier_only_with_its_misses(db: SqliteStore) -> None:
+    """An L2 hit is copied into L1; nothing L1 already had is rewritten."""
+    l1, l2 = MemoryTier(), MemoryTier()
+    run(l2.set_many([(feature_key(schema.AD_META, "a1"), (9, 9, "text"), 60.0)]))
+    origin = CountingSource(db)
+    store = TieredStore([l1, l2], origin)
+    assert run(store.get(schema.AD_META, ["a1", "a2"])) == [(9, 9, "text"), (6, 3, "video")]
+    assert origin.calls == [("ad_meta", ["a2"])]
+    assert run(l1.get_many([feature_key(schema.AD_META, "a1")])) == [(9, 9, "text")]
+
+
+def test_unknown_ids_are_cached_negatively_for_a_short_ttl(db: SqliteStore) -> None:
+    """Cold-start ids hit the database once per negative TTL, not once per request."""
+    clock = Clock()
+    origin = CountingSource(db)
+    store = TieredStore([MemoryTier(clock=clock)], origin, negative_ttl_s=30.0)
+    assert run(store.get(schema.AD_META, ["ghost"])) == [None]
+    assert run(store.get(schema.AD_META, ["ghost"])) == [None]
+    assert len(origin.calls) == 1
+    clock.now += 31
+    run(store.get(schema.AD_META, ["ghost"]))
+    assert len(origin.calls) == 2
+
+
+def test_lookup_reports_unknown_entities(db: SqliteStore) -> None:
+    """Unknown users and ads come back as None and are named in `degraded`."""
+    lookup = FeatureLookup(TieredStore([MemoryTier()], db))
+    f = run(lookup.lookup("u2", ["a1", "nope"]))
+    assert f.user_static == (50, "m", 1, 0) and f.user_behavioral is None
+    assert f.ad_meta[1] is None and f.ad_stats[0] == (5000, 200)
+    assert f.degraded == ["features:ad:default"]
+    assert run(lookup.lookup("ghost", ["a1"])).degraded == ["features:user:default"]
+
+
+def test_database_failure_degrades_to_defaults(tmp_path: Path) -> None:
+    """A broken database gives default features and says which groups, not an exception."""
+    store = SqliteStore(tmp_path / "f.db")
+    store.close()  # every read now raises sqlite3.ProgrammingError (a sqlite3.Error)
+    lookup = FeatureLookup(TieredStore([MemoryTier()], store))
+    f = run(lookup.lookup("u1", ["a1"]))
+    assert f.user_static is None and f.ad_meta == [None]
+    assert sorted(f.degraded) == sorted(f"features:{g.name}:default" for g in schema.GROUPS)
+    with pytest.raises(sqlite3.Error):
+        store.read(schema.AD_META, ["a1"])
+
+
+def test_sqlite_upsert_and_meta(db: SqliteStore) -> None:
+    """Writes replace rows in place; meta keys round-trip."""
+    db.write(schema.AD_STATS, [("a1", [6000, 250])])
+    assert db.read(schema.AD_STATS, ["a1"]) == {"a1": (6000, 250)}
+    assert db.count(schema.AD_STATS) == 2
+    db.set_meta("k", "v")
+    assert db.get_meta("k") == "v" and db.get_meta("missing") is None
+
+
+def test_sqlite_url_parsing() -> None:
+    """Only sqlite:/// URLs name a SQLite file."""
+    assert sqlite_path("sqlite:////tmp/x.db") == Path("/tmp/x.db")
+    with pytest.raises(ValueError, match="sqlite"):
+        sqlite_path("postgresql://localhost/test")

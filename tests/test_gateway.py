@@ -1,0 +1,93 @@
+"""The gateway core: scores from the model, or from the fallback table when the model
+fails or misses the deadline; request parsing and its error messages."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ctr.api import BadRequest, PredictRequest, parse_predict
+from ctr.coalesce import Coalescer
+from ctr.fallback import SegmentTable
+from ctr.gateway import Gateway
+
+CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
+TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
+REQ = PredictRequest.model_validate({"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX})
+
+
+async def features(user_id: str, ad_ids: list[str], context: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    return np.arange(len(ad_ids) * 2, dtype=np.int64).reshape(len(ad_ids), 2), []
+
+
+def gateway(model: Any, deadline_s: float = 1.0) -> Gateway:
+    return Gateway(features, Coalescer(model), TABLE, "ctr_model:test", deadline_s)
+
+
+def test_scores_come_from_the_model() -> None:
+    """The model's outputs, in ad order, clipped into (0, 1)."""
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        return np.array([0.2, 1.0], dtype=np.float32)
+
+    p = asyncio.run(gateway(model).predict(REQ, "rid"))
+    assert p.scores[0] == pytest.approx(0.2) and 0.999 < p.scores[1] < 1
+    assert (p.fallback, p.degraded, p.request_id, p.model_version) == (False, [], "rid", "ctr_model:test")
+
+
+def test_model_failure_answers_from_fallback() -> None:
+    """An unreachable model gives the segment blend, flagged model:unavailable."""
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        raise ConnectionRefusedError("no model process")
+
+    p = asyncio.run(gateway(model).predict(REQ))
+    assert p.fallback is True and p.degraded == ["model:unavailable"]
+    assert p.scores == [TABLE.score("mobile", "news")] * 2
+    assert p.model_version == "fallback:ctr_model:test"
+
+
+def test_deadline_answers_from_fallback() -> None:
+    """A model slower than the deadline is not waited for."""
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    p = asyncio.run(gateway(model, deadline_s=0.005).predict(REQ))
+    assert p.fallback is True and p.degraded == ["model:timeout"]
+
+
+def test_rejects_bad_deadline() -> None:
+    """A non-positive deadline is refused."""
+    with pytest.raises(ValueError, match="deadline_s"):
+        gateway(None, deadline_s=0)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{", 400, "not valid JSON"),
+        (b'"x"', 400, "JSON object"),
+        (b'{"user_id": "", "ad_ids": ["a"], "context": {}}', 422, "user_id: String should have at least 1 character"),
+        (b'{"user_id": "u", "ad_ids": ["a", 3], "context": {}}', 422, "ad_ids.1: Input should be a valid string"),
+    ],
+)
+def test_parse_errors_name_the_field(body: bytes, status: int, needle: str) -> None:
+    """Parsing errors carry the HTTP status and the offending field."""
+    with pytest.raises(BadRequest) as err:
+        parse_predict(body, max_ads=10)
+    assert err.value.status == status and needle in err.value.message
+
+
+def test_parse_accepts_max_ads_exactly() -> None:
+    """The limit is inclusive."""
+    import orjson
+
+    body = orjson.dumps({"user_id": "u", "ad_ids": ["a"] * 3, "context": CTX})
+    assert len(parse_predict(body, max_ads=3).ad_ids) == 3
+    with pytest.raises(BadRequest, match="at most 2"):
+        parse_predict(body, max_ads=2)
