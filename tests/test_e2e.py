@@ -114,3 +114,16 @@ def test_side_services_serve_on_their_own(
         assert key in r.json()
     finally:
         server.stop()
+
+
+def test_remote_features_give_the_same_scores(small_setup: dict[str, str], gateway: Server) -> None:
+    """With CTR_FEATURES_REMOTE the gateway asks FeatureService over HTTP, with the same result."""
+    body = {"user_id": "u3", "ad_ids": ["a1", "a2", "a5", "nope"], "context": CTX}
+    remote = Server("service:CTRGateway", {**small_setup, "CTR_FEATURES_REMOTE": "true"})
+    try:
+        got = predict(remote, body).json()
+    finally:
+        remote.stop()
+    want = predict(gateway, body).json()
+    assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)
+    assert got["degraded"] == want["degraded"] == ["features:ad:default"]
