@@ -7,6 +7,8 @@ FeatureService and FallbackService serve the same `ctr` code over HTTP on their 
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
 import bentoml
@@ -14,6 +16,8 @@ import numpy as np
 
 from ctr import modelstore, wiring
 from ctr.api import Context
+from ctr.features.warm import warm
+from ctr.features.writes import run_writer
 from ctr.http import make_app
 from ctr.settings import Settings
 from ctr.transform import Transformer
@@ -65,8 +69,26 @@ class FeatureService:
 
     def __init__(self) -> None:
         art = modelstore.artifacts(str(self.stored.tag))
-        self.lookup = wiring.feature_lookup(SETTINGS)
+        self.stack = wiring.features(SETTINGS)
+        self.lookup = self.stack.lookup
         self.transformer = Transformer(art.spec)
+        self._stop = asyncio.Event()
+        self._writer: asyncio.Task[int] | None = None
+
+    @bentoml.on_startup
+    async def start_writer(self) -> None:
+        """This process commits write-behind feature writes to L3 (durably, see ctr/features/writes.py)."""
+        if self.stack.writer.redis is not None:
+            consumer = f"writer-{socket.gethostname()}"
+            self._writer = asyncio.create_task(
+                run_writer(self.stack.writer.redis, self.stack.store.origin, consumer, self._stop)
+            )
+
+    @bentoml.on_shutdown
+    async def stop_writer(self) -> None:
+        self._stop.set()
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=2)
 
     @bentoml.api
     async def features(self, user_id: str, ad_ids: list[str]) -> dict[str, Any]:
@@ -115,11 +137,20 @@ class CTRGateway:
 
     def __init__(self) -> None:
         self.art = modelstore.artifacts(str(self.stored.tag))
+        self.stack = wiring.features(SETTINGS)
         remote = self._remote_features if SETTINGS.features_remote else None
-        self.gateway = wiring.gateway(SETTINGS, self.art, self._model_call, remote)
+        self.gateway = wiring.gateway(SETTINGS, self.art, self._model_call, self.stack, remote)
         predict_app.state.max_ads = SETTINGS.max_ads
-        predict_app.state.gateway = self.gateway
+        predict_app.state.writer = self.stack.writer
+        predict_app.state.admin_token = SETTINGS.admin_token
+
+    @bentoml.on_startup
+    async def warm_caches(self) -> None:
+        """Warm L1 and L2 before traffic: the server does not listen (nor /readyz answer) until done."""
+        if SETTINGS.warm and not SETTINGS.features_remote:
+            await warm(self.stack.store, SETTINGS.warm_top_users)
         wiring.settle_gc()
+        predict_app.state.gateway = self.gateway
 
     async def _model_call(self, x: np.ndarray) -> np.ndarray:
         return await self.model.to_async.predict(x)

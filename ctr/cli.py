@@ -108,6 +108,84 @@ def features_load(force: bool) -> None:
     click.echo(f"{n} rows written")
 
 
+@features.command("put")
+@click.argument("group")
+@click.argument("entity_id")
+@click.argument("values")
+def features_put(group: str, entity_id: str, values: str) -> None:
+    """Write one entity's GROUP features, VALUES as a JSON list, in the group's write mode.
+
+    Example: ctr features put ad_stats a7 '[5200, 210]'
+    """
+    import asyncio
+
+    from ctr import wiring
+    from ctr.features.writes import validate_rows
+
+    try:
+        g, rows = validate_rows(group, [{"id": entity_id, "values": json.loads(values)}])
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+    async def go() -> str:
+        stack = wiring.features(_settings())
+        try:
+            return await stack.writer.put(g, rows)
+        finally:
+            await wiring.close(stack)
+
+    click.echo(f"{g.name} {entity_id}: written ({asyncio.run(go())})")
+
+
+@features.command("warm")
+@click.option("--top-users", type=int, default=None, help="K (default CTR_WARM_TOP_USERS).")
+def features_warm(top_users: int | None) -> None:
+    """Warm L2 (Redis) with the warm set: top-K users, active ads (each process warms its own L1)."""
+    import asyncio
+
+    from ctr import wiring
+    from ctr.features.warm import warm
+
+    s = _settings()
+
+    async def go() -> dict[str, object]:
+        stack = wiring.features(s)
+        try:
+            return await warm(stack.store, s.warm_top_users if top_users is None else top_users)
+        finally:
+            await wiring.close(stack)
+
+    click.echo(json.dumps(asyncio.run(go())))
+
+
+@features.command("writer")
+@click.option("--consumer", default=None, help="Consumer name in the stream's group (default: writer-<host>).")
+def features_writer(consumer: str | None) -> None:
+    """Run the write-behind writer: commit queued feature writes to L3 until stopped."""
+    import asyncio
+    import signal
+    import socket
+
+    from redis.asyncio import Redis
+
+    from ctr import wiring
+    from ctr.features.writes import run_writer
+
+    async def go() -> int:
+        stack = wiring.features(_settings())
+        if not isinstance(stack.redis, Redis):
+            raise click.UsageError("the writer needs CTR_REDIS_URL to name a plain Redis (redis://…)")
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        try:
+            return await run_writer(stack.redis, stack.store.origin, consumer or f"writer-{socket.gethostname()}", stop)
+        finally:
+            await wiring.close(stack)
+
+    click.echo(f"{asyncio.run(go())} rows committed")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures (loopback only, bounded in time)."""
@@ -125,3 +203,13 @@ def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     rows = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir))
     click.echo(loadgen.format_table(rows))
+
+
+@bench.command("features")
+@click.option("--requests", "n", type=int, default=2000, show_default=True)
+@click.option("--cluster", "cluster_url", default=None, help="redis+cluster://host:port to compare cluster reads.")
+def bench_features(n: int, cluster_url: str | None) -> None:
+    """Feature tiers on 1 user + 100 ads: L1/L2/L3 latency, hit-rate table, warm hit rate, memory."""
+    from ctr import bench_features as bf
+
+    click.echo(bf.main(n=n, cluster_url=cluster_url))

@@ -6,7 +6,7 @@ collection before the service imports this module, so these appear on its /metri
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Sub-millisecond resolution: the request budget is ~7 ms and most stages take < 1 ms.
 _BUCKETS_S = (
@@ -37,3 +37,16 @@ BATCH_REQUESTS = Histogram(
     "Requests per coalesced call from the gateway to CTRModel.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+BREAKER_STATE = Gauge("ctr_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ["name"])
+BREAKER_TRANSITIONS = Counter(
+    "ctr_breaker_transitions", "Circuit breaker transitions, by target state.", ["name", "to"]
+)
+CACHE_ERRORS = Counter("ctr_cache_errors", "Feature tier errors (the tier was skipped), by tier.", ["tier"])
+CACHE_LATENCY = Histogram(
+    "ctr_cache_latency_seconds", "Latency of one batched read of a feature tier.", ["tier"], buckets=_BUCKETS_S
+)
+CACHE_HIT_RATE = Gauge(
+    "ctr_cache_hit_rate", "Share of lookups answered by this tier or above, since start.", ["tier"],
+    multiprocess_mode="livemax",
+)  # fmt: skip
+FEATURE_WRITES = Counter("ctr_feature_writes", "Feature rows written, by group and mode.", ["group", "mode"])

@@ -6,7 +6,8 @@ and the model lives here, so a change in one place is a change everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 # --- context vocabulary (validated on every request) -----------------------------------
 DEVICE_TYPES: tuple[str, ...] = ("mobile", "desktop", "tablet")
@@ -94,3 +95,30 @@ SCHEMA_VERSION = 1
 def feature_versions() -> dict[str, int]:
     """The version of every feature group, as saved with a model."""
     return {g.name: g.version for g in GROUPS}
+
+
+def configure(ttl_s: Mapping[str, float] | None = None, versions: Mapping[str, int] | None = None) -> None:
+    """Override groups' TTLs and versions for this process (CTR_TTL_S, CTR_FEATURE_VERSIONS).
+
+    Bumping a version changes every key of the group, so old cache entries become
+    unreachable without a flush.
+    """
+    global USER_STATIC, USER_BEHAVIORAL, AD_META, AD_STATS, GROUPS, GROUPS_BY_NAME, USER_GROUPS, AD_GROUPS
+    ttl_s, versions = dict(ttl_s or {}), dict(versions or {})
+    unknown = (set(ttl_s) | set(versions)) - set(_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown feature groups {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+    if any(v < 0 for v in ttl_s.values()) or any(v < 1 for v in versions.values()):
+        raise ValueError("TTLs must be >= 0 and versions >= 1")
+    g = {
+        name: replace(d, ttl_s=float(ttl_s.get(name, d.ttl_s)), version=int(versions.get(name, d.version)))
+        for name, d in _DEFAULTS.items()
+    }
+    USER_STATIC, USER_BEHAVIORAL = g["user_static"], g["user_behavioral"]
+    AD_META, AD_STATS = g["ad_meta"], g["ad_stats"]
+    GROUPS = (USER_STATIC, USER_BEHAVIORAL, AD_META, AD_STATS)
+    GROUPS_BY_NAME = {x.name: x for x in GROUPS}
+    USER_GROUPS, AD_GROUPS = (USER_STATIC, USER_BEHAVIORAL), (AD_META, AD_STATS)
+
+
+_DEFAULTS: dict[str, FeatureGroup] = dict(GROUPS_BY_NAME)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,7 +17,29 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTR_", frozen=True)
 
     data_dir: Path = Field(PROJECT_ROOT / "data", description="Generated click log and the SQLite feature database.")
-    database_url: str = Field("", description="L3 feature database; default sqlite:///<data_dir>/features.db.")
+    database_url: str = Field(
+        "",
+        description="L3 feature database: sqlite:///path or postgresql://…; default sqlite:///<data_dir>/features.db.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="L2 cache: redis://… or redis+cluster://host:port (any node); empty disables L2.",
+    )
+    l2_timeout_ms: float = Field(20.0, gt=0, description="Budget of one L2 read; past it L2 counts as failed.")
+    ttl_s: dict[str, float] = Field(
+        default_factory=dict, description='TTL overrides per feature group, JSON, e.g. {"ad_stats": 600}.'
+    )
+    feature_versions: dict[str, int] = Field(
+        default_factory=dict, description="Version overrides per feature group, JSON; a bump invalidates its keys."
+    )
+    write_modes: dict[str, Literal["through", "behind"]] = Field(
+        default_factory=lambda: {"user_static": "through", "ad_meta": "through",
+                                 "user_behavioral": "behind", "ad_stats": "behind"},
+        description="Write mode per feature group, JSON (behind needs L2 Redis; without it writes go through).",
+    )  # fmt: skip
+    warm: bool = Field(True, description="Warm the caches from the warm set before /readyz turns ready.")
+    warm_top_users: int = Field(10_000, ge=0, description="K: how many of the most active users to warm.")
+    admin_token: str = Field("", description="Bearer token of the admin endpoints; empty disables them.")
     model_tag: str = Field("ctr_model:latest", description="BentoML model served by CTRModel and read by the gateway.")
     max_ads: int = Field(1000, ge=1, description="Most candidate ads accepted in one /predict request.")
     deadline_ms: float = Field(50.0, gt=0, description="Budget of one /predict request; past it the fallback answers.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -11,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from ctr import modelstore, schema
-from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.settings import Settings
 
 log = logging.getLogger(__name__)
+LOADER_VERSION = 2  # bump when the loader writes something new (2: the warm set)
 
 
 def ensure_data(data_dir: Path, force: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -63,22 +64,30 @@ def _ad_rows(a: dict[str, np.ndarray]) -> Iterator[tuple[str, list[Any], list[An
 
 
 def ensure_features(settings: Settings, force: bool = False) -> int:
-    """Load users' and ads' features from the click log into the L3 database."""
+    """Load users' and ads' features and the warm set from the click log into L3."""
+    return asyncio.run(_load_features(settings, force))
+
+
+async def _load_features(settings: Settings, force: bool) -> int:
+    from ctr.features.warm import warm_set_from_log
+    from ctr.wiring import open_origin
     from models import data
 
     arrays, _cfg, fp = data.load(settings.data_dir)
-    db = SqliteStore(sqlite_path(settings.resolved_database_url))
+    db = open_origin(settings.resolved_database_url)
     try:
-        if not force and db.get_meta("data_fingerprint") == fp:
-            log.info("feature database %s already loaded from %s", db.path, fp)
+        if not force and await db.get_meta("data_fingerprint") == f"{fp}/{LOADER_VERSION}":
+            log.info("feature database %s already loaded from %s", settings.resolved_database_url, fp)
             return 0
         users, ads = list(_user_rows(arrays)), list(_ad_rows(arrays))
-        n = db.write(schema.USER_STATIC, [(u, s) for u, s, _ in users])
-        n += db.write(schema.USER_BEHAVIORAL, [(u, b) for u, _, b in users])
-        n += db.write(schema.AD_META, [(a, m) for a, m, _ in ads])
-        n += db.write(schema.AD_STATS, [(a, s) for a, _, s in ads])
-        db.set_meta("data_fingerprint", fp)
-        log.info("loaded %d feature rows into %s", n, db.path)
+        n = await db.put_many(schema.USER_STATIC, [(u, s) for u, s, _ in users])
+        n += await db.put_many(schema.USER_BEHAVIORAL, [(u, b) for u, _, b in users])
+        n += await db.put_many(schema.AD_META, [(a, m) for a, m, _ in ads])
+        n += await db.put_many(schema.AD_STATS, [(a, s) for a, _, s in ads])
+        for kind, items in warm_set_from_log(arrays).items():
+            await db.put_warm_set(kind, items)
+        await db.set_meta("data_fingerprint", f"{fp}/{LOADER_VERSION}")
+        log.info("loaded %d feature rows into %s", n, settings.resolved_database_url)
         return n
     finally:
-        db.close()
+        await db.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -122,18 +123,16 @@ def ad_columns(
     return out
 
 
-def context_codes(context: dict[str, Any]) -> np.ndarray:
-    """[5] codes of a validated request context."""
-    return np.array(
-        [
-            context["hour"],
-            DEVICE_CODE[context["device_type"]],
-            SITE_CODE[context["site_category"]],
-            context["banner_pos"],
-            CONN_CODE[context["conn_type"]],
-        ],
-        dtype=np.int64,
+def context_codes(context: dict[str, Any]) -> tuple[int, ...]:
+    """The 5 codes of a validated request context (memoized: contexts repeat a lot)."""
+    return _context_codes(
+        context["hour"], context["device_type"], context["site_category"], context["banner_pos"], context["conn_type"]
     )
+
+
+@lru_cache(maxsize=8192)
+def _context_codes(hour: int, device: str, site: str, banner: int, conn: str) -> tuple[int, ...]:
+    return (hour, DEVICE_CODE[device], SITE_CODE[site], banner, CONN_CODE[conn])
 
 
 def _rows(

@@ -3,29 +3,73 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from ctr import schema
 from ctr.coalesce import Coalescer, ModelCall
+from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore, sqlite_path
-from ctr.features.store import FeatureLookup, TieredStore
+from ctr.features.store import FeatureLookup, FeatureSource, TieredStore
 from ctr.features.tiers import MemoryTier
+from ctr.features.writes import FeatureWriter
 from ctr.gateway import FeatureProvider, Gateway, local_features
 from ctr.modelstore import ModelArtifacts
 from ctr.settings import Settings
 from ctr.transform import Transformer
 
 
-def feature_lookup(settings: Settings) -> FeatureLookup:
-    """L1 (in-process) over the L3 database named by the settings."""
-    origin = SqliteStore(sqlite_path(settings.resolved_database_url), readonly=True)
-    store = TieredStore([MemoryTier(settings.l1_max_entries)], origin, settings.negative_ttl_s)
-    return FeatureLookup(store)
+def open_origin(database_url: str) -> FeatureSource:
+    """L3 from a `sqlite:///…` or `postgresql://…` URL."""
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from ctr.features.postgres import PostgresStore
+
+        return PostgresStore(database_url)
+    return SqliteStore(sqlite_path(database_url))
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureStack:
+    store: TieredStore
+    lookup: FeatureLookup
+    writer: FeatureWriter
+    redis: Redis | RedisCluster | None
+
+
+def features(settings: Settings) -> FeatureStack:
+    """L1 (in-process) -> L2 (Redis, when CTR_REDIS_URL is set) -> L3 (CTR_DATABASE_URL)."""
+    schema.configure(settings.ttl_s, settings.feature_versions)
+    redis = connect(settings.redis_url) if settings.redis_url else None
+    store = TieredStore(
+        MemoryTier(settings.l1_max_entries),
+        open_origin(settings.resolved_database_url),
+        RedisTier(redis) if redis is not None else None,
+        negative_ttl_s=settings.negative_ttl_s,
+        l2_timeout_s=settings.l2_timeout_ms / 1000.0,
+    )
+    # Write-behind needs a stream on a plain Redis (a cluster would need one stream per slot).
+    stream = redis if isinstance(redis, Redis) else None
+    return FeatureStack(store, FeatureLookup(store), FeatureWriter(store, dict(settings.write_modes), stream), redis)
+
+
+async def close(stack: FeatureStack) -> None:
+    await stack.store.drain()
+    await stack.store.origin.close()
+    if stack.redis is not None:
+        await stack.redis.aclose()
 
 
 def gateway(
-    settings: Settings, art: ModelArtifacts, model_call: ModelCall, features: FeatureProvider | None = None
+    settings: Settings,
+    art: ModelArtifacts,
+    model_call: ModelCall,
+    stack: FeatureStack,
+    remote: FeatureProvider | None = None,
 ) -> Gateway:
-    """The gateway core; features come from this process unless a provider is given."""
-    provider = features or local_features(feature_lookup(settings), Transformer(art.spec))
+    """The gateway core; features come from this process unless a remote provider is given."""
+    provider = remote or local_features(stack.lookup, Transformer(art.spec))
     coalescer = Coalescer(
         model_call,
         max_inflight=settings.batch_max_inflight,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import servers
+from servers import free_port
 
 _TMP = Path(tempfile.mkdtemp(prefix="ctr-tests-"))
 os.environ["BENTOML_HOME"] = str(_TMP / "bentoml")
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["CTR_DATA_DIR"] = str(_TMP / "data")
 os.environ.pop("CTR_DATABASE_URL", None)
+os.environ["CTR_REDIS_URL"] = ""  # tests name the Redis they use
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,16 +33,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_TMP, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with servers.redis_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
-def small_setup() -> dict[str, str]:
-    """Generate a small click log, train a model into the test model store, load features."""
-    env = {**os.environ, "BENTOML_HOME": str(_TMP / "bentoml-e2e"), "CTR_DATA_DIR": str(_TMP / "data-e2e")}
+def cluster_url() -> Iterator[str]:
+    with servers.redis_cluster() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with servers.postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def small_setup(redis_url: str) -> dict[str, str]:
+    """Generate a small click log, train a model into the test model store, load features;
+    the environment the served processes get (with a private Redis as L2)."""
+    env = {**os.environ, "BENTOML_HOME": str(_TMP / "bentoml-e2e"), "CTR_DATA_DIR": str(_TMP / "data-e2e"),
+           "CTR_REDIS_URL": redis_url, "CTR_ADMIN_TOKEN": "test-token"}  # fmt: skip
     subprocess.run([str(BIN / "ctr"), "setup", *SMALL], check=True, env=env, cwd=ROOT, capture_output=True)
     return env
 
@@ -49,6 +65,11 @@ class Server:
     def __init__(self, target: str, env: dict[str, str], timeout_s: float = 90.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Each server gets its own BENTOML_HOME (a copy of the model store): servers sharing
+        # one also share, and wipe at start-up, BentoML's Prometheus multiprocess directory.
+        self.home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
+        shutil.copytree(Path(env["BENTOML_HOME"]) / "models", self.home / "models")
+        env = {**env, "BENTOML_HOME": str(self.home)}
         self.log = tempfile.NamedTemporaryFile(prefix="bentoml-serve-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -83,6 +104,7 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         Path(self.log.name).unlink(missing_ok=True)
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

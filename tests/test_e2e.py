@@ -127,3 +127,41 @@ def test_remote_features_give_the_same_scores(small_setup: dict[str, str], gatew
     want = predict(gateway, body).json()
     assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)
     assert got["degraded"] == want["degraded"] == ["features:ad:default"]
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_caches_were_warmed_before_ready(gateway: Server) -> None:
+    """Start-up read the warm set (every user of the small log, the active ads) through L3."""
+    text = httpx.get(gateway.url + "/metrics").text
+    assert _metric(text, 'ctr_cache_lookups_total{result="hit",tier="l3"}') >= 2 * 2000
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "needle"),
+    [
+        ({}, {"group": "ad_meta", "rows": []}, 401, "bearer token"),
+        ({"authorization": "Bearer wrong"}, {"group": "ad_meta", "rows": []}, 401, "bearer token"),
+        ({"authorization": "Bearer test-token"}, {"group": "ad_meta", "rows": []}, 422, "non-empty"),
+        ({"authorization": "Bearer test-token"}, {"group": "x", "rows": [{"id": "a", "values": [1]}]}, 422, "unknown"),
+    ],
+)
+def test_admin_write_refusals(gateway: Server, headers: dict[str, str], body: dict, status: int, needle: str) -> None:
+    """The admin endpoint wants the token and a valid body."""
+    r = httpx.post(gateway.url + "/admin/features", json=body, headers=headers, timeout=10)
+    assert r.status_code == status and needle in r.json()["error"]
+
+
+def test_admin_write_makes_a_new_ad_known(gateway: Server) -> None:
+    """A new ad is cold (default features) until its features are written, then it is not."""
+    ad = "a-brand-new"
+    body = {"user_id": "u1", "ad_ids": [ad], "context": CTX}
+    assert predict(gateway, body).json()["degraded"] == ["features:ad:default"]
+    auth = {"authorization": "Bearer test-token"}
+    for group, values, mode in (("ad_meta", [3, 4, "video"], "through"), ("ad_stats", [900, 40], "behind")):
+        r = httpx.post(gateway.url + "/admin/features", headers=auth, timeout=10,
+                       json={"group": group, "rows": [{"id": ad, "values": values}]})  # fmt: skip
+        assert r.status_code == 200 and r.json() == {"group": group, "written": 1, "mode": mode}
+    assert predict(gateway, body).json()["degraded"] == []

@@ -15,7 +15,7 @@ import pytest
 from ctr import schema
 from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, TieredStore
-from ctr.features.tiers import MemoryTier, feature_key
+from ctr.features.tiers import MemoryTier, feature_key, l1_key
 
 
 class Clock:
@@ -54,6 +54,11 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def get(store: TieredStore, group: schema.FeatureGroup, ids: list[str]) -> list[Any]:
+    values, _ = run(store.get([(group, ids)]))
+    return values[0]
+
+
 def test_memory_tier_expires_per_entry_ttl() -> None:
     """Each entry lives its own TTL on the injected clock; TTL 0 is never stored."""
     clock = Clock()
@@ -88,10 +93,10 @@ def test_tiered_read_backfills_and_serves_from_l1(db: SqliteStore) -> None:
     """A first read goes to the database and fills L1; the second never leaves L1."""
     origin = CountingSource(db)
     l1 = MemoryTier()
-    store = TieredStore([l1], origin)
-    first = run(store.get(schema.AD_META, ["a1", "a2"]))
+    store = TieredStore(l1, origin)
+    first = get(store, schema.AD_META, ["a1", "a2"])
     assert first == [(5, 2, "image"), (6, 3, "video")]
-    assert run(store.get(schema.AD_META, ["a2", "a1"])) == [(6, 3, "video"), (5, 2, "image")]
+    assert get(store, schema.AD_META, ["a2", "a1"]) == [(6, 3, "video"), (5, 2, "image")]
     assert origin.calls == [("ad_meta", ["a1", "a2"])] or origin.calls == [("ad_meta", ["a2", "a1"])]
     assert len(l1) == 2
 
@@ -101,28 +106,28 @@ def test_lower_tier_hit_backfills_upper_tier_only_with_its_misses(db: SqliteStor
     l1, l2 = MemoryTier(), MemoryTier()
     run(l2.set_many([(feature_key(schema.AD_META, "a1"), (9, 9, "text"), 60.0)]))
     origin = CountingSource(db)
-    store = TieredStore([l1, l2], origin)
-    assert run(store.get(schema.AD_META, ["a1", "a2"])) == [(9, 9, "text"), (6, 3, "video")]
+    store = TieredStore(l1, origin, l2)
+    assert get(store, schema.AD_META, ["a1", "a2"]) == [(9, 9, "text"), (6, 3, "video")]
     assert origin.calls == [("ad_meta", ["a2"])]
-    assert run(l1.get_many([feature_key(schema.AD_META, "a1")])) == [(9, 9, "text")]
+    assert run(l1.get_many([l1_key(schema.AD_META, "a1")])) == [(9, 9, "text")]
 
 
 def test_unknown_ids_are_cached_negatively_for_a_short_ttl(db: SqliteStore) -> None:
     """Cold-start ids hit the database once per negative TTL, not once per request."""
     clock = Clock()
     origin = CountingSource(db)
-    store = TieredStore([MemoryTier(clock=clock)], origin, negative_ttl_s=30.0)
-    assert run(store.get(schema.AD_META, ["ghost"])) == [None]
-    assert run(store.get(schema.AD_META, ["ghost"])) == [None]
+    store = TieredStore(MemoryTier(clock=clock), origin, negative_ttl_s=30.0)
+    assert get(store, schema.AD_META, ["ghost"]) == [None]
+    assert get(store, schema.AD_META, ["ghost"]) == [None]
     assert len(origin.calls) == 1
     clock.now += 31
-    run(store.get(schema.AD_META, ["ghost"]))
+    get(store, schema.AD_META, ["ghost"])
     assert len(origin.calls) == 2
 
 
 def test_lookup_reports_unknown_entities(db: SqliteStore) -> None:
     """Unknown users and ads come back as None and are named in `degraded`."""
-    lookup = FeatureLookup(TieredStore([MemoryTier()], db))
+    lookup = FeatureLookup(TieredStore(MemoryTier(), db))
     f = run(lookup.lookup("u2", ["a1", "nope"]))
     assert f.user_static == (50, "m", 1, 0) and f.user_behavioral is None
     assert f.ad_meta[1] is None and f.ad_stats[0] == (5000, 200)
@@ -133,22 +138,13 @@ def test_lookup_reports_unknown_entities(db: SqliteStore) -> None:
 def test_database_failure_degrades_to_defaults(tmp_path: Path) -> None:
     """A broken database gives default features and says which groups, not an exception."""
     store = SqliteStore(tmp_path / "f.db")
-    store.close()  # every read now raises sqlite3.ProgrammingError (a sqlite3.Error)
-    lookup = FeatureLookup(TieredStore([MemoryTier()], store))
+    run(store.close())  # every read now raises sqlite3.ProgrammingError (a sqlite3.Error)
+    lookup = FeatureLookup(TieredStore(MemoryTier(), store))
     f = run(lookup.lookup("u1", ["a1"]))
     assert f.user_static is None and f.ad_meta == [None]
     assert sorted(f.degraded) == sorted(f"features:{g.name}:default" for g in schema.GROUPS)
     with pytest.raises(sqlite3.Error):
         store.read(schema.AD_META, ["a1"])
-
-
-def test_sqlite_upsert_and_meta(db: SqliteStore) -> None:
-    """Writes replace rows in place; meta keys round-trip."""
-    db.write(schema.AD_STATS, [("a1", [6000, 250])])
-    assert db.read(schema.AD_STATS, ["a1"]) == {"a1": (6000, 250)}
-    assert db.count(schema.AD_STATS) == 2
-    db.set_meta("k", "v")
-    assert db.get_meta("k") == "v" and db.get_meta("missing") is None
 
 
 def test_sqlite_url_parsing() -> None:

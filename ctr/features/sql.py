@@ -1,8 +1,8 @@
-"""L3: the feature database (SQLite by default), the source of truth for features.
+"""L3 on SQLite (the default): one file, batch reads with `IN (...)`.
 
-One table keyed by (group, entity id) holding each group's raw values as a JSON array.
 SQLite reads are local, indexed and take ~10 us a key, so they run on the event loop
-rather than paying a thread hop per call.
+rather than paying a thread hop per call. The async methods are the L3 interface shared
+with PostgresStore; `read` and `write` are their synchronous cores.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS features (
     PRIMARY KEY (grp, entity_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS warm_set (kind TEXT NOT NULL, item TEXT NOT NULL, rank INTEGER NOT NULL,
+                                     PRIMARY KEY (kind, item));
 """
 
 
@@ -38,22 +40,14 @@ def sqlite_path(database_url: str) -> Path:
 
 
 class SqliteStore:
-    """Batch reads and writes of feature rows in one SQLite file."""
-
     name = "l3"
 
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False)
-            self._db.executescript(SCHEMA)
-            self._db.execute("PRAGMA journal_mode=WAL")
-
-    def close(self) -> None:
-        self._db.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
 
     def read(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         """The rows found for `ids` in `group` (unknown ids are absent)."""
@@ -66,12 +60,9 @@ class SqliteStore:
         ).fetchall()
         return {eid: tuple(orjson.loads(v)) for eid, v in rows}
 
-    async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
-        return self.read(group, ids)
-
-    def write(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any]]], now: float | None = None) -> int:
+    def write(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any]]]) -> int:
         """Upsert rows of one group in one transaction; returns the number written."""
-        ts = time.time() if now is None else now
+        ts = time.time()
         data = [(group.name, eid, orjson.dumps(list(v)).decode(), ts) for eid, v in rows]
         with self._db:
             self._db.executemany(
@@ -81,13 +72,32 @@ class SqliteStore:
             )
         return len(data)
 
-    def get_meta(self, key: str) -> str | None:
+    def count(self, group: FeatureGroup) -> int:
+        return int(self._db.execute("SELECT count(*) FROM features WHERE grp = ?", (group.name,)).fetchone()[0])
+
+    async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        return self.read(group, ids)
+
+    async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any]]]) -> int:
+        return self.write(group, rows)
+
+    async def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta(self, key: str, value: str) -> None:
+    async def set_meta(self, key: str, value: str) -> None:
         with self._db:
             self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
 
-    def count(self, group: FeatureGroup) -> int:
-        return int(self._db.execute("SELECT count(*) FROM features WHERE grp = ?", (group.name,)).fetchone()[0])
+    async def put_warm_set(self, kind: str, items: Sequence[str]) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM warm_set WHERE kind = ?", (kind,))
+            self._db.executemany("INSERT INTO warm_set (kind, item, rank) VALUES (?, ?, ?)",
+                                 [(kind, it, r) for r, it in enumerate(items)])  # fmt: skip
+
+    async def get_warm_set(self, kind: str, limit: int) -> list[str]:
+        rows = self._db.execute("SELECT item FROM warm_set WHERE kind = ? ORDER BY rank LIMIT ?", (kind, limit))
+        return [r[0] for r in rows.fetchall()]
+
+    async def close(self) -> None:
+        self._db.close()

@@ -1,69 +1,242 @@
-"""The tiered feature store: reads go through the cache tiers to the database and
-backfill the tiers on the way back; user and ad groups are fetched concurrently."""
+"""The tiered feature store: L1 (in-process) -> L2 (Redis) -> L3 (SQL).
+
+A request's keys (the user's groups and every candidate ad's) go to each cache tier in
+one batched call; what no tier has is read from L3, one query per group, all groups
+concurrently, with concurrent misses of the same key coalesced into one read. Values
+found below are backfilled into the tiers above. A failing L2 is skipped behind a
+circuit breaker, so a dead Redis costs no per-request timeout; a failing L3 group gives
+default features. Both are reported in `degraded`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
+
 from ctr import metrics, schema
-from ctr.features.tiers import NEGATIVE, CacheTier, feature_key
+from ctr.breaker import BreakerOpen, CircuitBreaker
+from ctr.features.tiers import NEGATIVE, CacheTier, MemoryTier, feature_key, l1_key
 from ctr.schema import FeatureGroup
 
 Row = tuple[Any, ...]
+Key = tuple[str, int, str]  # L1's key (group, version, id); L2's is its hash (feature_key)
+_FAILED = object()  # an L3 read that failed: not cached, reported, defaults used
+L2_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+L3_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, TimeoutError)
+try:  # asyncpg is only needed with PostgreSQL
+    import asyncpg
+
+    L3_ERRORS += (asyncpg.PostgresError, asyncpg.InterfaceError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+_TIER_METRICS = {
+    t: (
+        metrics.CACHE_LOOKUPS.labels(t, "hit"),
+        metrics.CACHE_LOOKUPS.labels(t, "miss"),
+        metrics.CACHE_LATENCY.labels(t),
+    )
+    for t in ("l1", "l2", "l3")
+}
+
+_HIT_RATE_L1, _HIT_RATE_L2 = metrics.CACHE_HIT_RATE.labels("l1"), metrics.CACHE_HIT_RATE.labels("l2")
 
 
 class FeatureSource(Protocol):
-    """The origin (L3): rows by entity id for one group; unknown ids are absent."""
+    """L3: rows by entity id for one group (unknown ids are absent), and writes."""
 
     name: str
 
     async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, Row]: ...
 
+    async def put_many(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any]]]) -> int: ...
+
+    async def get_warm_set(self, kind: str, limit: int) -> list[str]: ...
+
+    async def put_warm_set(self, kind: str, items: Sequence[str]) -> None: ...
+
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+    async def close(self) -> None: ...
+
 
 class TieredStore:
-    """Cache tiers in order (L1 first), then the origin."""
-
-    def __init__(self, tiers: Sequence[CacheTier], origin: FeatureSource, negative_ttl_s: float = 60.0) -> None:
-        self.tiers = list(tiers)
-        self.origin = origin
+    def __init__(
+        self,
+        l1: MemoryTier,
+        origin: FeatureSource,
+        l2: CacheTier | None = None,
+        *,
+        negative_ttl_s: float = 60.0,
+        l2_timeout_s: float = 0.02,
+        l2_breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.l1, self.l2, self.origin = l1, l2, origin
         self.negative_ttl_s = negative_ttl_s
+        self.l2_timeout_s = l2_timeout_s
+        self.l2_breaker = l2_breaker or CircuitBreaker("l2", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
+        self._inflight: dict[Key, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._counts = {"lookups": 0, "l1": 0, "l2": 0}
 
-    async def get(self, group: FeatureGroup, ids: Sequence[str]) -> list[Row | None]:
-        """One value per id: the feature tuple, or None for an unknown entity."""
-        keys = [feature_key(group, i) for i in ids]
-        found: list[Any | None] = [None] * len(ids)
-        missing = list(range(len(ids)))
-        missed_by: list[list[int]] = []  # per tier consulted: the positions it missed
-        for tier in self.tiers:
-            if not missing:
-                break
-            values = await tier.get_many([keys[i] for i in missing])
-            still = []
-            for i, v in zip(missing, values, strict=True):
-                if v is None:
-                    still.append(i)
-                else:
-                    found[i] = v
-            metrics.CACHE_LOOKUPS.labels(tier.name, "hit").inc(len(missing) - len(still))
-            metrics.CACHE_LOOKUPS.labels(tier.name, "miss").inc(len(still))
-            missed_by.append(still)
-            missing = still
+    def ttl(self, group: FeatureGroup, value: Any) -> float:
+        return min(group.ttl_s, self.negative_ttl_s) if value == NEGATIVE else group.ttl_s
+
+    async def get(
+        self, requests: Sequence[tuple[FeatureGroup, Sequence[str]]]
+    ) -> tuple[list[list[Row | None]], list[str]]:
+        """Values per request (None for an unknown entity or a failed read), and what was degraded."""
+        t0 = time.perf_counter()
+        req_keys = [[(g.name, g.version, i) for i in ids] for g, ids in requests]
+        req_vals = [self.l1.get_many_now(keys) for keys in req_keys]
+        asked = sum(len(k) for k in req_keys)
+        if all(None not in vals for vals in req_vals):  # the common case: all in L1
+            self._observe("l1", asked, asked, t0)
+            self._counts["l1"] += asked
+            self._count(asked)
+            return [[v or None for v in vals] for vals in req_vals], []  # NEGATIVE is () -> None
+        want: dict[Key, tuple[FeatureGroup, str]] = {}
+        found: dict[Key, Any] = {}
+        for (group, ids), keys, vals in zip(requests, req_keys, req_vals, strict=True):
+            for k, i, v in zip(keys, ids, vals, strict=True):
+                want[k] = (group, i)
+                if v is not None:
+                    found[k] = v
+        missing = [k for k in want if k not in found]
+        degraded: list[str] = []
+        self._observe("l1", len(want), len(found), t0)
+        self._counts["l1"] += len(found)
+        l2_ok = self.l2 is not None
+        if missing and self.l2 is not None:
+            try:
+                missing = await self._from_l2(missing, want, found)
+            except (*L2_ERRORS, BreakerOpen) as exc:
+                l2_ok = False
+                degraded.append("cache:l2:bypassed")
+                if not isinstance(exc, BreakerOpen):
+                    metrics.CACHE_ERRORS.labels("l2").inc()
         if missing:
-            rows = await self.origin.get_many(group, list({ids[i] for i in missing}))
-            for i in missing:
-                found[i] = rows.get(ids[i], NEGATIVE)
-        for t, positions in enumerate(missed_by):  # backfill each tier with what it missed
-            items = [
-                (keys[i], found[i], group.ttl_s if found[i] != NEGATIVE else min(group.ttl_s, self.negative_ttl_s))
-                for i in positions
-            ]
-            if items:
-                await self.tiers[t].set_many(items)
-        return [None if v == NEGATIVE else tuple(v) for v in found]
+            await self._from_origin(missing, want, found, l2_ok, degraded)
+        self._count(len(want))
+        return [[self._value(found.get(k)) for k in keys] for keys in req_keys], degraded
+
+    @staticmethod
+    def _value(v: Any) -> Row | None:
+        return None if v is None or v is _FAILED or v == NEGATIVE else v
+
+    def _observe(self, tier: str, asked: int, hits: int, t0: float) -> None:
+        hit, miss, latency = _TIER_METRICS[tier]
+        hit.inc(hits)
+        miss.inc(asked - hits)
+        latency.observe(time.perf_counter() - t0)
+
+    def _count(self, lookups: int) -> None:
+        c = self._counts
+        c["lookups"] += lookups
+        if c["lookups"]:
+            _HIT_RATE_L1.set(c["l1"] / c["lookups"])
+            _HIT_RATE_L2.set((c["l1"] + c["l2"]) / c["lookups"])
+
+    async def _from_l2(
+        self, keys: list[Key], want: dict[Key, tuple[FeatureGroup, str]], found: dict[Key, Any]
+    ) -> list[Key]:
+        assert self.l2 is not None
+        l2 = self.l2
+        t0 = time.perf_counter()
+        l2_keys = [feature_key(*want[k]) for k in keys]
+
+        async def read() -> list[Any | None]:
+            async with asyncio.timeout(self.l2_timeout_s):
+                return await l2.get_many(l2_keys)
+
+        values = await self.l2_breaker.call(read, L2_ERRORS)
+        still, hits = [], []
+        for k, v in zip(keys, values, strict=True):
+            if v is None:
+                still.append(k)
+            else:
+                found[k] = v
+                hits.append((k, v, self.ttl(want[k][0], v)))
+        self._observe("l2", len(keys), len(hits), t0)
+        self._counts["l2"] += len(hits)
+        if hits:
+            self.l1.set_many_now(hits)
+        return still
+
+    async def _from_origin(
+        self,
+        keys: list[Key],
+        want: dict[Key, tuple[FeatureGroup, str]],
+        found: dict[Key, Any],
+        l2_ok: bool,
+        degraded: list[str],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        mine = [k for k in keys if k not in self._inflight]
+        theirs = {k: self._inflight[k] for k in keys if k in self._inflight}
+        futures = {k: loop.create_future() for k in mine}
+        self._inflight.update(futures)
+        t0 = time.perf_counter()
+        try:
+            by_group: dict[FeatureGroup, list[str]] = {}
+            for k in mine:
+                by_group.setdefault(want[k][0], []).append(want[k][1])
+            groups = list(by_group)
+            results = await asyncio.gather(
+                *(self.origin.get_many(g, by_group[g]) for g in groups), return_exceptions=True
+            )
+            for g, res in zip(groups, results, strict=True):
+                if isinstance(res, BaseException) and not isinstance(res, L3_ERRORS):
+                    raise res
+                for i in by_group[g]:
+                    k = l1_key(g, i)
+                    futures[k].set_result(_FAILED if isinstance(res, BaseException) else res.get(i, NEGATIVE))
+        finally:
+            for k, fut in futures.items():
+                if not fut.done():
+                    fut.set_result(_FAILED)
+                self._inflight.pop(k, None)
+        if mine:
+            self._observe("l3", len(mine), sum(f.result() is not NEGATIVE for f in futures.values()), t0)
+        for k, fut in (*futures.items(), *theirs.items()):
+            found[k] = await fut
+        failed = sorted({want[k][0].name for k in keys if found[k] is _FAILED})
+        for name in failed:
+            reason = f"features:{name}:default"
+            metrics.DEGRADED.labels(reason).inc()
+            degraded.append(reason)
+        fresh = [(k, found[k], self.ttl(want[k][0], found[k])) for k in mine if found[k] is not _FAILED]
+        if fresh:
+            self.l1.set_many_now(fresh)
+            if l2_ok and self.l2 is not None:
+                self._background(self.l2.set_many([(feature_key(*want[k]), v, t) for k, v, t in fresh]))
+
+    def _background(self, coro: Awaitable[Any]) -> None:
+        """Backfill L2 off the request path; a failure only counts as an L2 error."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except L2_ERRORS:
+                metrics.CACHE_ERRORS.labels("l2").inc()
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for background backfills (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
 
 
 @dataclass(slots=True)
@@ -74,35 +247,32 @@ class Features:
     user_behavioral: Row | None
     ad_meta: list[Row | None]
     ad_stats: list[Row | None]
+    context: Any = None
     degraded: list[str] = field(default_factory=list)
 
 
+ContextProvider = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
 class FeatureLookup:
-    """All feature groups of one request, fetched concurrently, failures degraded to defaults."""
+    """All feature groups of one request: the stored ones through the tiers, the context
+    computed (TTL 0) by `context_provider`, both at once."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, context_provider: ContextProvider | None = None) -> None:
         self.store = store
+        self.context_provider = context_provider
 
-    async def _group(self, group: FeatureGroup, ids: Sequence[str], degraded: list[str]) -> list[Row | None]:
-        try:
-            return await self.store.get(group, ids)
-        except (sqlite3.Error, OSError, TimeoutError):
-            reason = f"features:{group.name}:default"
-            metrics.DEGRADED.labels(reason).inc()
-            degraded.append(reason)
-            return [None] * len(ids)
-
-    async def lookup(self, user_id: str, ad_ids: Sequence[str]) -> Features:
-        degraded: list[str] = []
-        us, ub, am, ast = await asyncio.gather(
-            self._group(schema.USER_STATIC, [user_id], degraded),
-            self._group(schema.USER_BEHAVIORAL, [user_id], degraded),
-            self._group(schema.AD_META, ad_ids, degraded),
-            self._group(schema.AD_STATS, ad_ids, degraded),
-        )
-        failed = bool(degraded)  # a failed group reads as unknown: don't report both
-        if not failed and us[0] is None and ub[0] is None:
+    async def lookup(self, user_id: str, ad_ids: Sequence[str], context: dict[str, Any] | None = None) -> Features:
+        requests = [(schema.USER_STATIC, [user_id]), (schema.USER_BEHAVIORAL, [user_id]),
+                    (schema.AD_META, ad_ids), (schema.AD_STATS, ad_ids)]  # fmt: skip
+        if self.context_provider is not None and context is not None:
+            (values, degraded), ctx = await asyncio.gather(self.store.get(requests), self.context_provider(context))
+        else:
+            (values, degraded), ctx = await self.store.get(requests), context
+        (us,), (ub,), am, ast = values
+        failed = any(d.startswith("features:") for d in degraded)  # a failed group reads as unknown
+        if not failed and us is None and ub is None:
             degraded.append("features:user:default")
         if not failed and any(m is None and s is None for m, s in zip(am, ast, strict=True)):
             degraded.append("features:ad:default")
-        return Features(us[0], ub[0], am, ast, degraded)
+        return Features(us, ub, am, ast, ctx, degraded)

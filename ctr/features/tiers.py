@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol
 
-from cachetools import TLRUCache
+from lru import LRU
 
 from ctr.schema import FeatureGroup
 
@@ -15,9 +16,14 @@ from ctr.schema import FeatureGroup
 NEGATIVE: tuple[()] = ()
 
 
+def l1_key(group: FeatureGroup, entity_id: str) -> tuple[str, int, str]:
+    """L1's key: (group, version, id), hashed by the dict itself; a version bump changes it."""
+    return (group.name, group.version, entity_id)
+
+
 def feature_key(group: FeatureGroup, entity_id: str) -> str:
-    """A hash of (entity type, group, version, entity id): bumping a group's version
-    makes every old entry unreachable without a flush."""
+    """L2's key, a hash of (entity type, group, version, entity id): bumping a group's
+    version makes every old entry unreachable without a flush."""
     raw = f"{group.entity}\x1f{group.name}\x1f{group.version}\x1f{entity_id}".encode()
     return "f:" + hashlib.blake2b(raw, digest_size=12).hexdigest()
 
@@ -30,39 +36,55 @@ class CacheTier(Protocol):
     async def get_many(self, keys: Sequence[str]) -> list[Any | None]: ...
 
     async def set_many(self, items: Sequence[tuple[str, Any, float]]) -> None:
-        """Store (key, value, ttl_s) triples."""
+        """Store (key, value, ttl_s) triples; a TTL of 0 stores nothing."""
         ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None: ...
 
 
 class MemoryTier:
-    """L1: a bounded in-process TTL+LRU cache (cachetools.TLRUCache), TTL per entry."""
+    """L1: a bounded in-process LRU (lru-dict, in C) with a TTL per entry on an injected clock.
+
+    cachetools' TLRUCache was measured at 2.2 us a read (0.44 ms for the 202 keys of one
+    request); lru-dict plus an expiry stamp in the value reads the same keys in ~26 us.
+    Bounded by entries; `max_bytes` (approximate, ~370 B an entry measured) lowers the bound.
+    """
 
     name = "l1"
+    ENTRY_BYTES = 370
 
-    def __init__(self, max_entries: int = 500_000, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, max_entries: int = 500_000, clock: Callable[[], float] = time.monotonic, max_bytes: int | None = None
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        kwargs: dict[str, Any] = {"timer": clock} if clock is not None else {}
-        self._cache: TLRUCache[str, tuple[Any, float]] = TLRUCache(
-            maxsize=max_entries, ttu=lambda _k, v, now: now + v[1], **kwargs
-        )
+        if max_bytes is not None:
+            max_entries = max(1, min(max_entries, max_bytes // self.ENTRY_BYTES))
+        self.clock = clock
+        self._cache = LRU(max_entries)
 
     def __len__(self) -> int:
         return len(self._cache)
 
-    def get_many_now(self, keys: Sequence[str]) -> list[Any | None]:
+    def get_many_now(self, keys: Sequence[Hashable]) -> list[Any | None]:
         """The synchronous read (L1 never waits on I/O)."""
+        now = self.clock()
         get = self._cache.get
-        out: list[Any | None] = []
-        for k in keys:
-            e = get(k)
-            out.append(None if e is None else e[0])
-        return out
+        return [e[0] if (e := get(k)) is not None and e[1] > now else None for k in keys]
 
-    async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
+    async def get_many(self, keys: Sequence[Hashable]) -> list[Any | None]:
         return self.get_many_now(keys)
 
-    async def set_many(self, items: Sequence[tuple[str, Any, float]]) -> None:
+    def set_many_now(self, items: Sequence[tuple[Hashable, Any, float]]) -> None:
+        now = self.clock()
+        cache = self._cache
         for key, value, ttl_s in items:
             if ttl_s > 0:
-                self._cache[key] = (value, ttl_s)
+                cache[key] = (value, now + ttl_s)
+
+    async def set_many(self, items: Sequence[tuple[Hashable, Any, float]]) -> None:
+        self.set_many_now(items)
+
+    async def delete_many(self, keys: Sequence[Hashable]) -> None:
+        for k in keys:
+            self._cache.pop(k, None)

@@ -1,0 +1,170 @@
+"""`ctr bench features`: the feature tiers measured on one request of 1 user + 100 ads.
+
+Prints p50/p99 of a full L1 hit, an L2 hit and an L3 read; the hit-rate table (average
+latency at 90/95/99 % L1 hits beside p*T_cache + (1-p)*T_origin); the hit rates of
+Zipf(1.1) traffic after warming; memory per million cached entities; and, given a
+cluster, MGET across slots (mget_nonatomic) against hash-tagged single-slot keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import psutil
+
+from ctr import schema
+from ctr.features.redis_tier import RedisTier, connect
+from ctr.features.store import FeatureLookup, TieredStore
+from ctr.features.tiers import MemoryTier
+from ctr.features.warm import warm
+from ctr.loadgen import Traffic
+from ctr.settings import Settings
+
+
+def _pct(xs: list[float]) -> tuple[float, float, float]:
+    a = np.array(xs) * 1000
+    return float(np.median(a)), float(np.percentile(a, 99)), float(a.mean())
+
+
+async def _timed(lookup: FeatureLookup, reqs: list[dict[str, Any]], before: Callable[[], None]) -> list[float]:
+    out = []
+    for r in reqs:
+        before()
+        t0 = time.perf_counter()
+        await lookup.lookup(r["user_id"], r["ad_ids"])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def run(settings: Settings, n: int = 2000, cluster_url: str | None = None) -> str:
+    from ctr.wiring import open_origin
+
+    schema.configure(settings.ttl_s, settings.feature_versions)
+    reqs = [orjson.loads(b) for b in Traffic(settings.data_dir, 100).bodies(n)]
+    origin = open_origin(settings.resolved_database_url)
+    redis = connect(settings.redis_url, timeout_s=1.0) if settings.redis_url else None
+    l2 = RedisTier(redis) if redis is not None else None
+    lines = []
+
+    # 1. one tier at a time
+    full = TieredStore(MemoryTier(), origin, l2)
+    lookup = FeatureLookup(full)
+    await _timed(lookup, reqs, lambda: None)  # fills L1 and L2
+    await full.drain()
+    t_l1 = await _timed(lookup, reqs, lambda: None)
+
+    def clear_l1() -> None:
+        full.l1 = MemoryTier()
+
+    t_l2 = await _timed(lookup, reqs, clear_l1) if l2 is not None else []
+    l3_only = TieredStore(MemoryTier(), origin, None)
+
+    def clear_l3_l1() -> None:
+        l3_only.l1 = MemoryTier()
+
+    t_l3 = await _timed(FeatureLookup(l3_only), reqs, clear_l3_l1)
+    lines += ["| path (1 user + 100 ads) | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
+    for name, xs in (("L1 hit", t_l1), ("L2 hit (Redis)", t_l2), ("L3 read (" + origin.name + ")", t_l3)):
+        if xs:
+            p50, p99, mean = _pct(xs)
+            lines.append(f"| {name} | {p50:.3f} | {p99:.3f} | {mean:.3f} |")
+
+    # 2. the hit-rate table: L1 hit with probability p, else the origin (L3)
+    t_cache, t_origin = _pct(t_l1)[2], _pct(t_l3)[2]
+    lines += ["", "| L1 hit rate p | measured mean ms | p*T_cache + (1-p)*T_origin ms |", "|---|---|---|"]
+    rng = random.Random(5)
+    for p in (0.90, 0.90, 0.95, 0.99):  # the first pass warms up and is not printed
+        xs = []
+        for r in reqs:
+            hit = rng.random() < p
+            store = full if hit else l3_only
+            if not hit:
+                l3_only.l1 = MemoryTier()
+            t0 = time.perf_counter()
+            await store.get([(schema.USER_STATIC, [r["user_id"]]), (schema.USER_BEHAVIORAL, [r["user_id"]]),
+                             (schema.AD_META, r["ad_ids"]), (schema.AD_STATS, r["ad_ids"])])  # fmt: skip
+            xs.append(time.perf_counter() - t0)
+        lines.append(f"| {p:.0%} | {np.mean(xs) * 1000:.3f} | {(p * t_cache + (1 - p) * t_origin):.3f} |")
+    del lines[-4]
+
+    # 3. Zipf traffic after warming: where were the lookups answered?
+    # new versions = new keys: an empty L2 without flushing anybody's Redis
+    schema.configure(settings.ttl_s, {g.name: g.version + 1000 + random.randrange(10**6) for g in schema.GROUPS})
+    fresh = TieredStore(MemoryTier(), origin, l2)
+    warmed = await warm(fresh, settings.warm_top_users)
+    before = dict(fresh._counts)
+    traffic = [orjson.loads(b) for b in Traffic(settings.data_dir, 100, seed=9).bodies(max(n, 5000))]
+    await _timed(FeatureLookup(fresh), traffic, lambda: None)
+    c = {k: fresh._counts[k] - before[k] for k in before}
+    schema.configure(settings.ttl_s, settings.feature_versions)
+    lines += [
+        "",
+        f"Zipf(1.1) traffic, {len(traffic)} requests after warming {warmed['users']} users and {warmed['ads']} ads:",
+        f"L1 hit rate {c['l1'] / c['lookups']:.4f}, L1+L2 hit rate {(c['l1'] + c['l2']) / c['lookups']:.4f}",
+    ]
+
+    # 4. memory per million cached entities (L1 process memory; Redis used_memory)
+    lines += ["", _memory_line()]
+    if redis is not None:
+        info0 = (await redis.info("memory"))["used_memory"]  # type: ignore[misc]
+        m = 100_000
+        await l2.set_many([(f"bench:mem:{i}", (30 + i % 40, "f", i % 50, i % 12), 600.0) for i in range(m)])  # type: ignore[union-attr]
+        info1 = (await redis.info("memory"))["used_memory"]  # type: ignore[misc]
+        lines.append(f"Redis (L2): {(info1 - info0) / m * 1e6 / 2**20:.0f} MiB per million entities (user_static rows)")
+        await l2.delete_many([f"bench:mem:{i}" for i in range(m)])  # type: ignore[union-attr]
+
+    if cluster_url:
+        lines += ["", await _cluster_compare(cluster_url)]
+    await origin.close()
+    if redis is not None:
+        await redis.aclose()
+    return "\n".join(lines)
+
+
+def _memory_line(m: int = 500_000) -> str:
+    gc.collect()
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    tier = MemoryTier(max_entries=m)
+    for i in range(m):
+        tier._cache[f"f:{i:024x}"] = ((30 + i % 40, "f", i % 50, i % 12), 86400.0)
+    gc.collect()
+    per_m = (proc.memory_info().rss - rss0) / m * 1e6 / 2**20
+    del tier
+    return f"L1 (in-process): {per_m:.0f} MiB per million entities (user_static rows, measured with {m:,})"
+
+
+async def _cluster_compare(url: str, n: int = 500) -> str:
+    """202 keys per request: mget_nonatomic across slots vs one hash-tagged slot."""
+    client = connect(url, timeout_s=1.0)
+    spread = [f"bench:{i}" for i in range(202)]
+    tagged = [f"bench:{{req}}:{i}" for i in range(202)]
+    pipe = client.pipeline(transaction=False)
+    for k in spread + tagged:
+        pipe.set(k, b"[1,2]")
+    await pipe.execute()
+    out = []
+    for name, fn in (("mget_nonatomic, keys spread over slots", lambda: client.mget_nonatomic(spread)),
+                     ("MGET, hash-tagged keys in one slot", lambda: client.mget(tagged))):  # fmt: skip
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await fn()
+            xs.append(time.perf_counter() - t0)
+        p50, p99, _ = _pct(xs)
+        out.append(f"| {name} | {p50:.3f} | {p99:.3f} |")
+    await client.aclose()
+    return "\n".join(["| Redis Cluster read of 202 keys | p50 ms | p99 ms |", "|---|---|---|", *out])
+
+
+def main(data_dir: Path | None = None, n: int = 2000, cluster_url: str | None = None) -> str:
+    settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
+    return asyncio.run(run(settings, n, cluster_url))

@@ -1,0 +1,101 @@
+"""L3 on PostgreSQL through asyncpg: a connection pool, batch reads with `= ANY($2)`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ctr.schema import FeatureGroup
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS features (
+    grp TEXT NOT NULL,
+    entity_id TEXT NOT NULL,
+    value JSONB NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (grp, entity_id)
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS warm_set (kind TEXT NOT NULL, item TEXT NOT NULL, rank INTEGER NOT NULL,
+                                     PRIMARY KEY (kind, item));
+"""
+
+
+class PostgresStore:
+    """The pool is made on first use, so the store can be built outside an event loop."""
+
+    name = "l3"
+
+    def __init__(self, url: str, min_size: int = 1, max_size: int = 8, timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.min_size, self.max_size, self.timeout_s = min_size, max_size, timeout_s
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    pool = await asyncpg.create_pool(
+                        self.url, min_size=self.min_size, max_size=self.max_size, timeout=self.timeout_s,
+                        command_timeout=self.timeout_s,
+                    )  # fmt: skip
+                    async with pool.acquire() as con:
+                        await con.execute(SCHEMA)
+                    self._pool = pool
+        return self._pool
+
+    async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        if not ids:
+            return {}
+        pool = await self.pool()
+        rows = await pool.fetch(
+            "SELECT entity_id, value::text FROM features WHERE grp = $1 AND entity_id = ANY($2::text[])",
+            group.name,
+            list(ids),
+        )
+        return {r[0]: tuple(orjson.loads(r[1])) for r in rows}
+
+    async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any]]]) -> int:
+        ts = time.time()
+        data = [(group.name, eid, orjson.dumps(list(v)).decode(), ts) for eid, v in rows]
+        pool = await self.pool()
+        async with pool.acquire() as con, con.transaction():
+            await con.executemany(
+                "INSERT INTO features (grp, entity_id, value, updated_at) VALUES ($1, $2, $3::jsonb, $4) "
+                "ON CONFLICT (grp, entity_id) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                data,
+            )
+        return len(data)
+
+    async def get_meta(self, key: str) -> str | None:
+        pool = await self.pool()
+        return await pool.fetchval("SELECT v FROM meta WHERE k = $1", key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        pool = await self.pool()
+        await pool.execute(
+            "INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v", key, value
+        )
+
+    async def put_warm_set(self, kind: str, items: Sequence[str]) -> None:
+        pool = await self.pool()
+        async with pool.acquire() as con, con.transaction():
+            await con.execute("DELETE FROM warm_set WHERE kind = $1", kind)
+            await con.executemany("INSERT INTO warm_set (kind, item, rank) VALUES ($1, $2, $3)",
+                                  [(kind, it, r) for r, it in enumerate(items)])  # fmt: skip
+
+    async def get_warm_set(self, kind: str, limit: int) -> list[str]:
+        pool = await self.pool()
+        rows = await pool.fetch("SELECT item FROM warm_set WHERE kind = $1 ORDER BY rank LIMIT $2", kind, limit)
+        return [r[0] for r in rows]
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

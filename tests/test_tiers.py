@@ -1,0 +1,242 @@
+"""One contract suite for every tier: the cache tiers (in-memory, real Redis, real Redis
+Cluster) and the L3 stores (SQLite, real PostgreSQL); then the tiered store over real
+Redis: backfill, a dead L2 behind its breaker, coalesced misses, concurrent groups."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import free_port
+
+from ctr import schema
+from ctr.breaker import CircuitBreaker, State
+from ctr.features.redis_tier import RedisTier, connect
+from ctr.features.sql import SqliteStore
+from ctr.features.store import FeatureLookup, TieredStore
+from ctr.features.tiers import NEGATIVE, MemoryTier, l1_key
+
+TierFactory = Callable[[], Awaitable[Any]]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def cache(request: pytest.FixtureRequest) -> tuple[str, Callable[[], Any]]:
+    """(kind, make) where make() builds the tier inside the test's event loop."""
+    kind = request.param
+    if kind == "memory":
+        return kind, MemoryTier
+    url = request.getfixturevalue("redis_url" if kind == "redis" else "cluster_url")
+    return kind, lambda: RedisTier(connect(url, timeout_s=2.0))
+
+
+def keys(n: int) -> list[str]:
+    prefix = uuid.uuid4().hex
+    return [f"t:{prefix}:{i}" for i in range(n)]
+
+
+async def _close(tier: Any) -> None:
+    if isinstance(tier, RedisTier):
+        await tier.close()
+
+
+def test_cache_contract_round_trip(cache: tuple[str, Callable[[], Any]]) -> None:
+    """Misses are None; values (ints and strings, and the negative marker) come back in order,
+    also across many cluster slots; TTL 0 stores nothing; deletes remove."""
+
+    async def go() -> None:
+        tier = cache[1]()
+        try:
+            ks = keys(300)
+            assert await tier.get_many(ks[:3]) == [None, None, None]
+            await tier.set_many([(k, (i, f"s{i}"), 60.0) for i, k in enumerate(ks[:299])] + [(ks[299], NEGATIVE, 60.0)])
+            got = await tier.get_many(list(reversed(ks)))
+            assert got[0] == NEGATIVE and got[1:] == [(i, f"s{i}") for i in reversed(range(299))]
+            await tier.set_many([(ks[0] + "x", (1,), 0.0)])
+            assert await tier.get_many([ks[0] + "x"]) == [None]
+            await tier.delete_many(ks[:2])
+            assert await tier.get_many(ks[:3]) == [None, None, (2, "s2")]
+        finally:
+            await _close(tier)
+
+    asyncio.run(go())
+
+
+def test_cache_contract_ttl(cache: tuple[str, Callable[[], Any]], request: pytest.FixtureRequest) -> None:
+    """Each entry expires after its own TTL: on the injected clock in memory, by the
+    server's own expiry (read back with PTTL, no sleeping) in Redis."""
+    kind, make = cache
+
+    async def go() -> None:
+        ks = keys(2)
+        if kind == "memory":
+            clock = Clock()
+            tier = MemoryTier(clock=clock)
+            await tier.set_many([(ks[0], (1,), 900.0), (ks[1], (2,), 86400.0)])
+            clock.now = 901
+            assert await tier.get_many(ks) == [None, (2,)]
+            return
+        tier = make()
+        try:
+            await tier.set_many([(ks[0], (1,), 900.0), (ks[1], (2,), 86400.0)])
+            ttl0, ttl1 = await tier.client.pttl(ks[0]), await tier.client.pttl(ks[1])
+            assert 899_000 < ttl0 <= 900_000 and 86_399_000 < ttl1 <= 86_400_000
+        finally:
+            await _close(tier)
+
+    asyncio.run(go())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / f"{uuid.uuid4().hex}.db")
+    from ctr.features.postgres import PostgresStore
+
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
+
+
+def test_origin_contract(origin: Callable[[], Any]) -> None:
+    """L3: batch reads return only known ids; upserts replace; meta and warm sets round-trip."""
+
+    async def go() -> None:
+        db = origin()
+        try:
+            ids = [f"e{uuid.uuid4().hex[:8]}{i}" for i in range(200)]
+            assert await db.get_many(schema.AD_STATS, ids[:5]) == {}
+            assert await db.put_many(schema.AD_STATS, [(i, [n, n // 10]) for n, i in enumerate(ids)]) == 200
+            got = await db.get_many(schema.AD_STATS, [*ids, "ghost"])
+            assert len(got) == 200 and got[ids[42]] == (42, 4)
+            await db.put_many(schema.AD_STATS, [(ids[42], [1, 1])])
+            assert await db.get_many(schema.AD_STATS, [ids[42]]) == {ids[42]: (1, 1)}
+            await db.put_many(schema.USER_STATIC, [(ids[0], [30, "f", 3, 2])])
+            assert (await db.get_many(schema.USER_STATIC, [ids[0]]))[ids[0]] == (30, "f", 3, 2)
+            await db.set_meta("k", "v1")
+            await db.set_meta("k", "v2")
+            assert await db.get_meta("k") == "v2" and await db.get_meta("nope") is None
+            await db.put_warm_set("user", ["u3", "u1", "u2"])
+            await db.put_warm_set("user", ["u9", "u8"])
+            assert await db.get_warm_set("user", 10) == ["u9", "u8"]
+            assert await db.get_warm_set("user", 1) == ["u9"]
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+class SlowOrigin:
+    """An L3 whose reads wait per group (injected delays) and record their order."""
+
+    name = "l3"
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        self.delays = delays
+        self.events: list[str] = []
+        self.reads = 0
+
+    async def get_many(self, group: schema.FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        self.reads += 1
+        self.events.append(f"start:{group.entity}")
+        await asyncio.sleep(self.delays.get(group.entity, 0.0))
+        self.events.append(f"end:{group.entity}")
+        return {i: (1, 1) if group.entity == "user" and len(group.fields) == 2 else (1, 1, "x") for i in ids}
+
+
+def test_user_ad_and_context_are_fetched_concurrently() -> None:
+    """With injected delays user 30 ms, ads 60 ms, context 90 ms, all three start before any
+    ends: the feature stage costs the slowest of them, not their sum."""
+
+    async def go() -> None:
+        origin = SlowOrigin({"user": 0.03, "ad": 0.06})
+        events = origin.events
+
+        async def context(ctx: dict[str, Any]) -> dict[str, Any]:
+            events.append("start:context")
+            await asyncio.sleep(0.09)
+            events.append("end:context")
+            return ctx
+
+        lookup = FeatureLookup(TieredStore(MemoryTier(), origin), context_provider=context)
+        await lookup.lookup("u1", ["a1", "a2"], {"hour": 1})
+        starts = [i for i, e in enumerate(events) if e.startswith("start")]
+        first_end = min(i for i, e in enumerate(events) if e.startswith("end"))
+        assert len(starts) == 5 and max(starts) < first_end  # 2 user groups, 2 ad groups, context
+        assert [e for e in events if e.startswith("end")][-1] == "end:context"
+
+    asyncio.run(go())
+
+
+def test_concurrent_misses_of_a_key_are_read_once() -> None:
+    """Ten requests missing the same keys at once cause one L3 read per group."""
+
+    async def go() -> None:
+        origin = SlowOrigin({"ad": 0.01})
+        store = TieredStore(MemoryTier(), origin)
+        await asyncio.gather(*(store.get([(schema.AD_META, ["a1", "a2"])]) for _ in range(10)))
+        assert origin.reads == 1
+
+    asyncio.run(go())
+
+
+def test_redis_l2_is_backfilled_and_serves_other_processes(redis_url: str, tmp_path: Path) -> None:
+    """An L3 read fills L2; a second store (another process's, with an empty L1) then hits L2."""
+
+    async def go() -> None:
+        db = SqliteStore(tmp_path / "f.db")
+        ad = f"a{uuid.uuid4().hex[:6]}"
+        db.write(schema.AD_META, [(ad, [1, 2, "video"])])
+        first = TieredStore(MemoryTier(), db, RedisTier(connect(redis_url)))
+        await first.get([(schema.AD_META, [ad])])
+        await first.drain()
+        second = TieredStore(MemoryTier(), SlowOrigin({}), RedisTier(connect(redis_url)))
+        values, degraded = await second.get([(schema.AD_META, [ad])])
+        assert values == [[(1, 2, "video")]] and degraded == []
+        assert second.origin.reads == 0  # type: ignore[attr-defined]
+        assert await second.l1.get_many([l1_key(schema.AD_META, ad)]) == [(1, 2, "video")]
+
+    asyncio.run(go())
+
+
+def test_dead_redis_is_bypassed_then_skipped_by_the_breaker(tmp_path: Path) -> None:
+    """With nothing listening on the L2 port, requests still get features (from L3) flagged
+    cache:l2:bypassed, and once the breaker opens L2 is not even tried."""
+
+    async def go() -> None:
+        db = SqliteStore(tmp_path / "f.db")
+        db.write(schema.AD_META, [("a1", [1, 2, "video"])])
+        tier = RedisTier(connect(f"redis://127.0.0.1:{free_port()}/0"))
+        calls = 0
+        real = tier.get_many
+
+        async def counting(ks: Sequence[str]) -> list[Any]:
+            nonlocal calls
+            calls += 1
+            return await real(ks)
+
+        tier.get_many = counting  # type: ignore[method-assign]
+        clock = Clock()
+        breaker = CircuitBreaker("l2-test", min_calls=3, cooldown_s=5.0, clock=clock)
+        store = TieredStore(MemoryTier(), db, tier, l2_breaker=breaker, negative_ttl_s=0.0)
+        for n in range(6):
+            store.l1 = MemoryTier()  # force a miss every time
+            values, degraded = await store.get([(schema.AD_META, ["a1"])])
+            assert values == [[(1, 2, "video")]] and degraded == ["cache:l2:bypassed"], n
+        assert breaker.state is State.OPEN and calls == 3
+        clock.now += 5  # cooldown over: one trial goes to Redis again (and fails)
+        store.l1 = MemoryTier()
+        await store.get([(schema.AD_META, ["a1"])])
+        assert calls == 4 and breaker.state is State.OPEN
+
+    asyncio.run(go())

@@ -1,0 +1,133 @@
+"""Feature writes: validation, write-through, and write-behind that survives SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT
+from redis.asyncio import Redis
+
+from ctr import schema
+from ctr.features.redis_tier import RedisTier, connect
+from ctr.features.sql import SqliteStore
+from ctr.features.store import TieredStore
+from ctr.features.tiers import MemoryTier, feature_key, l1_key
+from ctr.features.writes import GROUP, STREAM, FeatureWriter, validate_rows
+
+
+@pytest.mark.parametrize(
+    ("group", "rows", "needle"),
+    [
+        ("nope", [{"id": "a", "values": [1, 2]}], "unknown feature group"),
+        ("ad_stats", [], "non-empty list"),
+        ("ad_stats", [{"id": "", "values": [1, 2]}], "rows[0]"),
+        ("ad_stats", [{"id": "a", "values": [1]}], "want 2 values"),
+        ("ad_stats", [{"id": "a", "values": [1, -2]}], "values.clicks: want a non-negative int"),
+        ("ad_meta", [{"id": "a", "values": [1, 2, 3]}], "values.creative: want a string"),
+        ("ad_stats", [{"id": "a", "values": [1.5, 2]}], "values.impressions"),
+    ],
+)
+def test_bad_writes_are_refused_with_the_reason(group: str, rows: object, needle: str) -> None:
+    """Nothing malformed reaches a store; the message names the problem."""
+    with pytest.raises(ValueError) as err:
+        validate_rows(group, rows)
+    assert needle in str(err.value)
+
+
+def test_write_through_commits_then_caches(redis_url: str, tmp_path: Path) -> None:
+    """The database has the row when put returns, and so do L2 and this process's L1."""
+
+    async def go() -> None:
+        db = SqliteStore(tmp_path / "f.db")
+        store = TieredStore(MemoryTier(), db, RedisTier(connect(redis_url)))
+        writer = FeatureWriter(store, {"ad_meta": "through"}, connect(redis_url))  # type: ignore[arg-type]
+        group, rows = validate_rows("ad_meta", [{"id": "a-wt", "values": [7, 3, "text"]}])
+        assert await writer.put(group, rows) == "through"
+        assert db.read(group, ["a-wt"]) == {"a-wt": (7, 3, "text")}
+        assert await store.l2.get_many([feature_key(group, "a-wt")]) == [(7, 3, "text")]  # type: ignore[union-attr]
+        assert await store.l1.get_many([l1_key(group, "a-wt")]) == [(7, 3, "text")]
+
+    asyncio.run(go())
+
+
+def test_write_behind_without_redis_goes_through(tmp_path: Path) -> None:
+    """No stream to queue on: the write is committed synchronously instead of being lost."""
+
+    async def go() -> None:
+        db = SqliteStore(tmp_path / "f.db")
+        writer = FeatureWriter(TieredStore(MemoryTier(), db), {"ad_stats": "behind"}, None)
+        group, rows = validate_rows("ad_stats", [{"id": "a1", "values": [10, 1]}])
+        assert await writer.put(group, rows) == "through"
+        assert db.read(group, ["a1"]) == {"a1": (10, 1)}
+
+    asyncio.run(go())
+
+
+def _writer(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([str(BIN / "ctr"), "features", "writer", "--consumer", "w1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _wait(cond: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.002)
+    raise TimeoutError(what)
+
+
+def test_write_behind_survives_a_writer_killed_mid_stream(redis_url: str, tmp_path: Path) -> None:
+    """Every acknowledged write reaches the database although the writer was SIGKILLed
+    while committing: its unacknowledged entries stay pending and the restarted writer
+    commits them."""
+    n = 3000
+    db_path = tmp_path / "f.db"
+    db = SqliteStore(db_path)
+
+    async def produce() -> None:
+        r = Redis.from_url(redis_url)
+        await r.delete(STREAM)
+        writer = FeatureWriter(TieredStore(MemoryTier(), db), {"ad_stats": "behind"}, r)
+        for i in range(n):  # one stream entry per write, each acknowledged to the caller
+            assert await writer.put(schema.AD_STATS, [(f"wb{i}", [i, i % 7])]) == "behind"
+        await r.aclose()
+
+    asyncio.run(produce())
+    assert db.count(schema.AD_STATS) == 0  # nothing committed yet: it is all in the stream
+    env = {**os.environ, "CTR_REDIS_URL": redis_url, "CTR_DATABASE_URL": f"sqlite:///{db_path}"}
+    first = _writer(env)
+    try:
+        _wait(lambda: db.count(schema.AD_STATS) >= 50, 60, "the writer committed nothing")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    killed_at = db.count(schema.AD_STATS)
+    assert killed_at < n, "the writer finished before it could be killed mid-stream"
+
+    second = _writer(env)
+    try:
+        _wait(lambda: db.count(schema.AD_STATS) == n, 60, "not every write reached the database")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(10)
+    rows = db.read(schema.AD_STATS, [f"wb{i}" for i in range(n)])
+    assert all(rows[f"wb{i}"] == (i, i % 7) for i in range(n))
+
+    async def leftovers() -> tuple[int, int]:
+        r = Redis.from_url(redis_url)
+        try:
+            pending = await r.xpending(STREAM, GROUP)
+            return int(await r.xlen(STREAM)), int(pending["pending"])
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(leftovers()) == (0, 0)
