@@ -207,7 +207,7 @@ def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int) -> None:
 
 @bench.command("features")
 @click.option("--requests", "n", type=int, default=2000, show_default=True)
-@click.option("--cluster", "cluster_url", default=None, help="redis+cluster://host:port to compare cluster reads.")
+@click.option("--cluster", "cluster_url", default=None, help="redis+cluster://host:port: also compare key layouts.")
 def bench_features(n: int, cluster_url: str | None) -> None:
     """Feature tiers on 1 user + 100 ads: L1/L2/L3 latency, hit-rate table, warm hit rate, memory."""
     from ctr import bench_features as bf

