@@ -138,8 +138,9 @@ class CTRGateway:
     def __init__(self) -> None:
         self.art = modelstore.artifacts(str(self.stored.tag))
         self.stack = wiring.features(SETTINGS)
-        remote = self._remote_features if SETTINGS.features_remote else None
-        self.gateway = wiring.gateway(SETTINGS, self.art, self._model_call, self.stack, remote)
+        self.gateway = wiring.gateway(
+            SETTINGS, self.art, self._model_call, self.stack, self._remote_features, self._remote_fallback
+        )
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer
         predict_app.state.admin_token = SETTINGS.admin_token
@@ -155,11 +156,12 @@ class CTRGateway:
     async def _model_call(self, x: np.ndarray) -> np.ndarray:
         return await self.model.to_async.predict(x)
 
-    async def _remote_features(
-        self, user_id: str, ad_ids: list[str], context: dict[str, Any]
-    ) -> tuple[np.ndarray, list[str]]:
-        out = await self.feature_service.to_async.matrix(user_id=user_id, ad_ids=ad_ids, context=context)
-        return np.asarray(out["matrix"], dtype=np.int64), list(out["degraded"])
+    async def _remote_features(self, **kwargs: Any) -> dict[str, Any]:
+        return await self.feature_service.to_async.matrix(**kwargs)
+
+    async def _remote_fallback(self, ad_ids: list[str], context: dict[str, Any]) -> list[float]:
+        out = await self.fallback_service.to_async.predict(ad_ids=ad_ids, context=context)
+        return list(out["scores"])
 
     @bentoml.api
     async def model_info(self) -> dict[str, Any]:

@@ -213,3 +213,18 @@ def bench_features(n: int, cluster_url: str | None) -> None:
     from ctr import bench_features as bf
 
     click.echo(bf.main(n=n, cluster_url=cluster_url))
+
+
+@main.group("eval")
+def eval_() -> None:
+    """Offline evaluations of the served model."""
+
+
+@eval_.command("degradation")
+def eval_degradation() -> None:
+    """AUC and logloss on the test split: full model, feature groups defaulted, fallbacks."""
+    from ctr import modelstore
+    from models import degradation
+
+    s = _settings()
+    click.echo(degradation.format_table(degradation.table(s.data_dir, modelstore.artifacts(s.model_tag))))

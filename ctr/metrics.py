@@ -50,3 +50,7 @@ CACHE_HIT_RATE = Gauge(
     multiprocess_mode="livemax",
 )  # fmt: skip
 FEATURE_WRITES = Counter("ctr_feature_writes", "Feature rows written, by group and mode.", ["group", "mode"])
+RETRIES = Counter("ctr_retries", "Retries of idempotent calls, by dependency.", ["dependency"])
+RETRY_BUDGET_EXHAUSTED = Counter(
+    "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]
+)

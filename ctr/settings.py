@@ -26,6 +26,18 @@ class Settings(BaseSettings):
         description="L2 cache: redis://… or redis+cluster://host:port (any node); empty disables L2.",
     )
     l2_timeout_ms: float = Field(20.0, gt=0, description="Budget of one L2 read; past it L2 counts as failed.")
+    l3_timeout_ms: float = Field(25.0, gt=0, description="Budget of one L3 read; past it the group gets defaults.")
+    breaker_failure_ratio: float = Field(0.5, gt=0, lt=1, description="Breakers open above this failure share (ε).")
+    breaker_window_s: float = Field(10.0, gt=0, description="Breakers count failures over this window (T).")
+    breaker_min_calls: int = Field(10, ge=1, description="Calls a breaker needs in its window before it may open.")
+    breaker_cooldown_s: float = Field(5.0, ge=0, description="How long a breaker stays open before a trial call.")
+    retry_attempts: int = Field(3, ge=1, description="Tries of an idempotent model call (1 = no retries).")
+    retry_budget_ratio: float = Field(0.1, ge=0, le=1, description="Retries allowed per call, on average.")
+    fallback_remote: bool = Field(
+        False,
+        description="Fallback scores from FallbackService over HTTP (global CTR if it fails) instead of in-process.",
+    )
+    fallback_timeout_ms: float = Field(10.0, gt=0, description="Budget of one call to FallbackService.")
     ttl_s: dict[str, float] = Field(
         default_factory=dict, description='TTL overrides per feature group, JSON, e.g. {"ad_stats": 600}.'
     )

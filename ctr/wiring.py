@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from ctr import schema
+from ctr.breaker import CircuitBreaker
 from ctr.coalesce import Coalescer, ModelCall
 from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, FeatureSource, TieredStore
 from ctr.features.tiers import MemoryTier
 from ctr.features.writes import FeatureWriter
-from ctr.gateway import FeatureProvider, Gateway, local_features
+from ctr.gateway import (
+    MODEL_ERRORS,
+    FeatureProvider,
+    Gateway,
+    RemoteFallback,
+    guarded,
+    local_features,
+    remote_features,
+)
 from ctr.modelstore import ModelArtifacts
+from ctr.retry import Retrier, RetryBudget
 from ctr.settings import Settings
 from ctr.transform import Transformer
 
@@ -38,6 +50,18 @@ class FeatureStack:
     redis: Redis | RedisCluster | None
 
 
+def breaker(settings: Settings, name: str) -> CircuitBreaker:
+    """A breaker with the reference semantics and the configured ε, T, minimum calls, cooldown."""
+    return CircuitBreaker(
+        name,
+        failure_ratio=settings.breaker_failure_ratio,
+        window_s=settings.breaker_window_s,
+        min_calls=settings.breaker_min_calls,
+        cooldown_s=settings.breaker_cooldown_s,
+        trial_timeout_s=max(0.05, 2 * settings.deadline_ms / 1000.0),
+    )
+
+
 def features(settings: Settings) -> FeatureStack:
     """L1 (in-process) -> L2 (Redis, when CTR_REDIS_URL is set) -> L3 (CTR_DATABASE_URL)."""
     schema.configure(settings.ttl_s, settings.feature_versions)
@@ -48,6 +72,9 @@ def features(settings: Settings) -> FeatureStack:
         RedisTier(redis) if redis is not None else None,
         negative_ttl_s=settings.negative_ttl_s,
         l2_timeout_s=settings.l2_timeout_ms / 1000.0,
+        l3_timeout_s=settings.l3_timeout_ms / 1000.0,
+        l2_breaker=breaker(settings, "l2"),
+        l3_breaker=breaker(settings, "l3"),
     )
     # Write-behind needs a stream on a plain Redis (a cluster would need one stream per slot).
     stream = redis if isinstance(redis, Redis) else None
@@ -66,17 +93,29 @@ def gateway(
     art: ModelArtifacts,
     model_call: ModelCall,
     stack: FeatureStack,
-    remote: FeatureProvider | None = None,
+    features_call: Callable[..., Awaitable[Any]] | None = None,
+    fallback_call: RemoteFallback | None = None,
 ) -> Gateway:
-    """The gateway core; features come from this process unless a remote provider is given."""
-    provider = remote or local_features(stack.lookup, Transformer(art.spec))
+    """The gateway core. Features come from this process, or from FeatureService through
+    `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
+    from FallbackService through `fallback_call` with CTR_FALLBACK_REMOTE. Every remote call
+    is guarded by its breaker and a timeout; the model call's timeout is the deadline."""
+    transformer = Transformer(art.spec)
+    provider: FeatureProvider = local_features(stack.lookup, transformer)
+    if settings.features_remote and features_call is not None:
+        provider = remote_features(features_call, breaker(settings, "features"), transformer)
+    remote_fallback = None
+    if settings.fallback_remote and fallback_call is not None:
+        remote_fallback = guarded(fallback_call, breaker(settings, "fallback"), settings.fallback_timeout_ms / 1000.0)
+    deadline_s = settings.deadline_ms / 1000.0
     coalescer = Coalescer(
-        model_call,
+        guarded(model_call, breaker(settings, "model"), deadline_s),
         max_inflight=settings.batch_max_inflight,
         max_rows=settings.batch_max_rows,
         window_s=settings.batch_window_ms / 1000.0,
     )
-    return Gateway(provider, coalescer, art.segments, art.tag, settings.deadline_ms / 1000.0)
+    retrier = Retrier("model", MODEL_ERRORS, RetryBudget("model", settings.retry_budget_ratio), settings.retry_attempts)
+    return Gateway(provider, coalescer, art.segments, art.tag, deadline_s, retrier, remote_fallback)
 
 
 def settle_gc() -> None:

@@ -189,3 +189,50 @@ def _start_postgres() -> tuple[str, int]:
 def _stop_postgres(d: str, port: int) -> None:
     subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", d, "-m", "immediate", "stop"]), capture_output=True)
     shutil.rmtree(d, ignore_errors=True)
+
+
+class RedisProcess:
+    """A private Redis that can be killed and started again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.TemporaryDirectory()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = _redis_server(self.port, Path(self._dir.name))
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+    def close(self) -> None:
+        self.kill()
+        self._dir.cleanup()
+
+
+class PostgresProcess:
+    """A private PostgreSQL that can be stopped and started again on the same port."""
+
+    def __init__(self) -> None:
+        self.dir, self.port = _start_postgres()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str) -> None:
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", self.dir, "-o", opts, "-w", *args, "-l",
+                                     f"{self.dir}/log"]), check=True, capture_output=True)  # fmt: skip
+
+    def stop(self) -> None:
+        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", self.dir, "-m", "fast", "-w", "stop"]),
+                       check=True, capture_output=True)  # fmt: skip
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def close(self) -> None:
+        _stop_postgres(self.dir, self.port)

@@ -113,3 +113,15 @@ def test_weights_are_loaded_without_unpickling_objects(trained, tmp_path: Path) 
     torch.save({"x": Evil()}, art.path / modelstore.WEIGHTS)
     with pytest.raises(Exception, match=r"[Ww]eights only"):
         modelstore.load_module(art)
+
+
+def test_degradation_table_orders_the_substitutes(trained, log_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The full model beats every default-feature variant, the segment blend and the global CTR."""
+    from models import degradation
+
+    rows = {name: auc for name, auc, _ in degradation.table(log_dir, modelstore.artifacts(modelstore.save(trained)))}
+    full = rows["full model"]
+    assert rows["fallback: global CTR only"] == pytest.approx(0.5)
+    assert full > rows["features: all stored features default"] > 0.5
+    assert full > rows["fallback: segment blend (model:*)"] > 0.5
+    assert "Reference design" in degradation.format_table(list(degradation.table(log_dir, modelstore.artifacts())))

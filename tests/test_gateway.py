@@ -4,27 +4,36 @@ fails or misses the deadline; request parsing and its error messages."""
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from ctr.api import BadRequest, PredictRequest, parse_predict
+from ctr.breaker import CircuitBreaker
 from ctr.coalesce import Coalescer
 from ctr.fallback import SegmentTable
-from ctr.gateway import Gateway
+from ctr.gateway import MODEL_ERRORS, Gateway, guarded, local_features
+from ctr.retry import Retrier, RetryBudget
+from ctr.transform import Transformer, TransformSpec
+
+SPEC = TransformSpec(0.04, tuple(np.linspace(0.02, 0.06, 19)), tuple(np.linspace(0.02, 0.06, 19)))
 
 CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
 REQ = PredictRequest.model_validate({"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX})
 
 
-async def features(user_id: str, ad_ids: list[str], context: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+async def features(
+    user_id: str, ad_ids: list[str], context: dict[str, Any], deadline: float
+) -> tuple[np.ndarray, list[str]]:
     return np.arange(len(ad_ids) * 2, dtype=np.int64).reshape(len(ad_ids), 2), []
 
 
-def gateway(model: Any, deadline_s: float = 1.0) -> Gateway:
-    return Gateway(features, Coalescer(model), TABLE, "ctr_model:test", deadline_s)
+def gateway(model: Any, deadline_s: float = 1.0, **kw: Any) -> Gateway:
+    return Gateway(features, Coalescer(model), TABLE, "ctr_model:test", deadline_s, **kw)
 
 
 def test_scores_come_from_the_model() -> None:
@@ -91,3 +100,60 @@ def test_parse_accepts_max_ads_exactly() -> None:
     assert len(parse_predict(body, max_ads=3).ad_ids) == 3
     with pytest.raises(BadRequest, match="at most 2"):
         parse_predict(body, max_ads=2)
+
+
+def test_a_failed_model_call_is_retried_within_the_deadline() -> None:
+    """One connection error, then an answer: the caller gets model scores, not the fallback."""
+    calls = 0
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("blip")
+        return np.array([0.3, 0.4])
+
+    retrier = Retrier("test", MODEL_ERRORS, RetryBudget("test"), attempts=3, base_s=0.0001, jitter_s=0.0001)
+    p = asyncio.run(gateway(model, retrier=retrier).predict(REQ))
+    assert p.fallback is False and p.scores == pytest.approx([0.3, 0.4]) and calls == 2
+
+
+def test_open_breaker_answers_from_fallback_without_calling() -> None:
+    """An open model breaker short-circuits to the fallback, flagged model:breaker_open."""
+    calls = 0
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        raise ConnectionRefusedError
+
+    b = CircuitBreaker("model-test", min_calls=2, cooldown_s=60)
+    gw = Gateway(features, Coalescer(guarded(model, b, 1.0)), TABLE, "m", 1.0)
+    reasons = [asyncio.run(gw.predict(REQ)).degraded for _ in range(4)]
+    assert reasons == [["model:unavailable"]] * 2 + [["model:breaker_open"]] * 2 and calls == 2
+
+
+def test_remote_fallback_down_gives_global_ctr() -> None:
+    """Model and FallbackService both down: the global CTR held in the gateway."""
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        raise ConnectionRefusedError
+
+    async def remote(ad_ids: list[str], context: dict[str, Any]) -> list[float]:
+        raise ConnectionRefusedError
+
+    p = asyncio.run(gateway(model, remote_fallback=remote).predict(REQ))
+    assert p.scores == [TABLE.global_ctr] * 2
+    assert p.degraded == ["model:unavailable", "model:fallback:global"]
+
+
+def test_slow_features_give_defaults_within_the_deadline(tmp_path: Path) -> None:
+    """A feature lookup slower than the deadline is abandoned for default features."""
+
+    class Slow:
+        async def lookup(self, user_id: str, ad_ids: list[str]) -> Any:
+            await asyncio.Event().wait()
+
+    provide = local_features(Slow(), Transformer(SPEC))  # type: ignore[arg-type]
+    x, degraded = asyncio.run(provide("u1", ["a1"], CTX, time.perf_counter() + 0.005))
+    assert degraded == ["features:timeout:default"] and (x[:, :11] == 0).all()

@@ -78,12 +78,15 @@ class TieredStore:
         *,
         negative_ttl_s: float = 60.0,
         l2_timeout_s: float = 0.02,
+        l3_timeout_s: float = 0.025,
         l2_breaker: CircuitBreaker | None = None,
+        l3_breaker: CircuitBreaker | None = None,
     ) -> None:
         self.l1, self.l2, self.origin = l1, l2, origin
         self.negative_ttl_s = negative_ttl_s
-        self.l2_timeout_s = l2_timeout_s
+        self.l2_timeout_s, self.l3_timeout_s = l2_timeout_s, l3_timeout_s
         self.l2_breaker = l2_breaker or CircuitBreaker("l2", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
+        self.l3_breaker = l3_breaker or CircuitBreaker("l3", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
         self._inflight: dict[Key, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts = {"lookups": 0, "l1": 0, "l2": 0}
@@ -191,11 +194,9 @@ class TieredStore:
             for k in mine:
                 by_group.setdefault(want[k][0], []).append(want[k][1])
             groups = list(by_group)
-            results = await asyncio.gather(
-                *(self.origin.get_many(g, by_group[g]) for g in groups), return_exceptions=True
-            )
+            results = await asyncio.gather(*(self._read(g, by_group[g]) for g in groups), return_exceptions=True)
             for g, res in zip(groups, results, strict=True):
-                if isinstance(res, BaseException) and not isinstance(res, L3_ERRORS):
+                if isinstance(res, BaseException) and not isinstance(res, (*L3_ERRORS, BreakerOpen)):
                     raise res
                 for i in by_group[g]:
                     k = l1_key(g, i)
@@ -219,6 +220,19 @@ class TieredStore:
             self.l1.set_many_now(fresh)
             if l2_ok and self.l2 is not None:
                 self._background(self.l2.set_many([(feature_key(*want[k]), v, t) for k, v, t in fresh]))
+
+    async def _read(self, group: FeatureGroup, ids: list[str]) -> dict[str, Row]:
+        """One L3 read, bounded by the L3 timeout, behind the L3 breaker."""
+
+        async def once() -> dict[str, Row]:
+            async with asyncio.timeout(self.l3_timeout_s):
+                return await self.origin.get_many(group, ids)
+
+        try:
+            return await self.l3_breaker.call(once, L3_ERRORS)
+        except L3_ERRORS:
+            metrics.CACHE_ERRORS.labels("l3").inc()
+            raise
 
     def _background(self, coro: Awaitable[Any]) -> None:
         """Backfill L2 off the request path; a failure only counts as an L2 error."""
