@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         65536, ge=1, description="CTRModel's max_batch_size (rows); keep above batch_max_rows so calls never split."
     )
     l1_max_entries: int = Field(500_000, ge=1, description="Bound of the in-process L1 feature cache (entries).")
+    l1_max_bytes: int | None = Field(
+        None, ge=1, description="Approximate memory bound of L1 (bytes, ~370 an entry); lowers l1_max_entries."
+    )
     negative_ttl_s: float = Field(60.0, ge=0, description="How long an unknown user or ad is remembered as unknown.")
     features_remote: bool = Field(
         False, description="Gateway fetches features from FeatureService over HTTP instead of in-process."

@@ -67,7 +67,7 @@ def features(settings: Settings) -> FeatureStack:
     schema.configure(settings.ttl_s, settings.feature_versions)
     redis = connect(settings.redis_url) if settings.redis_url else None
     store = TieredStore(
-        MemoryTier(settings.l1_max_entries),
+        MemoryTier(settings.l1_max_entries, max_bytes=settings.l1_max_bytes),
         open_origin(settings.resolved_database_url),
         RedisTier(redis) if redis is not None else None,
         negative_ttl_s=settings.negative_ttl_s,
