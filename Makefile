@@ -12,7 +12,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench clean servers
+.PHONY: install setup serve test lint bench loadtest clean servers
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,13 @@ lint: install
 	$(BIN)/ruff check ctr models tests service.py
 	$(BIN)/ruff format --check ctr models tests service.py
 
-bench: install
+bench: setup
 	$(BIN)/ctr bench e2e --url http://$(HOST):$(PORT)
+
+# A bounded headless Locust run; starts the service when it is not running.
+loadtest: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[load]'
+	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
 
 clean:
 	rm -rf $(VENV) data bentoml_home reports

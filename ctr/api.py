@@ -30,6 +30,17 @@ class PredictRequest(BaseModel):
     context: Context
 
 
+class Feedback(BaseModel):
+    """What happened to one shown ad: the online CTR (an SLI) is clicks over impressions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    ad_id: EntityId
+    clicked: bool
+    arm: Literal["stable", "canary"] = "stable"
+
+
 class BadRequest(Exception):
     """A request the client must fix; `status` is the HTTP status to answer with."""
 
@@ -64,3 +75,12 @@ def parse_predict(body: bytes, max_ads: int) -> PredictRequest:
     if len(req.ad_ids) > max_ads:
         raise BadRequest(422, f"too many ad_ids: {len(req.ad_ids)} given, at most {max_ads} (CTR_MAX_ADS) per request")
     return req
+
+
+def parse_feedback(body: bytes) -> Feedback:
+    """Parse a /feedback body, raising BadRequest with the field at fault."""
+    try:
+        return Feedback.model_validate_json(body)
+    except ValidationError as exc:
+        detail = [_describe(e) for e in exc.errors(include_url=False)]
+        raise BadRequest(422, f"invalid feedback: {'; '.join(detail[:5])}", detail) from None

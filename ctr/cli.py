@@ -192,17 +192,68 @@ def bench() -> None:
 
 
 @bench.command("e2e")
-@click.option("--url", default="http://127.0.0.1:3000", show_default=True)
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
 @click.option("--concurrency", default="1,4,8,16,32", show_default=True, help="Comma-separated levels.")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per level.")
 @click.option("--ads", "n_ads", type=int, default=100, show_default=True)
-def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
+def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, out: Path) -> None:
     """Drive POST /predict with 1 user x N ads (Zipf users and ads); print p50/p99/rps per level."""
+    from dataclasses import asdict
+
     from ctr import loadgen
+    from ctr.local_server import PeakRss, serving
 
     levels = [int(c) for c in concurrency.split(",")]
-    rows = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir))
+    with serving(url) as proc:
+        if proc is None:
+            rows, peak = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir)), None
+        else:
+            with PeakRss(proc.pid) as rss:
+                rows = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir))
+            peak = rss.peak
     click.echo(loadgen.format_table(rows))
+    if peak is not None:
+        click.echo(f"\npeak RSS of the whole service graph (4 services): {peak / 2**20:.0f} MiB")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"n_ads": n_ads, "levels": [asdict(r) for r in rows], "peak_rss_bytes": peak}, indent=2))
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
+@click.option("--users", type=int, default=16, show_default=True, help="Concurrent Locust users.")
+@click.option("--duration", default="30s", show_default=True, help="Locust run time, e.g. 30s, 2m.")
+@click.option("--out", default="reports/loadtest", show_default=True, help="Prefix of the CSV and HTML reports.")
+def loadtest(url: str, users: int, duration: str, out: str) -> None:
+    """A bounded headless Locust run (loadtest/locustfile.py) with CSV and HTML reports."""
+    import subprocess
+    import sys
+
+    from ctr.local_server import serving
+    from ctr.settings import PROJECT_ROOT
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    locust = Path(sys.executable).parent / "locust"
+    cmd = [str(locust), "-f", str(PROJECT_ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", str(users),
+           "-r", str(users), "-t", duration, "--host", url, "--csv", out, "--html", f"{out}.html",
+           "--only-summary"]  # fmt: skip
+    with serving(url):
+        rc = subprocess.run(cmd, check=False).returncode
+    click.echo(f"reports: {out}_stats.csv, {out}.html")
+    raise SystemExit(rc)
+
+
+@main.command()
+@click.option("--peak-qps", type=float, required=True, help="Peak requests per second to serve.")
+@click.option("--qps-per-server", type=float, default=None, help="Default: best rps at the p99 target in --bench.")
+@click.option("--p99-ms", type=float, default=50.0, show_default=True, help="The p99 target.")
+@click.option("--utilization", type=float, default=0.6, show_default=True, help="Target utilization of a server.")
+@click.option("--bench", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
+def capacity(peak_qps: float, qps_per_server: float | None, p99_ms: float, utilization: float, bench: Path) -> None:
+    """Servers needed = peak QPS / (QPS per server x utilization target)."""
+    from ctr.capacity import plan
+
+    click.echo(plan(peak_qps, qps_per_server, p99_ms, utilization, bench))
 
 
 @bench.command("features")
@@ -228,3 +279,13 @@ def eval_degradation() -> None:
 
     s = _settings()
     click.echo(degradation.format_table(degradation.table(s.data_dir, modelstore.artifacts(s.model_tag))))
+
+
+@bench.command("batching")
+@click.option("--requests", "n", type=int, default=300, show_default=True, help="Calls per batch size.")
+@click.option("--budget-ms", type=float, default=3.0, show_default=True, help="Inference budget for B*.")
+def bench_batching(n: int, budget_ms: float) -> None:
+    """CTRModel through its own server at batch 1/32/128/256: latency, throughput, T_setup, T_per, B*."""
+    from ctr import bench_batching as bb
+
+    click.echo(bb.run(n, budget_ms))

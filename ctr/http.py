@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ctr import metrics
-from ctr.api import BadRequest, parse_predict
+from ctr.api import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
 from ctr.gateway import Gateway
@@ -40,6 +40,18 @@ async def predict(request: Request) -> Response:
         return Response(exc.body(), exc.status, media_type=JSON)
     result = await gateway.predict(req, request.headers.get("x-request-id"))
     return _json(result.to_dict())
+
+
+async def feedback(request: Request) -> Response:
+    """POST {"request_id", "ad_id", "clicked", "arm"?}: counted for the online CTR."""
+    try:
+        fb = parse_feedback(await request.body())
+    except BadRequest as exc:
+        return Response(exc.body(), exc.status, media_type=JSON)
+    metrics.FEEDBACK.labels(fb.arm, "impression").inc()
+    if fb.clicked:
+        metrics.FEEDBACK.labels(fb.arm, "click").inc()
+    return _json({"accepted": True}, 202)
 
 
 async def admin_features(request: Request) -> Response:
@@ -69,6 +81,7 @@ def make_app() -> Starlette:
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),
+            Route("/feedback", feedback, methods=["POST"]),
             Route("/admin/features", admin_features, methods=["POST"]),
         ]
     )

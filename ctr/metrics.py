@@ -54,3 +54,4 @@ RETRIES = Counter("ctr_retries", "Retries of idempotent calls, by dependency.", 
 RETRY_BUDGET_EXHAUSTED = Counter(
     "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]
 )
+FEEDBACK = Counter("ctr_feedback", "Feedback on shown ads (online CTR = click / impression), by arm.", ["arm", "event"])

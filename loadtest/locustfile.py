@@ -1,9 +1,9 @@
 """Locust traffic for /predict: Zipf users and ads, varying candidate counts, some unknown ids.
 
-    .venv/bin/pip install -e '.[load]'
-    .venv/bin/locust -f loadtest/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:3000
+    make loadtest                      # or: .venv/bin/ctr loadtest --users 16 --duration 30s
 
-Loopback targets only. (The full Make target and reports come with the performance work.)
+Loopback targets only. `make loadtest` runs a bounded headless test (starting the
+service when it is not running) and writes reports/loadtest_*.csv and reports/loadtest.html.
 """
 
 from __future__ import annotations
@@ -43,4 +43,14 @@ class PredictUser(FastHttpUser):
             "banner_pos": random.randrange(schema.BANNER_POSITIONS),
             "conn_type": random.choice(schema.CONN_TYPES),
         }
-        self.client.post("/predict", json={"user_id": user, "ad_ids": ads, "context": ctx}, name="/predict")
+        with self.client.post("/predict", json={"user_id": user, "ad_ids": ads, "context": ctx}, name="/predict",
+                              catch_response=True) as r:
+            body = r.json() if r.status_code == 200 else None
+            if body is None or len(body.get("scores", [])) != n_ads:
+                r.failure(f"status {r.status_code}")
+                return
+        if random.random() < 0.3:  # a share of requests report what the user did with the top ad
+            top = max(range(n_ads), key=body["scores"].__getitem__)
+            self.client.post("/feedback", name="/feedback", json={
+                "request_id": body["request_id"], "ad_id": ads[top], "clicked": random.random() < body["scores"][top],
+                "arm": body["arm"]})

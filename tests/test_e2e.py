@@ -165,3 +165,13 @@ def test_admin_write_makes_a_new_ad_known(gateway: Server) -> None:
                        json={"group": group, "rows": [{"id": ad, "values": values}]})  # fmt: skip
         assert r.status_code == 200 and r.json() == {"group": group, "written": 1, "mode": mode}
     assert predict(gateway, body).json()["degraded"] == []
+
+
+def test_feedback_is_counted_and_validated(gateway: Server) -> None:
+    """Feedback on a shown ad is accepted (202) and counted; a malformed one is a 422."""
+    ok = {"request_id": "r1", "ad_id": "a1", "clicked": True}
+    assert httpx.post(gateway.url + "/feedback", json=ok, timeout=10).status_code == 202
+    bad = httpx.post(gateway.url + "/feedback", json={**ok, "clicked": "maybe"}, timeout=10)
+    assert bad.status_code == 422 and "clicked" in bad.json()["error"]
+    text = httpx.get(gateway.url + "/metrics").text
+    assert _metric(text, 'ctr_feedback_total{arm="stable",event="click"}') >= 1

@@ -1,0 +1,38 @@
+"""Capacity planning: servers = ceil(peak QPS / (QPS per server x utilization target)),
+with the QPS per server taken from a measured `ctr bench e2e` run at the p99 target."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def qps_at_p99(bench: Path, p99_ms: float) -> float:
+    """The best measured throughput whose p99 met the target."""
+    levels = json.loads(bench.read_text())["levels"]
+    ok = [lv["rps"] for lv in levels if lv["p99_ms"] <= p99_ms and lv["non_200"] == 0]
+    if not ok:
+        raise ValueError(f"no level of {bench} met p99 <= {p99_ms} ms")
+    return float(max(ok))
+
+
+def servers_needed(peak_qps: float, qps_per_server: float, utilization: float) -> int:
+    if peak_qps <= 0 or qps_per_server <= 0 or not 0 < utilization <= 1:
+        raise ValueError("peak_qps and qps_per_server must be > 0 and utilization in (0, 1]")
+    return math.ceil(peak_qps / (qps_per_server * utilization))
+
+
+def plan(peak_qps: float, qps_per_server: float | None, p99_ms: float, utilization: float, bench: Path) -> str:
+    source = "given"
+    if qps_per_server is None:
+        if not bench.exists():
+            raise SystemExit(f"no {bench}: run `ctr bench e2e` first, or pass --qps-per-server")
+        qps_per_server, source = qps_at_p99(bench, p99_ms), f"measured in {bench} at p99 <= {p99_ms:g} ms"
+    n = servers_needed(peak_qps, qps_per_server, utilization)
+    return "\n".join([
+        "| replica kind | QPS per server | source | utilization | peak QPS | servers |",
+        "|---|---|---|---|---|---|",
+        f"| CPU (2 cores, whole graph) | {qps_per_server:.0f} | {source} | {utilization:.0%} | {peak_qps:.0f} | {n} |",
+        "| GPU model replica | – | not measured: no GPU was lent to this project | – | – | – |",
+    ])  # fmt: skip
