@@ -147,11 +147,18 @@ class CTRGateway:
 
     @bentoml.on_startup
     async def warm_caches(self) -> None:
-        """Warm L1 and L2 before traffic: the server does not listen (nor /readyz answer) until done."""
+        """Warm L1 and L2 before traffic: the server does not listen until done."""
         if SETTINGS.warm and not SETTINGS.features_remote:
             await warm(self.stack.store, SETTINGS.warm_top_users)
         wiring.settle_gc()
         predict_app.state.gateway = self.gateway
+        # BentoML's clients of dependencies only work once this server runs: warm the model
+        # in the background and keep /readyz at 503 until it is done.
+        width = len(self.art.architecture["cardinalities"])
+        self._model_warm = asyncio.create_task(wiring.warm_model(self._model_call, width, SETTINGS.deadline_ms / 1000))
+
+    async def __is_ready__(self) -> bool:
+        return self._model_warm.done()
 
     async def _model_call(self, x: np.ndarray) -> np.ndarray:
         return await self.model.to_async.predict(x)

@@ -196,27 +196,19 @@ def bench() -> None:
 @click.option("--concurrency", default="1,4,8,16,32", show_default=True, help="Comma-separated levels.")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per level.")
 @click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option(
+    "--peers/--no-peers",
+    default=True,
+    show_default=True,
+    help="Also measure the monolith peer and the in-process limit.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
-def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, out: Path) -> None:
-    """Drive POST /predict with 1 user x N ads (Zipf users and ads); print p50/p99/rps per level."""
-    from dataclasses import asdict
+def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bool, out: Path) -> None:
+    """Drive POST /predict with 1 user x N ads (Zipf users and ads) at several concurrency levels;
+    print p50/p99/rps and the stage breakdown, beside a monolith peer and the in-process limit."""
+    from ctr import e2e
 
-    from ctr import loadgen
-    from ctr.local_server import PeakRss, serving
-
-    levels = [int(c) for c in concurrency.split(",")]
-    with serving(url) as proc:
-        if proc is None:
-            rows, peak = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir)), None
-        else:
-            with PeakRss(proc.pid) as rss:
-                rows = loadgen.run_levels(url, levels, duration, n_ads, Path(_settings().data_dir))
-            peak = rss.peak
-    click.echo(loadgen.format_table(rows))
-    if peak is not None:
-        click.echo(f"\npeak RSS of the whole service graph (4 services): {peak / 2**20:.0f} MiB")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"n_ads": n_ads, "levels": [asdict(r) for r in rows], "peak_rss_bytes": peak}, indent=2))
+    click.echo(e2e.run(_settings(), url, [int(c) for c in concurrency.split(",")], duration, n_ads, peers, out))
 
 
 @main.command()

@@ -118,6 +118,34 @@ def gateway(
     return Gateway(provider, coalescer, art.segments, art.tag, deadline_s, retrier, remote_fallback)
 
 
+async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
+    """Call the model until it answers 20 bursts in a row within the deadline; returns calls made.
+
+    Right after start-up CTRModel is slow (torch's first passes, BentoML's batcher training
+    its latency model on the first requests): measured, without this the first seconds of
+    traffic timed out, opened the model breaker and were answered by the fallback.
+    The gateway's /readyz stays 503 until this is done.
+    """
+    import asyncio
+    import time
+
+    import numpy as np
+
+    x = np.zeros((100, width), dtype=np.int64)
+    end, streak, calls = time.monotonic() + timeout_s, 0, 0
+    while streak < 20 and time.monotonic() < end:
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*(call(x) for _ in range(4)))
+            streak = streak + 1 if time.perf_counter() - t0 < deadline_s else 0
+        except (*MODEL_ERRORS, TimeoutError, AttributeError):  # AttributeError: client not set up yet
+            streak = 0
+            await asyncio.sleep(0.2)
+        calls += 4
+    return calls
+
+
 def settle_gc() -> None:
     """Move start-up objects out of the collector's sight and collect less often.
 

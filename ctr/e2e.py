@@ -1,0 +1,119 @@
+"""`ctr bench e2e`: the service, a monolith peer and the in-process limit, side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ctr import loadgen
+from ctr.local_server import PeakRss, ready, serving
+from ctr.settings import PROJECT_ROOT, Settings
+
+# The reference design's stage budget (ms) beside the measured stage means.
+REFERENCE_MS = {"gateway": 0.3, "features": 2.0, "transform": 1.0, "inference": 3.0, "response": 0.5, "total": 7.0}
+
+
+def _best(rows: list[loadgen.LevelResult], p99_ms: float = 50.0) -> float:
+    ok = [r.rps for r in rows if r.p99_ms <= p99_ms and r.non_200 == 0]
+    return max(ok) if ok else 0.0
+
+
+def _fill_l2(settings: Settings) -> None:
+    """Every user and ad into Redis, so the peer's single MGET finds what the service finds."""
+    from ctr import wiring
+    from ctr.features.warm import warm
+
+    async def go() -> None:
+        stack = wiring.features(settings)
+        try:
+            await warm(stack.store, 10**9)
+        finally:
+            await wiring.close(stack)
+
+    asyncio.run(go())
+
+
+def _peer_levels(settings: Settings, levels: list[int], duration: float, n_ads: int) -> list[loadgen.LevelResult]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "uvicorn", "ctr.peer:make_app", "--factory", "--host", "127.0.0.1", "--port",
+           str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+           "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the monolith peer did not start")
+            time.sleep(0.2)
+        return loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _stages_line(rows: list[loadgen.LevelResult]) -> str:
+    """Measured stage means at the lowest concurrency beside the reference budget."""
+    r = rows[0]
+    m = r.stage_ms
+    request = m.get("request", float("nan"))
+    inner = sum(m.get(k, 0.0) for k in ("features", "transform", "inference"))
+    measured = {
+        "gateway": (r.p50_ms - request) / 2,  # HTTP in and out of the gateway, split evenly
+        "features": m.get("features", float("nan")),
+        "transform": m.get("transform", float("nan")),
+        "inference": m.get("inference", float("nan")),
+        "response": (r.p50_ms - request) / 2 + (request - inner),
+        "total": r.p50_ms,
+    }
+    head = f"| stage (c={r.concurrency}) | " + " | ".join(REFERENCE_MS) + " |"
+    lines = [head, "|---" * (len(REFERENCE_MS) + 1) + "|"]
+    lines.append("| reference ms | " + " | ".join(f"{v:g}" for v in REFERENCE_MS.values()) + " |")
+    lines.append("| measured ms | " + " | ".join(f"{measured[k]:.2f}" for k in REFERENCE_MS) + " |")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, url: str, levels: list[int], duration: float, n_ads: int, peers: bool, out: Path) -> str:
+    lines = []
+    if peers and settings.redis_url:
+        _fill_l2(settings)
+    with serving(url) as proc:
+        if proc is None:
+            rows, peak = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir), None
+        else:
+            with PeakRss(proc.pid) as rss:
+                rows = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+            peak = rss.peak
+    lines += [f"ctr-serve (BentoML, 4 services), 1 user x {n_ads} ads:", loadgen.format_table(rows), "",
+              _stages_line(rows)]  # fmt: skip
+    if peak is not None:
+        lines.append(f"\npeak RSS of the whole service graph (4 services): {peak / 2**20:.0f} MiB")
+    result: dict[str, object] = {"n_ads": n_ads, "levels": [asdict(r) for r in rows], "peak_rss_bytes": peak}
+    if peers and settings.redis_url:
+        from ctr.peer import run_inprocess
+
+        peer_rows = _peer_levels(settings, levels, duration, n_ads)
+        bodies = loadgen.Traffic(settings.data_dir, n_ads).bodies(2000)
+        limit_rps, limit_p99 = run_inprocess(settings, bodies, duration)
+        best, best_peer = _best(rows), _best(peer_rows)
+        lines += ["", "monolith peer (FastAPI + uvicorn, one MGET, model per request):",
+                  loadgen.format_table(peer_rows), "",
+                  f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "
+                  f"({limit_rps * n_ads:,.0f} candidates/s), p99 {limit_p99:.2f} ms", "",
+                  f"best throughput at p99 <= 50 ms: ctr-serve {best:.0f} rps, peer {best_peer:.0f} rps, "
+                  f"ratio {best / best_peer if best_peer else float('nan'):.2f}",
+                  f"served candidates/s at p99 <= 50 ms / in-process limit: {best / limit_rps:.0%}"]  # fmt: skip
+        result.update(peer=[asdict(r) for r in peer_rows], inprocess_rps=limit_rps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return "\n".join(lines)
