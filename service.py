@@ -18,6 +18,7 @@ from ctr import modelstore, wiring
 from ctr.api import Context
 from ctr.features.warm import warm
 from ctr.features.writes import run_writer
+from ctr.hop import BinaryModelClient, make_model_app
 from ctr.http import make_app
 from ctr.settings import Settings
 from ctr.transform import Transformer
@@ -35,6 +36,10 @@ COMMON: dict[str, Any] = {
 }
 
 
+model_app = make_model_app()
+
+
+@bentoml.asgi_app(model_app, path="/")
 @bentoml.service(name="ctr_model", workers=1, **COMMON)
 class CTRModel:
     """The batchable model runner; the process that owns the device."""
@@ -46,6 +51,7 @@ class CTRModel:
 
         art = modelstore.artifacts(str(self.stored.tag))
         self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads)
+        model_app.state.runner = self.runner
         wiring.settle_gc()
 
     # max_latency_ms is BentoML's shedding cut-off, not a batching window: kept far above
@@ -137,6 +143,7 @@ class CTRGateway:
 
     def __init__(self) -> None:
         self.art = modelstore.artifacts(str(self.stored.tag))
+        self._binary: BinaryModelClient | bool | None = None
         self.stack = wiring.features(SETTINGS)
         self.gateway = wiring.gateway(
             SETTINGS, self.art, self._model_call, self.stack, self._remote_features, self._remote_fallback
@@ -161,6 +168,12 @@ class CTRGateway:
         return self._model_warm.done()
 
     async def _model_call(self, x: np.ndarray) -> np.ndarray:
+        if self._binary is None:
+            self.model  # noqa: B018 - resolves the dependency, which sets its URL under `bentoml serve`
+            url = type(self).model.url if SETTINGS.model_hop == "binary" else None
+            self._binary = BinaryModelClient(url) if url else False
+        if self._binary:
+            return await self._binary(x)
         return await self.model.to_async.predict(x)
 
     async def _remote_features(self, **kwargs: Any) -> dict[str, Any]:

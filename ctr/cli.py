@@ -281,3 +281,12 @@ def bench_batching(n: int, budget_ms: float) -> None:
     from ctr import bench_batching as bb
 
     click.echo(bb.run(n, budget_ms))
+
+
+def _register_ship() -> None:
+    from ctr.ship import cli as ship_cli
+
+    main.add_command(ship_cli)
+
+
+_register_ship()

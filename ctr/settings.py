@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Approximate memory bound of L1 (bytes, ~370 an entry); lowers l1_max_entries."
     )
     negative_ttl_s: float = Field(60.0, ge=0, description="How long an unknown user or ad is remembered as unknown.")
+    model_hop: Literal["binary", "bentoml"] = Field(
+        "binary", description="Gateway -> CTRModel: raw bytes on /infer (lean), or BentoML's client and batcher."
+    )
     features_remote: bool = Field(
         False, description="Gateway fetches features from FeatureService over HTTP instead of in-process."
     )
