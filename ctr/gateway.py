@@ -66,18 +66,14 @@ def local_features(lookup: FeatureLookup, transformer: Transformer) -> FeaturePr
         try:
             async with asyncio.timeout(max(0.0, deadline - t0)):
                 f = await lookup.lookup(user_id, ad_ids)
-            us, ub, am, ast, degraded = f.user_static, f.user_behavioral, f.ad_meta, f.ad_stats, f.degraded
         except TimeoutError:
             metrics.DEGRADED.labels("features:timeout:default").inc()
-            us, ub, am, ast, degraded = (
-                None,
-                None,
-                [None] * len(ad_ids),
-                [None] * len(ad_ids),
-                ["features:timeout:default"],
-            )
-        t1 = time.perf_counter()
-        x = transformer.matrix(us, ub, am, ast, context)
+            t1 = time.perf_counter()
+            x, degraded = transformer.defaults(len(ad_ids), context), ["features:timeout:default"]
+        else:
+            t1 = time.perf_counter()
+            x = transformer.matrix(f.user_static, f.user_behavioral, f.ad_meta, f.ad_stats, context)
+            degraded = f.degraded
         features_h.observe(t1 - t0)
         transform_h.observe(time.perf_counter() - t1)
         return x, degraded
@@ -102,8 +98,7 @@ def remote_features(
             x, degraded = np.asarray(out["matrix"], dtype=np.int64), list(out["degraded"])
         except (*REMOTE_ERRORS, BreakerOpen):
             metrics.DEGRADED.labels("features:remote:default").inc()
-            x = transformer.matrix(None, None, [None] * len(ad_ids), [None] * len(ad_ids), context)
-            degraded = ["features:remote:default"]
+            x, degraded = transformer.defaults(len(ad_ids), context), ["features:remote:default"]
         features_h.observe(time.perf_counter() - t0)
         return x, degraded
 

@@ -53,6 +53,10 @@ UPSTREAM_BASE = "docker.io/library/python:3.11-slim"
 LOCAL_BASE = "localhost/ctr-base:bookworm-py311"
 # The uv that BentoML's Dockerfile wants (>= 0.13.4); put into the local base image.
 UV_VERSION = "0.13.4"
+# The local base's Python is bookworm's 3.11.2, where markers ask for more than on this host's
+# Python (pip download cannot evaluate python_full_version for another interpreter): redis
+# needs async-timeout below 3.11.3.
+BASE_PYTHON_EXTRAS = ("async-timeout==5.0.1",)
 TOOLS = {"podman": "podman", "buildah": "buildah", "runc": "runc", "debootstrap": "debootstrap"}
 
 SAMPLE_REQUEST = {
@@ -264,7 +268,7 @@ def prepare_wheelhouse(bento_path: Path) -> Path:
     req_file = WHEELHOUSE / "requirements.txt"
     req_file.write_text("\n".join(reqs) + "\n")
     sh([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(wheels), "-r",
-        str(req_file)])  # fmt: skip
+        str(req_file), *BASE_PYTHON_EXTRAS])  # fmt: skip
     (WHEELHOUSE / "uv.toml").write_text(
         "# Mounted at /etc/uv during the image build only: install from the wheelhouse, no network.\n"
         'no-index = true\nfind-links = ["/etc/uv/wheels"]\npython-downloads = "never"\n'

@@ -186,3 +186,7 @@ class Transformer:
         out[:, schema.AD_COLUMNS] = self.ad_rows(ad_meta, ad_stats)
         out[:, schema.CONTEXT_COLUMNS] = context_codes(context)
         return out
+
+    def defaults(self, n: int, context: dict[str, Any]) -> np.ndarray:
+        """[n, 16] for n ads with every stored feature at its default (only the context known)."""
+        return self.matrix(None, None, [None] * n, [None] * n, context)
