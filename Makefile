@@ -12,7 +12,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers
+.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ servers:
 test: setup servers
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# An immutable Bento: code, the exact model version, the feature database, pinned packages.
+# The tag goes to build/bento.tag. GPU=1 builds the GPU variant (PyPI's CUDA torch).
+bento: setup
+	$(BIN)/ctr -v ship bento $(if $(GPU),--gpu)
+
+# The Bento as an OCI image (build/image.tag): Docker when an engine answers, else buildah
+# and podman (installed with apt-get), a local debootstrap base and a host-side wheelhouse.
+image: bento
+	$(BIN)/ctr -v ship image
+
+# Run the image on a loopback port, wait for /readyz, POST /predict, stop it.
+smoke: image
+	$(BIN)/ctr -v ship smoke
+
 lint: install
 	$(BIN)/ruff check ctr models tests service.py
 	$(BIN)/ruff format --check ctr models tests service.py
@@ -50,4 +64,4 @@ loadtest: setup
 	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
 
 clean:
-	rm -rf $(VENV) data bentoml_home reports
+	rm -rf $(VENV) data bentoml_home reports build
