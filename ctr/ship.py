@@ -258,22 +258,37 @@ def _download_uv() -> Path:
     return wheels[0]
 
 
+def wheelhouse_requirements(text: str) -> list[str]:
+    """The requirement lines of a Bento's requirements.txt, for `pip download`: options dropped
+    (the build installs with no index), and a pin without a local label made exact (`===`),
+    so the host's CPU build (`torch 2.13.0+cpu` in its find-links) cannot stand in for
+    PyPI's CUDA `torch==2.13.0` of the GPU variant."""
+    out = []
+    for line in text.splitlines():
+        req = line.split("#", 1)[0].strip()
+        if not req or req.startswith("-"):
+            continue
+        if re.fullmatch(r"[A-Za-z0-9._-]+==[^+=\s]+", req):
+            req = req.replace("==", "===", 1)
+        out.append(req)
+    return out
+
+
 def prepare_wheelhouse(bento_path: Path) -> Path:
     """Every wheel the Bento's requirements need, downloaded on the host, plus a uv.toml that
-    makes the build install from them alone. Mounted at /etc/uv for the build's RUN steps."""
-    wheels = WHEELHOUSE / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    lines = (bento_path / "env/python/requirements.txt").read_text().splitlines()
-    reqs = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith(("-", "#"))]
-    req_file = WHEELHOUSE / "requirements.txt"
-    req_file.write_text("\n".join(reqs) + "\n")
-    sh([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(wheels), "-r",
-        str(req_file), *BASE_PYTHON_EXTRAS])  # fmt: skip
-    (WHEELHOUSE / "uv.toml").write_text(
+    makes the build install from them alone; one folder per distinct set of requirements,
+    mounted at /etc/uv for the build's RUN steps only."""
+    reqs = [*wheelhouse_requirements((bento_path / "env/python/requirements.txt").read_text()), *BASE_PYTHON_EXTRAS]
+    house = WHEELHOUSE / hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
+    (house / "wheels").mkdir(parents=True, exist_ok=True)
+    (house / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    sh([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(house / "wheels"), "-r",
+        str(house / "requirements.txt")])  # fmt: skip
+    (house / "uv.toml").write_text(
         "# Mounted at /etc/uv during the image build only: install from the wheelhouse, no network.\n"
         'no-index = true\nfind-links = ["/etc/uv/wheels"]\npython-downloads = "never"\n'
     )
-    return WHEELHOUSE
+    return house
 
 
 # ---------------------------------------------------------------------------------- image

@@ -137,3 +137,10 @@ def test_bentofile_packs_the_feature_database_and_cpu_requirements() -> None:
     assert cfg["python"]["requirements_txt"] == "deploy/requirements/cpu.txt"
     gpu = yaml.safe_load(ship._bentofile(gpu=True).read_text())
     assert gpu["python"]["requirements_txt"] == ship.GPU_REQUIREMENTS
+
+
+def test_wheelhouse_requirements_keep_cpu_and_cuda_torch_apart() -> None:
+    """Options are dropped; plain pins become exact, so a local +cpu wheel cannot satisfy the GPU pin."""
+    text = "# c\n--extra-index-url https://x\ntorch==2.13.0+cpu\nnumpy==2.4.6  # n\n"
+    assert ship.wheelhouse_requirements(text) == ["torch==2.13.0+cpu", "numpy===2.4.6"]
+    assert ship.wheelhouse_requirements("torch==2.13.0\n") == ["torch===2.13.0"]
