@@ -28,5 +28,5 @@ class ModelRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 2 or x.shape[1] != self.n_fields:
             raise ValueError(f"expected a [n, {self.n_fields}] matrix, got shape {list(x.shape)}")
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device, non_blocking=True)
+        t = torch.from_numpy(np.require(x, dtype=np.int64, requirements=["C", "W"])).to(self.device, non_blocking=True)
         return torch.sigmoid(self.model(t)).float().cpu().numpy()

@@ -103,7 +103,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        Path(self.log.name).unlink(missing_ok=True)
+        if not os.environ.get("CTR_TEST_KEEP_LOGS"):  # set it to keep the servers' logs for a post-mortem
+            Path(self.log.name).unlink(missing_ok=True)
         shutil.rmtree(self.home, ignore_errors=True)
 
 

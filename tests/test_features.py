@@ -35,7 +35,9 @@ class CountingSource:
         self.store = store
         self.calls: list[tuple[str, list[str]]] = []
 
-    async def get_many(self, group: schema.FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    async def get_many(
+        self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, tuple[Any, ...]]:
         self.calls.append((group.name, list(ids)))
         return self.store.read(group, ids)
 

@@ -146,7 +146,9 @@ class SlowOrigin:
         self.events: list[str] = []
         self.reads = 0
 
-    async def get_many(self, group: schema.FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    async def get_many(
+        self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, tuple[Any, ...]]:
         self.reads += 1
         self.events.append(f"start:{group.entity}")
         await asyncio.sleep(self.delays.get(group.entity, 0.0))

@@ -50,7 +50,9 @@ class PostgresStore:
                     self._pool = pool
         return self._pool
 
-    async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    async def get_many(
+        self, group: FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, tuple[Any, ...]]:
         if not ids:
             return {}
         pool = await self.pool()
@@ -58,6 +60,7 @@ class PostgresStore:
             "SELECT entity_id, value::text FROM features WHERE grp = $1 AND entity_id = ANY($2::text[])",
             group.name,
             list(ids),
+            timeout=timeout_s,
         )
         return {r[0]: tuple(orjson.loads(r[1])) for r in rows}
 

@@ -75,8 +75,10 @@ class SqliteStore:
     def count(self, group: FeatureGroup) -> int:
         return int(self._db.execute("SELECT count(*) FROM features WHERE grp = ?", (group.name,)).fetchone()[0])
 
-    async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
-        return self.read(group, ids)
+    async def get_many(
+        self, group: FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, tuple[Any, ...]]:
+        return self.read(group, ids)  # local and indexed: no timeout to apply
 
     async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any]]]) -> int:
         return self.write(group, rows)

@@ -32,7 +32,8 @@ L3_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, TimeoutErr
 try:  # asyncpg is only needed with PostgreSQL
     import asyncpg
 
-    L3_ERRORS += (asyncpg.PostgresError, asyncpg.InterfaceError)
+    # InternalClientError: a connection left mid-operation when the server went away
+    L3_ERRORS += (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 except ImportError:  # pragma: no cover
     pass
 
@@ -54,7 +55,9 @@ class FeatureSource(Protocol):
 
     name: str
 
-    async def get_many(self, group: FeatureGroup, ids: Sequence[str]) -> dict[str, Row]: ...
+    async def get_many(
+        self, group: FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, Row]: ...
 
     async def put_many(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any]]]) -> int: ...
 
@@ -225,8 +228,10 @@ class TieredStore:
         """One L3 read, bounded by the L3 timeout, behind the L3 breaker."""
 
         async def once() -> dict[str, Row]:
-            async with asyncio.timeout(self.l3_timeout_s):
-                return await self.origin.get_many(group, ids)
+            # the store applies the timeout itself (asyncpg cancels a query cleanly; an outer
+            # cancellation can leave its connection mid-operation); this is the backstop
+            async with asyncio.timeout(2 * self.l3_timeout_s):
+                return await self.origin.get_many(group, ids, timeout_s=self.l3_timeout_s)
 
         try:
             return await self.l3_breaker.call(once, L3_ERRORS)
