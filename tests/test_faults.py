@@ -125,8 +125,7 @@ def run_fault(
 
 
 def model_process(server: Server) -> psutil.Process:
-    children = psutil.Process(server.proc.pid).children(recursive=True)
-    return next(p for p in children if "ctr_model" in " ".join(p.cmdline()))
+    return service_process(server, "ctr_model")
 
 
 def test_redis_killed(rig: tuple[Server, RedisProcess, PostgresProcess]) -> None:
@@ -157,3 +156,40 @@ def test_model_frozen_past_the_deadline(rig: tuple[Server, RedisProcess, Postgre
                   lambda: os.kill(proc.pid, signal.SIGCONT))  # fmt: skip
     finally:
         os.kill(proc.pid, signal.SIGCONT)
+
+
+def service_process(server: Server, name: str) -> psutil.Process:
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    return next(p for p in children if f"--service-name {name}" in " ".join(p.cmdline()))
+
+
+def test_fallback_service_then_global_ctr(small_setup: dict[str, str]) -> None:
+    """With CTR_FALLBACK_REMOTE: model frozen -> scores from FallbackService; FallbackService
+    frozen too -> the global CTR held in the gateway; both resumed -> the model again."""
+    env = {**small_setup, "CTR_FALLBACK_REMOTE": "true", "CTR_BREAKER_COOLDOWN_S": "0.5"}
+    server = Server("service:CTRGateway", env)
+    model, fallback = service_process(server, "ctr_model"), service_process(server, "ctr_fallback")
+    body = {"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX}
+
+    def ask() -> dict:
+        r = httpx.post(server.url + "/predict", json=body, timeout=5)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    try:
+        assert ask()["fallback"] is False
+        os.kill(model.pid, signal.SIGSTOP)
+        seg = ask()
+        assert seg["fallback"] is True and "model:fallback:global" not in seg["degraded"]
+        assert seg["degraded"][0] in {"model:timeout", "model:breaker_open"}
+        os.kill(fallback.pid, signal.SIGSTOP)
+        glob = ask()
+        assert glob["degraded"][-1] == "model:fallback:global" and glob["scores"][0] != seg["scores"][0]
+        assert glob["scores"][0] == glob["scores"][1]
+    finally:
+        os.kill(model.pid, signal.SIGCONT)
+        os.kill(fallback.pid, signal.SIGCONT)
+    try:
+        wait_for(lambda: ask()["fallback"] is False, 30, "model answers again")
+    finally:
+        server.stop()
