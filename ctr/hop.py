@@ -10,6 +10,7 @@ nothing is lost by skipping BentoML's batcher.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import aiohttp
@@ -19,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ctr.runner import ModelRunner
+if TYPE_CHECKING:  # torch is imported by CTRModel's process only
+    from ctr.runner import ModelRunner
 
 SHAPE = "x-ctr-shape"
 
