@@ -211,6 +211,21 @@ def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bo
     click.echo(e2e.run(_settings(), url, [int(c) for c in concurrency.split(",")], duration, n_ads, peers, out))
 
 
+@bench.command("profile")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Where to start the service.")
+@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds of sampling.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option("--rate", type=int, default=200, show_default=True, help="py-spy samples per second.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/profile"), show_default=True)
+def bench_profile(url: str, concurrency: int, duration: float, n_ads: int, rate: int, out: Path) -> None:
+    """Start the service, load it, and print where each service process spends its CPU (py-spy),
+    by package; the raw stacks are kept for flame graphs."""
+    from ctr import profile
+
+    click.echo(profile.run(_settings(), url, concurrency, duration, n_ads, rate, out))
+
+
 @main.command()
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
 @click.option("--users", type=int, default=16, show_default=True, help="Concurrent Locust users.")

@@ -143,13 +143,16 @@ async def _level(url: str, c: int, duration_s: float, bodies: list[bytes]) -> Le
     )
 
 
-def run_levels(url: str, levels: list[int], duration_s: float, n_ads: int, data_dir: Path) -> list[LevelResult]:
+def run_levels(
+    url: str, levels: list[int], duration_s: float, n_ads: int, data_dir: Path, warm_up: bool = True
+) -> list[LevelResult]:
     """One bounded run per concurrency level, after a short warm-up."""
     check_loopback(url)
     bodies = Traffic(data_dir, n_ads).bodies(2000)
 
     async def go() -> list[LevelResult]:
-        await _level(url, 4, min(2.0, duration_s), bodies)  # warm-up: caches, connections
+        if warm_up:
+            await _level(url, 4, min(2.0, duration_s), bodies)  # caches, connections
         return [await _level(url, c, duration_s, bodies) for c in levels]
 
     return asyncio.run(go())
