@@ -1,4 +1,4 @@
-"""The BentoML services of ctr-serve (../DESIGN.md): thin wiring over the `ctr` package.
+"""The BentoML services of ctr-serve (../shared/DESIGN.md): thin wiring over the `ctr` package.
 
 CTRGateway is the entry (POST /predict); it runs features, transform and the fallback
 table in its own process and coalesces concurrent requests into one CTRModel call.
