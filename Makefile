@@ -59,8 +59,11 @@ bench: setup
 	$(BIN)/ctr bench e2e --url http://$(HOST):$(PORT)
 
 # A bounded headless Locust run; starts the service when it is not running.
-loadtest: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[load]'
+$(VENV)/.load-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,load]'
+	touch $@
+
+loadtest: setup $(VENV)/.load-installed
 	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
 
 clean:

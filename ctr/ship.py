@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -110,11 +111,18 @@ def inputs_digest(bentofile: Path, model_tag: str) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_sqlite(path: Path) -> None:
-    """Fold the WAL into the database file, so the file the Bento copies is complete."""
-    import sqlite3
+FEATURES_DB = PROJECT_ROOT / "data" / "features.db"  # the file bentofile.yaml packs
 
-    with sqlite3.connect(path) as db:
+
+def checkpoint_sqlite(path: Path) -> None:
+    """Fold the WAL into the database file, so the file the Bento copies is complete; a
+    missing file is an error (connecting would create an empty one, and ship it)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file():
+        raise click.ClickException(f"{path} is missing: run `make setup` first")
+    with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
@@ -135,7 +143,7 @@ def build_bento(gpu: bool = False, force: bool = False) -> str:
 
     settings = Settings()
     model_tag = str(bentoml.models.get(settings.model_tag).tag)
-    checkpoint_sqlite(settings.data_dir / "features.db")
+    checkpoint_sqlite(FEATURES_DB)
     bentofile = _bentofile(gpu)
     digest = inputs_digest(bentofile, model_tag)
     tag = None if force else _bento_with_digest(digest)
@@ -174,6 +182,7 @@ def recorded_bento() -> str:
 # ---------------------------------------------------------------------------------- engines
 
 
+@functools.cache
 def docker_engine() -> bool:
     """Whether a Docker engine answers (the normal path); a lone docker client does not count."""
     if shutil.which("docker") is None:
