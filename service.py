@@ -99,6 +99,7 @@ class FeatureService:
         self._stop.set()
         if self._writer is not None:
             await asyncio.wait({self._writer}, timeout=2)
+        await wiring.close(self.stack)
 
     @bentoml.api
     async def features(self, user_id: str, ad_ids: list[str]) -> dict[str, Any]:
@@ -170,6 +171,12 @@ class CTRGateway:
 
     async def __is_ready__(self) -> bool:
         return self._model_warm.done()
+
+    @bentoml.on_shutdown
+    async def close(self) -> None:
+        if isinstance(self._binary, BinaryModelClient):
+            await self._binary.close()
+        await wiring.close(self.stack)
 
     async def _model_call(self, x: np.ndarray) -> np.ndarray:
         if self._binary is None:

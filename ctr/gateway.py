@@ -34,6 +34,9 @@ from ctr.transform import Transformer
 REMOTE_ERRORS: tuple[type[BaseException], ...] = (BentoMLException, aiohttp.ClientError, OSError, TimeoutError)
 MODEL_ERRORS = REMOTE_ERRORS
 
+# Less budget than this left after features: the model is not even tried.
+MIN_MODEL_BUDGET_S = 0.001
+
 # (user_id, ad_ids, context, deadline) -> (input matrix, degraded reasons)
 FeatureProvider = Callable[[str, list[str], dict[str, Any], float], Awaitable[tuple[np.ndarray, list[str]]]]
 # (ad_ids, context) -> scores
@@ -49,6 +52,17 @@ def guarded(call: Callable[..., Awaitable[Any]], breaker: CircuitBreaker, timeou
                 return await call(*args, **kwargs)
 
         return await breaker.call(once, REMOTE_ERRORS)
+
+    return run
+
+
+def retried(call: ModelCall, retrier: Retrier, deadline_s: float) -> ModelCall:
+    """A model call retried as a whole within `deadline_s` of its start: retries are per
+    coalesced call, so one failed batch spends one retry of the budget, not one per request."""
+
+    async def run(x: np.ndarray) -> np.ndarray:
+        y: np.ndarray = await retrier.call(lambda: call(x), time.perf_counter() + deadline_s)
+        return y
 
     return run
 
@@ -133,9 +147,7 @@ class Gateway:
         fallback: SegmentTable,
         model_version: str,
         deadline_s: float,
-        retrier: Retrier | None = None,
         remote_fallback: RemoteFallback | None = None,
-        min_model_budget_s: float = 0.001,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
@@ -144,18 +156,13 @@ class Gateway:
         self.fallback = fallback
         self.model_version = model_version
         self.deadline_s = deadline_s
-        self.retrier = retrier
         self.remote_fallback = remote_fallback
-        self.min_model_budget_s = min_model_budget_s
         self._inference_h = metrics.STAGE_LATENCY.labels("inference")
         self._request_h = metrics.STAGE_LATENCY.labels("request")
 
     async def _infer(self, x: np.ndarray, deadline: float) -> list[float]:
         async with asyncio.timeout(deadline - time.perf_counter()):
-            if self.retrier is None:
-                y = await self.coalescer.submit(x)
-            else:
-                y = await self.retrier.call(lambda: self.coalescer.submit(x), deadline)
+            y = await self.coalescer.submit(x)
         return np.clip(y.astype(np.float64), 1e-6, 1 - 1e-6).tolist()
 
     async def _fallback(self, req: PredictRequest, context: dict[str, Any], degraded: list[str]) -> list[float]:
@@ -164,7 +171,7 @@ class Gateway:
                 return await self.remote_fallback(req.ad_ids, context)
             except (*REMOTE_ERRORS, BreakerOpen):
                 degraded.append("model:fallback:global")
-                metrics.FALLBACKS.labels("global").inc()
+                metrics.DEGRADED.labels("model:fallback:global").inc()
                 return [self.fallback.global_ctr] * len(req.ad_ids)
         return self.fallback.scores(context, len(req.ad_ids))
 
@@ -175,7 +182,7 @@ class Gateway:
         x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
         t1 = time.perf_counter()
         reason = None
-        if deadline - t1 < self.min_model_budget_s:
+        if deadline - t1 < MIN_MODEL_BUDGET_S:
             reason = "model:deadline"
         else:
             try:
@@ -204,6 +211,3 @@ class Gateway:
             fallback=reason is not None,
             degraded=degraded,
         )
-
-
-__all__ = ["MODEL_ERRORS", "FeatureProvider", "Gateway", "ModelCall", "Prediction", "guarded", "local_features"]

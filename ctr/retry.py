@@ -66,8 +66,8 @@ class Retrier:
         def give_up(state: RetryCallState) -> bool:
             if stop_after_attempt(self.attempts)(state):
                 return True
-            next_wait = self.wait(state)
-            if time.perf_counter() + next_wait >= deadline or not self.budget.withdraw():
+            # tenacity computes the wait before asking to stop: check the sleep it will take
+            if time.perf_counter() + state.upcoming_sleep >= deadline or not self.budget.withdraw():
                 return True
             metrics.RETRIES.labels(self.name).inc()
             return False

@@ -26,6 +26,7 @@ from ctr.gateway import (
     guarded,
     local_features,
     remote_features,
+    retried,
 )
 from ctr.modelstore import ModelArtifacts
 from ctr.retry import Retrier, RetryBudget
@@ -108,14 +109,14 @@ def gateway(
     if settings.fallback_remote and fallback_call is not None:
         remote_fallback = guarded(fallback_call, breaker(settings, "fallback"), settings.fallback_timeout_ms / 1000.0)
     deadline_s = settings.deadline_ms / 1000.0
+    retrier = Retrier("model", MODEL_ERRORS, RetryBudget("model", settings.retry_budget_ratio), settings.retry_attempts)
     coalescer = Coalescer(
-        guarded(model_call, breaker(settings, "model"), deadline_s),
+        retried(guarded(model_call, breaker(settings, "model"), deadline_s), retrier, deadline_s),
         max_inflight=settings.batch_max_inflight,
         max_rows=settings.batch_max_rows,
         window_s=settings.batch_window_ms / 1000.0,
     )
-    retrier = Retrier("model", MODEL_ERRORS, RetryBudget("model", settings.retry_budget_ratio), settings.retry_attempts)
-    return Gateway(provider, coalescer, art.segments, art.tag, deadline_s, retrier, remote_fallback)
+    return Gateway(provider, coalescer, art.segments, art.tag, deadline_s, remote_fallback)
 
 
 async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
@@ -139,7 +140,7 @@ async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: 
             async with asyncio.timeout(2.0):
                 await asyncio.gather(*(call(x) for _ in range(4)))
             streak = streak + 1 if time.perf_counter() - t0 < deadline_s else 0
-        except (*MODEL_ERRORS, TimeoutError, AttributeError):  # AttributeError: client not set up yet
+        except (*MODEL_ERRORS, AttributeError):  # AttributeError: BentoML's client not set up yet
             streak = 0
             await asyncio.sleep(0.2)
         calls += 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from ctr.api import BadRequest, PredictRequest, parse_predict
 from ctr.breaker import CircuitBreaker
 from ctr.coalesce import Coalescer
 from ctr.fallback import SegmentTable
-from ctr.gateway import MODEL_ERRORS, Gateway, guarded, local_features
+from ctr.gateway import MODEL_ERRORS, Gateway, guarded, local_features, retried
 from ctr.retry import Retrier, RetryBudget
 from ctr.transform import Transformer, TransformSpec
 
@@ -114,8 +113,32 @@ def test_a_failed_model_call_is_retried_within_the_deadline() -> None:
         return np.array([0.3, 0.4])
 
     retrier = Retrier("test", MODEL_ERRORS, RetryBudget("test"), attempts=3, base_s=0.0001, jitter_s=0.0001)
-    p = asyncio.run(gateway(model, retrier=retrier).predict(REQ))
+    p = asyncio.run(gateway(retried(model, retrier, 1.0)).predict(REQ))
     assert p.fallback is False and p.scores == pytest.approx([0.3, 0.4]) and calls == 2
+
+
+def test_a_failed_batch_is_retried_once_for_all_its_requests() -> None:
+    """Eight requests coalesced into one failing call cost one retry (one budget token),
+    not eight: retries are per model call."""
+    calls: list[int] = []
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise ConnectionResetError("blip")
+        return np.full(len(x), 0.3)
+
+    async def go() -> list[Any]:
+        budget = RetryBudget("test", min_tokens=3.0)
+        retrier = Retrier("test", MODEL_ERRORS, budget, attempts=3, base_s=0.0001, jitter_s=0.0001)
+        g = Gateway(features, Coalescer(retried(model, retrier, 1.0), max_inflight=1), TABLE, "m", 1.0)
+        out = await asyncio.gather(*(g.predict(REQ) for _ in range(8)))
+        assert budget.tokens == pytest.approx(3.0 + 0.1 - 1.0)  # one call deposited, one retry spent
+        return out
+
+    preds = asyncio.run(go())
+    assert all(not p.fallback for p in preds)
+    assert calls == [16, 16]  # the batch of 8 requests, then its one retry
 
 
 def test_open_breaker_answers_from_fallback_without_calling() -> None:
@@ -147,7 +170,7 @@ def test_remote_fallback_down_gives_global_ctr() -> None:
     assert p.degraded == ["model:unavailable", "model:fallback:global"]
 
 
-def test_slow_features_give_defaults_within_the_deadline(tmp_path: Path) -> None:
+def test_slow_features_give_defaults_within_the_deadline() -> None:
     """A feature lookup slower than the deadline is abandoned for default features."""
 
     class Slow:
