@@ -10,48 +10,26 @@ within the inference budget.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
 from ctr import schema
-from ctr.settings import PROJECT_ROOT, Settings
+from ctr.local_server import free_port, serving
+from ctr.settings import Settings
+
+if TYPE_CHECKING:
+    from ctr.runner import ModelRunner
 
 BATCHES = (1, 32, 128, 256)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _matrix(b: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([rng.integers(0, c, b) for c in schema.CARDINALITIES], 1).astype(np.int64)
-
-
-def _serve_model(port: int) -> subprocess.Popen[bytes]:
-    exe = Path(sys.executable).parent / "bentoml"
-    cmd = [str(exe), "serve", "service:CTRModel", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("CTRModel did not become ready")
 
 
 def _time_http(port: int, x: np.ndarray, n: int) -> list[float]:
@@ -72,11 +50,7 @@ def _time_http(port: int, x: np.ndarray, n: int) -> list[float]:
     return out
 
 
-def _time_inprocess(x: np.ndarray, n: int, settings: Settings) -> list[float]:
-    from ctr import modelstore
-    from ctr.runner import ModelRunner
-
-    runner = ModelRunner(modelstore.artifacts(settings.model_tag), settings.device, settings.torch_threads)
+def _time_inprocess(runner: ModelRunner, x: np.ndarray, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -101,22 +75,23 @@ def best_batch(t_setup: float, t_per: float, budget_s: float, max_b: int = 65536
 
 
 def run(n: int = 300, budget_ms: float = 3.0) -> str:
+    from ctr import modelstore
+    from ctr.runner import ModelRunner
+
     settings = Settings()
+    runner = ModelRunner(modelstore.artifacts(settings.model_tag), settings.device, settings.torch_threads)
     rng = np.random.default_rng(0)
-    port = _free_port()
-    proc = _serve_model(port)
-    try:
-        rows = []
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CTRModel", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    rows = []
+    with serving(f"http://127.0.0.1:{port}", timeout_s=120, cmd=cmd):
         for b in BATCHES:
             x = _matrix(b, rng)
             _time_http(port, x, 20)  # warm-up
-            http_s = float(np.median(_time_http(port, x, n)))
-            p99 = float(np.percentile(_time_http(port, x, n), 99))
-            local_s = float(np.median(_time_inprocess(x, n, settings)))
-            rows.append((b, http_s, p99, local_s))
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
+            http = _time_http(port, x, n)
+            local_s = float(np.median(_time_inprocess(runner, x, n)))
+            rows.append((b, float(np.median(http)), float(np.percentile(http, 99)), local_s))
     t_setup, t_per = fit([r[0] for r in rows], [r[1] for r in rows])
     lines = [
         "| batch | p50 ms (server) | p99 ms (server) | rows/s (server) | p50 ms (in-process) | rows/s (in-process) |",

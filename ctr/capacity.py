@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
+
+
+def best_rps(levels: list[dict[str, Any]], p99_ms: float = 50.0) -> float:
+    """The best throughput among load levels whose p99 met the target with no errors (0 if none)."""
+    return float(max((lv["rps"] for lv in levels if lv["p99_ms"] <= p99_ms and lv["non_200"] == 0), default=0.0))
 
 
 def qps_at_p99(bench: Path, p99_ms: float) -> float:
-    """The best measured throughput whose p99 met the target."""
-    levels = json.loads(bench.read_text())["levels"]
-    ok = [lv["rps"] for lv in levels if lv["p99_ms"] <= p99_ms and lv["non_200"] == 0]
-    if not ok:
+    """The best measured throughput of a `ctr bench e2e` report whose p99 met the target."""
+    best = best_rps(json.loads(bench.read_text())["levels"], p99_ms)
+    if not best:
         raise ValueError(f"no level of {bench} met p99 <= {p99_ms} ms")
-    return float(max(ok))
+    return best
 
 
 def servers_needed(peak_qps: float, qps_per_server: float, utilization: float) -> int:

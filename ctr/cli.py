@@ -128,11 +128,8 @@ def features_put(group: str, entity_id: str, values: str) -> None:
         raise click.BadParameter(str(exc)) from None
 
     async def go() -> str:
-        stack = wiring.features(_settings())
-        try:
+        async with wiring.opened(_settings()) as stack:
             return await stack.writer.put(g, rows)
-        finally:
-            await wiring.close(stack)
 
     click.echo(f"{g.name} {entity_id}: written ({asyncio.run(go())})")
 
@@ -149,11 +146,8 @@ def features_warm(top_users: int | None) -> None:
     s = _settings()
 
     async def go() -> dict[str, object]:
-        stack = wiring.features(s)
-        try:
+        async with wiring.opened(s) as stack:
             return await warm(stack.store, s.warm_top_users if top_users is None else top_users)
-        finally:
-            await wiring.close(stack)
 
     click.echo(json.dumps(asyncio.run(go())))
 
@@ -166,22 +160,18 @@ def features_writer(consumer: str | None) -> None:
     import signal
     import socket
 
-    from redis.asyncio import Redis
-
     from ctr import wiring
     from ctr.features.writes import run_writer
 
     async def go() -> int:
-        stack = wiring.features(_settings())
-        if not isinstance(stack.redis, Redis):
-            raise click.UsageError("the writer needs CTR_REDIS_URL to name a plain Redis (redis://…)")
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        try:
-            return await run_writer(stack.redis, stack.store.origin, consumer or f"writer-{socket.gethostname()}", stop)
-        finally:
-            await wiring.close(stack)
+        async with wiring.opened(_settings()) as stack:
+            if stack.writer.redis is None:
+                raise click.UsageError("the writer needs CTR_REDIS_URL to name a plain Redis (redis://…)")
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            name = consumer or f"writer-{socket.gethostname()}"
+            return await run_writer(stack.writer.redis, stack.store.origin, name, stop)
 
     click.echo(f"{asyncio.run(go())} rows committed")
 

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ctr import loadgen
-from ctr.local_server import PeakRss, ready, serving
-from ctr.settings import PROJECT_ROOT, Settings
+from ctr.capacity import best_rps
+from ctr.local_server import PeakRss, free_port, serving
+from ctr.settings import Settings
 
 # The reference design's stage budget (ms) beside the measured stage means.
 REFERENCE_MS = {"gateway": 0.3, "features": 2.0, "transform": 1.0, "inference": 3.0, "response": 0.5, "total": 7.0}
-
-
-def _best(rows: list[loadgen.LevelResult], p99_ms: float = 50.0) -> float:
-    ok = [r.rps for r in rows if r.p99_ms <= p99_ms and r.non_200 == 0]
-    return max(ok) if ok else 0.0
 
 
 def _fill_l2(settings: Settings) -> None:
@@ -32,34 +23,20 @@ def _fill_l2(settings: Settings) -> None:
     from ctr.features.warm import warm
 
     async def go() -> None:
-        stack = wiring.features(settings)
-        try:
+        async with wiring.opened(settings) as stack:
             await warm(stack.store, 10**9)
-        finally:
-            await wiring.close(stack)
 
     asyncio.run(go())
 
 
 def _peer_levels(settings: Settings, levels: list[int], duration: float, n_ads: int) -> list[loadgen.LevelResult]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "uvicorn", "ctr.peer:make_app", "--factory", "--host", "127.0.0.1", "--port",
            str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
            "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the monolith peer did not start")
-            time.sleep(0.2)
+    with serving(url, timeout_s=60, cmd=cmd):
         return loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def _stages_line(rows: list[loadgen.LevelResult]) -> str:
@@ -105,7 +82,7 @@ def run(settings: Settings, url: str, levels: list[int], duration: float, n_ads:
         peer_rows = _peer_levels(settings, levels, duration, n_ads)
         bodies = loadgen.Traffic(settings.data_dir, n_ads).bodies(2000)
         limit_rps, limit_p99 = run_inprocess(settings, bodies, duration)
-        best, best_peer = _best(rows), _best(peer_rows)
+        best, best_peer = best_rps([asdict(r) for r in rows]), best_rps([asdict(r) for r in peer_rows])
         lines += ["", "monolith peer (FastAPI + uvicorn, one MGET, model per request):",
                   loadgen.format_table(peer_rows), "",
                   f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,24 +30,44 @@ def ready(url: str) -> bool:
         return False
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout_s: float = 240.0, proc: subprocess.Popen[bytes] | None = None) -> float:
+    """Seconds until `url`/readyz answers 200; an error when `proc` exits or time runs out."""
+    t0 = time.monotonic()
+    while not ready(url):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
 @contextmanager
-def serving(url: str, timeout_s: float = 180.0) -> Iterator[subprocess.Popen[bytes] | None]:
-    """Yield the server process this started (None when one already answered); stop it after."""
+def serving(
+    url: str, timeout_s: float = 180.0, cmd: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes] | None]:
+    """Yield the server process this started (None when one already answered); stop it,
+    with its whole process group, after. `cmd` defaults to the whole service graph."""
     check_loopback(url)
     if ready(url):
         yield None
         return
-    u = urlparse(url)
-    exe = Path(sys.executable).parent / "bentoml"
-    cmd = [str(exe), "serve", "service:CTRGateway", "--host", u.hostname or "127.0.0.1", "--port", str(u.port or 80)]
+    if cmd is None:
+        u = urlparse(url)
+        exe = Path(sys.executable).parent / "bentoml"
+        cmd = [str(exe), "serve", "service:CTRGateway", "--host", u.hostname or "127.0.0.1",
+               "--port", str(u.port or 80)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + timeout_s
-        while not ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start on {url}")
-            time.sleep(0.2)
+        wait_ready(url, timeout_s, proc)
         yield proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -95,7 +95,7 @@ def run(settings: Settings, url: str, concurrency: int, duration_s: float, n_ads
         if proc is None:
             raise RuntimeError(f"a service already answers on {url}: stop it or give a free --url, so this starts one")
         workers = service_workers(proc.pid)
-        loadgen.run_levels(url, [4], 2.0, n_ads, settings.data_dir)  # warm-up before sampling
+        loadgen.run_levels(url, [4], 2.0, n_ads, settings.data_dir, warm_up=False)  # warm-up, not sampled
         spies = {}
         for name, pid in sorted(workers.items()):
             cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(int(duration_s)), "--rate", str(rate),

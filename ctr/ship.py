@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from typing import Any
 
 import click
 
+from ctr.local_server import free_port, wait_ready
 from ctr.settings import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -340,12 +340,6 @@ def image_size_bytes(ref: str) -> int:
 # ---------------------------------------------------------------------------------- smoke
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def running(ref: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """The image running detached on a free loopback port; yields its URL; always removed."""
@@ -363,20 +357,6 @@ def running(ref: str, env: dict[str, str] | None = None) -> Iterator[str]:
                               text=True)  # fmt: skip
         log.debug("container logs:\n%s%s", logs.stdout, logs.stderr)
         subprocess.run([engine, "rm", "-f", "-t", "5", name], env=podman_env(), capture_output=True)
-
-
-def wait_ready(url: str, timeout_s: float = 240.0) -> float:
-    """Seconds until /readyz answers 200."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s")
 
 
 def post_predict(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:

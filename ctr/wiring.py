@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from ctr import schema
 from ctr.breaker import CircuitBreaker
@@ -17,7 +17,7 @@ from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, FeatureSource, TieredStore
 from ctr.features.tiers import MemoryTier
-from ctr.features.writes import FeatureWriter
+from ctr.features.writes import STREAM_TIMEOUT_S, FeatureWriter
 from ctr.gateway import (
     MODEL_ERRORS,
     FeatureProvider,
@@ -48,7 +48,6 @@ class FeatureStack:
     store: TieredStore
     lookup: FeatureLookup
     writer: FeatureWriter
-    redis: Redis | RedisCluster | None
 
 
 def breaker(settings: Settings, name: str) -> CircuitBreaker:
@@ -77,16 +76,29 @@ def features(settings: Settings) -> FeatureStack:
         l2_breaker=breaker(settings, "l2"),
         l3_breaker=breaker(settings, "l3"),
     )
-    # Write-behind needs a stream on a plain Redis (a cluster would need one stream per slot).
-    stream = redis if isinstance(redis, Redis) else None
-    return FeatureStack(store, FeatureLookup(store), FeatureWriter(store, dict(settings.write_modes), stream), redis)
+    # Write-behind needs a stream on a plain Redis (a cluster would need one stream per slot),
+    # on its own client: L2's 50 ms socket timeout would cut the writer's blocking read.
+    stream = connect(settings.redis_url, STREAM_TIMEOUT_S) if isinstance(redis, Redis) else None
+    return FeatureStack(store, FeatureLookup(store), FeatureWriter(store, dict(settings.write_modes), stream))
+
+
+@asynccontextmanager
+async def opened(settings: Settings) -> AsyncIterator[FeatureStack]:
+    """The feature stack for a command: opened, then closed however the block ends."""
+    stack = features(settings)
+    try:
+        yield stack
+    finally:
+        await close(stack)
 
 
 async def close(stack: FeatureStack) -> None:
     await stack.store.drain()
     await stack.store.origin.close()
-    if stack.redis is not None:
-        await stack.redis.aclose()
+    if stack.store.l2 is not None:
+        await stack.store.l2.close()
+    if stack.writer.redis is not None:
+        await stack.writer.redis.aclose()
 
 
 def gateway(

@@ -24,6 +24,8 @@ import pytest
 from conftest import BIN, ROOT, Server
 from servers import PostgresProcess, RedisProcess
 
+from ctr.profile import service_workers
+
 CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 
 
@@ -159,8 +161,7 @@ def test_model_frozen_past_the_deadline(rig: tuple[Server, RedisProcess, Postgre
 
 
 def service_process(server: Server, name: str) -> psutil.Process:
-    children = psutil.Process(server.proc.pid).children(recursive=True)
-    return next(p for p in children if f"--service-name {name}" in " ".join(p.cmdline()))
+    return psutil.Process(service_workers(server.proc.pid)[name])
 
 
 def test_fallback_service_then_global_ctr(small_setup: dict[str, str]) -> None:

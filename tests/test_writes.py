@@ -18,7 +18,7 @@ from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore
 from ctr.features.store import TieredStore
 from ctr.features.tiers import MemoryTier, feature_key, l1_key
-from ctr.features.writes import GROUP, STREAM, FeatureWriter, validate_rows
+from ctr.features.writes import GROUP, STREAM, FeatureWriter, run_writer, validate_rows
 
 
 @pytest.mark.parametrize(
@@ -131,3 +131,33 @@ def test_write_behind_survives_a_writer_killed_mid_stream(redis_url: str, tmp_pa
             await r.aclose()
 
     assert asyncio.run(leftovers()) == (0, 0)
+
+
+def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> None:
+    """The service's writer blocks on the stream between writes: its client must not time
+    out under the blocked read (L2's 50 ms timeout did, and the writer task died), and a
+    write made after the idle period still reaches the database."""
+    from ctr import wiring
+    from ctr.settings import Settings
+
+    settings = Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'f.db'}",
+                        write_modes={"ad_stats": "behind"})  # fmt: skip
+
+    async def go() -> None:
+        async with wiring.opened(settings) as stack:
+            assert stack.writer.redis is not None
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_writer(stack.writer.redis, stack.store.origin, "idle", stop, block_ms=100))
+            await asyncio.sleep(0.35)  # three blocked reads on an empty stream
+            assert not task.done(), task.exception()
+            group, rows = validate_rows("ad_stats", [{"id": "a-idle", "values": [5, 1]}])
+            assert await stack.writer.put(group, rows) == "behind"
+            for _ in range(500):  # the writer commits within a blocked read or two
+                if stack.store.origin.read(group, ["a-idle"]):  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.01)
+            assert stack.store.origin.read(group, ["a-idle"]) == {"a-idle": (5, 1)}  # type: ignore[attr-defined]
+            stop.set()
+            assert await task >= 1
+
+    asyncio.run(go())

@@ -45,6 +45,8 @@ class CacheTier(Protocol):
 
     async def delete_many(self, keys: Sequence[str]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 class MemoryTier:
     """L1: a bounded in-process LRU (lru-dict, in C) with a TTL per entry on an injected clock.
@@ -92,3 +94,6 @@ class MemoryTier:
     async def delete_many(self, keys: Sequence[Hashable]) -> None:
         for k in keys:
             self._cache.pop(k, None)
+
+    async def close(self) -> None:
+        self._cache.clear()

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["through", "behind"]
 STREAM = "ctr:feature-writes"
 GROUP = "ctr-writers"
+BLOCK_MS = 200  # the writer's blocking read; the stream's client must time out later
+STREAM_TIMEOUT_S = 2.0
 # The kind each value of a group must have, in field order.
 _KINDS: dict[str, tuple[type, ...]] = {
     "user_static": (int, str, int, int),
@@ -117,7 +119,7 @@ async def run_writer(
     consumer: str,
     stop: asyncio.Event,
     batch: int = 100,
-    block_ms: int = 200,
+    block_ms: int = BLOCK_MS,
     claim_idle_s: float = 30.0,
 ) -> int:
     """Commit write-behind entries to L3 until `stop` is set; returns rows committed."""
