@@ -18,7 +18,7 @@ from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore
 from ctr.features.store import TieredStore
 from ctr.features.tiers import MemoryTier, feature_key, l1_key
-from ctr.features.writes import GROUP, STREAM, FeatureWriter, run_writer, validate_rows
+from ctr.features.writes import GROUP, STREAM, FeatureWriter, _commit, ensure_group, run_writer, validate_rows
 
 
 @pytest.mark.parametrize(
@@ -159,5 +159,34 @@ def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> N
             assert stack.store.origin.read(group, ["a-idle"]) == {"a-idle": (5, 1)}  # type: ignore[attr-defined]
             stop.set()
             assert await task >= 1
+
+    asyncio.run(go())
+
+
+def test_a_batch_of_stream_entries_commits_the_last_write_of_each_entity(redis_url: str, tmp_path: Path) -> None:
+    """The writer commits a batch with one upsert per group; the later write of an entity wins,
+    and every entry is acknowledged and dropped from the stream."""
+    from ctr import wiring
+    from ctr.settings import Settings
+
+    settings = Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'f.db'}",
+                        write_modes={"ad_stats": "behind", "ad_meta": "behind"})  # fmt: skip
+
+    async def go() -> None:
+        async with wiring.opened(settings) as stack:
+            redis = stack.writer.redis
+            assert redis is not None
+            await redis.delete(STREAM)
+            for values in ([1, 0], [2, 1], [3, 1]):
+                await stack.writer.put(*validate_rows("ad_stats", [{"id": "a-last", "values": values}]))
+            await stack.writer.put(*validate_rows("ad_meta", [{"id": "a-last", "values": [4, 2, "text"]}]))
+            await ensure_group(redis)
+            resp = await redis.xreadgroup(GROUP, "batch", {STREAM: ">"}, count=100)
+            assert len(resp[0][1]) == 4
+            assert await _commit(redis, stack.store.origin, resp[0][1]) == 2  # one row per group
+            origin = stack.store.origin
+            assert origin.read(schema.GROUPS_BY_NAME["ad_stats"], ["a-last"]) == {"a-last": (3, 1)}  # type: ignore[attr-defined]
+            assert origin.read(schema.GROUPS_BY_NAME["ad_meta"], ["a-last"]) == {"a-last": (4, 2, "text")}  # type: ignore[attr-defined]
+            assert await redis.xlen(STREAM) == 0 and (await redis.xpending(STREAM, GROUP))["pending"] == 0
 
     asyncio.run(go())

@@ -103,13 +103,16 @@ async def ensure_group(redis: Redis) -> None:
 
 
 async def _commit(redis: Redis, origin: FeatureSource, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+    """Commit a batch of stream entries (one upsert per group, in stream order, so the last
+    write of an entity wins), then acknowledge and drop them all: only after the commit."""
+    rows: dict[str, dict[str, Any]] = {}
+    for _, data in entries:
+        rows.setdefault(data[b"group"].decode(), {}).update(orjson.loads(data[b"rows"]))
     n = 0
-    for entry_id, data in entries:
-        group = schema.GROUPS_BY_NAME[data[b"group"].decode()]
-        rows = [(e, v) for e, v in orjson.loads(data[b"rows"])]
-        n += await origin.put_many(group, rows)
-        # acknowledged (and dropped from the stream) only after the commit
-        await redis.pipeline(transaction=True).xack(STREAM, GROUP, entry_id).xdel(STREAM, entry_id).execute()
+    for name, by_id in rows.items():
+        n += await origin.put_many(schema.GROUPS_BY_NAME[name], list(by_id.items()))
+    ids = [entry_id for entry_id, _ in entries]
+    await redis.pipeline(transaction=True).xack(STREAM, GROUP, *ids).xdel(STREAM, *ids).execute()
     return n
 
 
