@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     )
     l1_max_entries: int = Field(500_000, ge=1, description="Bound of the in-process L1 feature cache (entries).")
     l1_max_bytes: int | None = Field(
-        None, ge=1, description="Approximate memory bound of L1 (bytes, ~370 an entry); lowers l1_max_entries."
+        None, ge=1, description="Approximate memory bound of L1 (bytes, ~460 an entry); lowers l1_max_entries."
     )
     negative_ttl_s: float = Field(60.0, ge=0, description="How long an unknown user or ad is remembered as unknown.")
     tracing: bool = Field(
