@@ -162,7 +162,7 @@ def postgres_database() -> Iterator[str]:
     finally:
         asyncio.run(sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         if own is not None:
-            _stop_postgres(*own)
+            _stop_postgres(own[0])
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -176,13 +176,17 @@ def _start_postgres() -> tuple[str, int]:
     port = free_port()
     subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", d, "-U", "postgres", "--auth=trust"]), check=True,
                    capture_output=True)  # fmt: skip
-    opts = f"-p {port} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", d, "-o", opts, "-w", "start", "-l", f"{d}/log"]), check=True,
-                   capture_output=True)  # fmt: skip
+    _pg_start(d, port)
     return d, port
 
 
-def _stop_postgres(d: str, port: int) -> None:
+def _pg_start(d: str, port: int) -> None:
+    opts = f"-p {port} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", d, "-o", opts, "-w", "start", "-l", f"{d}/log"]), check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def _stop_postgres(d: str) -> None:
     subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", d, "-m", "immediate", "stop"]), capture_output=True)
     shutil.rmtree(d, ignore_errors=True)
 
@@ -218,17 +222,12 @@ class PostgresProcess:
         self.dir, self.port = _start_postgres()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _ctl(self, *args: str) -> None:
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", self.dir, "-o", opts, "-w", *args, "-l",
-                                     f"{self.dir}/log"]), check=True, capture_output=True)  # fmt: skip
-
     def stop(self) -> None:
         subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", self.dir, "-m", "fast", "-w", "stop"]),
                        check=True, capture_output=True)  # fmt: skip
 
     def start(self) -> None:
-        self._ctl("start")
+        _pg_start(self.dir, self.port)
 
     def close(self) -> None:
-        _stop_postgres(self.dir, self.port)
+        _stop_postgres(self.dir)
