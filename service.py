@@ -14,14 +14,17 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from ctr import modelstore, wiring
-from ctr.api import Context
+from ctr.api.contract import Context
+from ctr.api.routes import make_app
+from ctr.features import stack as feature_stack
+from ctr.features.transform import Transformer
 from ctr.features.warm import warm
 from ctr.features.writes import run_writer
-from ctr.hop import BinaryModelClient, make_model_app
-from ctr.http import make_app
+from ctr.model import store as modelstore
+from ctr.model.app import make_model_app
+from ctr.serving import wiring
+from ctr.serving.model_client import ModelClient
 from ctr.settings import Settings
-from ctr.transform import Transformer
 
 SETTINGS = Settings()
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
@@ -51,7 +54,7 @@ class CTRModel:
     stored = MODEL
 
     def __init__(self) -> None:
-        from ctr.runner import ModelRunner
+        from ctr.model.runner import ModelRunner
 
         art = modelstore.artifacts(str(self.stored.tag))
         self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads)
@@ -79,7 +82,7 @@ class FeatureService:
 
     def __init__(self) -> None:
         art = modelstore.artifacts(str(self.stored.tag))
-        self.stack = wiring.features(SETTINGS)
+        self.stack = feature_stack.features(SETTINGS)
         self.lookup = self.stack.lookup
         self.transformer = Transformer(art.spec)
         self._stop = asyncio.Event()
@@ -91,7 +94,7 @@ class FeatureService:
         if self.stack.writer.redis is not None:
             consumer = f"writer-{socket.gethostname()}"
             self._writer = asyncio.create_task(
-                run_writer(self.stack.writer.redis, self.stack.store.origin, consumer, self._stop)
+                run_writer(self.stack.writer.redis, self.stack.store.origin, consumer, self._stop, fs=self.stack.schema)
             )
 
     @bentoml.on_shutdown
@@ -99,7 +102,7 @@ class FeatureService:
         self._stop.set()
         if self._writer is not None:
             await asyncio.wait({self._writer}, timeout=2)
-        await wiring.close(self.stack)
+        await feature_stack.close(self.stack)
 
     @bentoml.api
     async def features(self, user_id: str, ad_ids: list[str]) -> dict[str, Any]:
@@ -148,10 +151,10 @@ class CTRGateway:
 
     def __init__(self) -> None:
         self.art = modelstore.artifacts(str(self.stored.tag))
-        self._binary: BinaryModelClient | bool | None = None
-        self.stack = wiring.features(SETTINGS)
+        self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop)
+        self.stack = feature_stack.features(SETTINGS)
         self.gateway = wiring.gateway(
-            SETTINGS, self.art, self._model_call, self.stack, self._remote_features, self._remote_fallback
+            SETTINGS, self.art, self.model_client, self.stack, self._remote_features, self._remote_fallback
         )
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer
@@ -161,31 +164,26 @@ class CTRGateway:
     async def warm_caches(self) -> None:
         """Warm L1 and L2 before traffic: the server does not listen until done."""
         if SETTINGS.warm and not SETTINGS.features_remote:
-            await warm(self.stack.store, SETTINGS.warm_top_users)
+            await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
         wiring.settle_gc()
         predict_app.state.gateway = self.gateway
         # BentoML's clients of dependencies only work once this server runs: warm the model
         # in the background and keep /readyz at 503 until it is done.
         width = len(self.art.architecture["cardinalities"])
-        self._model_warm = asyncio.create_task(wiring.warm_model(self._model_call, width, SETTINGS.deadline_ms / 1000))
+        self._model_warm = asyncio.create_task(wiring.warm_model(self.model_client, width, SETTINGS.deadline_ms / 1000))
 
     async def __is_ready__(self) -> bool:
         return self._model_warm.done()
 
     @bentoml.on_shutdown
     async def close(self) -> None:
-        if isinstance(self._binary, BinaryModelClient):
-            await self._binary.close()
-        await wiring.close(self.stack)
+        await self.model_client.close()
+        await feature_stack.close(self.stack)
 
-    async def _model_call(self, x: np.ndarray) -> np.ndarray:
-        if self._binary is None:
-            self.model  # noqa: B018 - resolves the dependency, which sets its URL under `bentoml serve`
-            url = type(self).model.url if SETTINGS.model_hop == "binary" else None
-            self._binary = BinaryModelClient(url) if url else False
-        if self._binary:
-            return await self._binary(x)
-        return await self.model.to_async.predict(x)
+    def _resolve_model(self) -> tuple[str | None, Any]:
+        """CTRModel's URL (set when the dependency resolves, under `bentoml serve`) and BentoML's call."""
+        client = self.model
+        return type(self).model.url, client.to_async.predict
 
     async def _remote_features(self, **kwargs: Any) -> dict[str, Any]:
         return await self.feature_service.to_async.matrix(**kwargs)

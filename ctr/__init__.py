@@ -1,15 +1,18 @@
 """ctr-serve: a CTR prediction service packaged with BentoML.
 
-The library behind service.py: request schema, feature store, transform, coalescing of
-model calls, fallback table and the gateway's request path, all testable without a server.
+The library behind service.py, one package per concern (README, "Architecture"):
+`api` (the HTTP contract and routes), `serving` (the gateway's request path),
+`resilience` (breaker, retries, deadlines), `features` (schema, transform, tiered store),
+`model` (runner, model store, segment table), `bench`, `ship` and `cli` (the outer shell).
+Everything here runs without a server.
 """
 
-from ctr.api import BadRequest, Context, PredictRequest, parse_predict
-from ctr.coalesce import Coalescer
-from ctr.fallback import SegmentTable
-from ctr.gateway import Gateway, Prediction
+from ctr.api.contract import BadRequest, Context, PredictRequest, parse_predict
+from ctr.features.transform import Transformer, TransformSpec
+from ctr.model.segments import SegmentTable
+from ctr.serving.coalesce import Coalescer
+from ctr.serving.gateway import Gateway, Prediction
 from ctr.settings import Settings
-from ctr.transform import Transformer, TransformSpec
 
 __all__ = [
     "BadRequest",

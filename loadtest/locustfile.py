@@ -13,7 +13,7 @@ import random
 import numpy as np
 from locust import FastHttpUser, constant, task
 
-from ctr import schema
+from ctr.features import schema
 
 RNG = np.random.default_rng(11)
 

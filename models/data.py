@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctr import schema
+from ctr.features import schema
 
 CLICKLOG = "clicklog.npz"
 META = "clicklog.json"

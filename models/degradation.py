@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctr import schema
-from ctr.modelstore import ModelArtifacts, load_module
+from ctr.features import schema
+from ctr.model.store import ModelArtifacts, load_module
 from models import data as clicklog
 from models.train import evaluate, feature_matrix, predict
 

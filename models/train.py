@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from ctr import schema
-from ctr.fallback import SegmentTable
-from ctr.transform import TransformSpec, ad_columns, fit_spec, user_columns
+from ctr.features import schema
+from ctr.features.transform import TransformSpec, ad_columns, fit_spec, user_columns
+from ctr.model.segments import SegmentTable
 from models import data as clicklog
 from models.deepfm import DeepFM
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ctr.local_server import free_port
+from ctr.bench.local_server import free_port
 
 
 def cluster_port() -> int:

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from ctr.breaker import BreakerOpen, CircuitBreaker, State
+from ctr.resilience.breaker import BreakerOpen, CircuitBreaker, State
 
 
 class Clock:

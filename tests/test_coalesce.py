@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ctr.coalesce import Coalescer
+from ctr.serving.coalesce import Coalescer
 
 
 class Model:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctr import modelstore
-from ctr.setup import _ad_rows, _user_rows
-from ctr.transform import Transformer
+from ctr.features.load import _ad_rows, _user_rows
+from ctr.features.transform import Transformer
+from ctr.model import store as modelstore
 from models import data
 from models.train import TrainConfig, expected_calibration_error, feature_matrix, predict, train
 

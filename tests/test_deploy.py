@@ -11,8 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ctr import ship
 from ctr.settings import Settings
+from ctr.ship import bento, image, smoke
+from ctr.ship.common import GPU_REQUIREMENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -116,8 +117,8 @@ def test_configmap_and_secret_carry_real_settings() -> None:
 def test_local_args_point_service_urls_at_local_ports() -> None:
     """The container test runs the manifests' args with Service URLs rewritten to one pod's ports."""
     args = ["--depends=ctr_model=http://ctr-model:3000", "--service-name=ctr_gateway"]
-    assert ship.local_args(args) == ["--depends=ctr_model=http://127.0.0.1:3101", "--service-name=ctr_gateway"]
-    assert set(ship.manifest_containers()) >= set(ship.LOCAL_PORTS)
+    assert smoke.local_args(args) == ["--depends=ctr_model=http://127.0.0.1:3101", "--service-name=ctr_gateway"]
+    assert set(smoke.manifest_containers()) >= set(smoke.LOCAL_PORTS)
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -140,12 +141,12 @@ def test_bentofile_packs_the_feature_database_and_cpu_requirements() -> None:
     cfg = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     assert "data/features.db" in cfg["include"]
     assert cfg["python"]["requirements_txt"] == "deploy/requirements/cpu.txt"
-    gpu = yaml.safe_load(ship._bentofile(gpu=True).read_text())
-    assert gpu["python"]["requirements_txt"] == ship.GPU_REQUIREMENTS
+    gpu = yaml.safe_load(bento._bentofile(gpu=True).read_text())
+    assert gpu["python"]["requirements_txt"] == GPU_REQUIREMENTS
 
 
 def test_wheelhouse_requirements_keep_cpu_and_cuda_torch_apart() -> None:
     """Options are dropped; plain pins become exact, so a local +cpu wheel cannot satisfy the GPU pin."""
     text = "# c\n--extra-index-url https://x\ntorch==2.13.0+cpu\nnumpy==2.4.6  # n\n"
-    assert ship.wheelhouse_requirements(text) == ["torch==2.13.0+cpu", "numpy===2.4.6"]
-    assert ship.wheelhouse_requirements("torch==2.13.0\n") == ["torch===2.13.0"]
+    assert image.wheelhouse_requirements(text) == ["torch==2.13.0+cpu", "numpy===2.4.6"]
+    assert image.wheelhouse_requirements("torch==2.13.0\n") == ["torch===2.13.0"]

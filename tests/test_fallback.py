@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctr.fallback import SegmentTable
+from ctr.model.segments import SegmentTable
 
 
 def table(seg_clicks: float, seg_impr: float, prior: float = 1000.0) -> SegmentTable:

@@ -24,7 +24,7 @@ import pytest
 from conftest import BIN, ROOT, Server
 from servers import PostgresProcess, RedisProcess
 
-from ctr.profile import service_workers
+from ctr.bench.profile import service_workers
 
 CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ctr import schema
+from ctr.features import schema
 from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, TieredStore
 from ctr.features.tiers import MemoryTier, feature_key, l1_key

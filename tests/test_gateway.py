@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ctr.api import BadRequest, PredictRequest, parse_predict
-from ctr.breaker import CircuitBreaker
-from ctr.coalesce import Coalescer
-from ctr.fallback import SegmentTable
-from ctr.gateway import MODEL_ERRORS, Gateway, guarded, local_features, retried
-from ctr.retry import Retrier, RetryBudget
-from ctr.transform import Transformer, TransformSpec
+from ctr.api.contract import BadRequest, PredictRequest, parse_predict
+from ctr.features.transform import Transformer, TransformSpec
+from ctr.model.segments import SegmentTable
+from ctr.resilience.breaker import CircuitBreaker
+from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
+from ctr.resilience.retry import Retrier, RetryBudget
+from ctr.serving.coalesce import Coalescer
+from ctr.serving.fallback import Fallback
+from ctr.serving.features import local_features
+from ctr.serving.gateway import Gateway
 
 SPEC = TransformSpec(0.04, tuple(np.linspace(0.02, 0.06, 19)), tuple(np.linspace(0.02, 0.06, 19)))
 
@@ -31,8 +34,8 @@ async def features(
     return np.arange(len(ad_ids) * 2, dtype=np.int64).reshape(len(ad_ids), 2), []
 
 
-def gateway(model: Any, deadline_s: float = 1.0, **kw: Any) -> Gateway:
-    return Gateway(features, Coalescer(model), TABLE, "ctr_model:test", deadline_s, **kw)
+def gateway(model: Any, deadline_s: float = 1.0, remote_fallback: Any = None) -> Gateway:
+    return Gateway(features, Coalescer(model), Fallback(TABLE, remote_fallback), "ctr_model:test", deadline_s)
 
 
 def test_scores_come_from_the_model() -> None:
@@ -112,7 +115,7 @@ def test_a_failed_model_call_is_retried_within_the_deadline() -> None:
             raise ConnectionResetError("blip")
         return np.array([0.3, 0.4])
 
-    retrier = Retrier("test", MODEL_ERRORS, RetryBudget("test"), attempts=3, base_s=0.0001, jitter_s=0.0001)
+    retrier = Retrier("test", REMOTE_ERRORS, RetryBudget("test"), attempts=3, base_s=0.0001, jitter_s=0.0001)
     p = asyncio.run(gateway(retried(model, retrier, 1.0)).predict(REQ))
     assert p.fallback is False and p.scores == pytest.approx([0.3, 0.4]) and calls == 2
 
@@ -130,8 +133,8 @@ def test_a_failed_batch_is_retried_once_for_all_its_requests() -> None:
 
     async def go() -> list[Any]:
         budget = RetryBudget("test", min_tokens=3.0)
-        retrier = Retrier("test", MODEL_ERRORS, budget, attempts=3, base_s=0.0001, jitter_s=0.0001)
-        g = Gateway(features, Coalescer(retried(model, retrier, 1.0), max_inflight=1), TABLE, "m", 1.0)
+        retrier = Retrier("test", REMOTE_ERRORS, budget, attempts=3, base_s=0.0001, jitter_s=0.0001)
+        g = Gateway(features, Coalescer(retried(model, retrier, 1.0), max_inflight=1), Fallback(TABLE), "m", 1.0)
         out = await asyncio.gather(*(g.predict(REQ) for _ in range(8)))
         assert budget.tokens == pytest.approx(3.0 + 0.1 - 1.0)  # one call deposited, one retry spent
         return out
@@ -151,7 +154,7 @@ def test_open_breaker_answers_from_fallback_without_calling() -> None:
         raise ConnectionRefusedError
 
     b = CircuitBreaker("model-test", min_calls=2, cooldown_s=60)
-    gw = Gateway(features, Coalescer(guarded(model, b, 1.0)), TABLE, "m", 1.0)
+    gw = Gateway(features, Coalescer(guarded(model, b, 1.0)), Fallback(TABLE), "m", 1.0)
     reasons = [asyncio.run(gw.predict(REQ)).degraded for _ in range(4)]
     assert reasons == [["model:unavailable"]] * 2 + [["model:breaker_open"]] * 2 and calls == 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from starlette.testclient import TestClient
 
-from ctr.hop import SHAPE, make_model_app
+from ctr.model.app import SHAPE, make_model_app
 
 
 class Runner:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ctr.bench_batching import best_batch, fit
-from ctr.capacity import plan, qps_at_p99, servers_needed
+from ctr.bench.batching import best_batch, fit
+from ctr.bench.capacity import plan, qps_at_p99, servers_needed
 
 
 def test_servers_needed_formula() -> None:

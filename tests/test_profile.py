@@ -1,6 +1,6 @@
 """The profile summary: py-spy's raw stacks summed by the package of the running frame."""
 
-from ctr.profile import format_summary, package_of, summarize
+from ctr.bench.profile import format_summary, package_of, summarize
 
 RAW = [
     "run (asyncio/runners.py:118);predict (ctr/http.py:40);matrix (ctr/transform.py:148) 30",

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ctr.retry import Retrier, RetryBudget
+from ctr.resilience.retry import Retrier, RetryBudget
 
 
 def flaky(failures: int) -> tuple[list[int], object]:

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from servers import free_port
 
-from ctr import schema
-from ctr.breaker import CircuitBreaker, State
+from ctr.features import schema
 from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore
 from ctr.features.store import FeatureLookup, TieredStore
 from ctr.features.tiers import NEGATIVE, MemoryTier, l1_key
+from ctr.resilience.breaker import CircuitBreaker, State
 
 TierFactory = Callable[[], Awaitable[Any]]
 
@@ -240,5 +240,71 @@ def test_dead_redis_is_bypassed_then_skipped_by_the_breaker(tmp_path: Path) -> N
         store.l1 = MemoryTier()
         await store.get([(schema.AD_META, ["a1"])])
         assert calls == 4 and breaker.state is State.OPEN
+
+    asyncio.run(go())
+
+
+class GatedOrigin:
+    """An L3 whose reads wait until the test opens the gate: no timing involved."""
+
+    name = "l3"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.reads = 0
+
+    async def get_many(
+        self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, tuple[Any, ...]]:
+        self.reads += 1
+        await self.gate.wait()
+        return {i: (7, 3, "video") for i in ids}
+
+
+async def _settle() -> None:
+    """Let every ready task run until it blocks (a few loop turns; no time passes)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def _two_lookups_of_one_key() -> tuple[GatedOrigin, TieredStore, asyncio.Task[Any], asyncio.Task[Any]]:
+    origin = GatedOrigin()
+    store = TieredStore(MemoryTier(), origin)  # type: ignore[arg-type]
+    owner = asyncio.create_task(store.get([(schema.AD_META, ["a1"])]))
+    await _settle()  # the owner starts the read
+    waiter = asyncio.create_task(store.get([(schema.AD_META, ["a1"])]))
+    await _settle()  # the waiter joins it
+    assert origin.reads == 1
+    return origin, store, owner, waiter
+
+
+def test_a_waiter_whose_deadline_passes_does_not_fail_the_owner() -> None:
+    """Shared lookup, waiter cancelled first (its deadline): the owner still gets its row, no
+    InvalidStateError (the old code let the waiter cancel the shared future)."""
+
+    async def go() -> None:
+        origin, _, owner, waiter = await _two_lookups_of_one_key()
+        waiter.cancel()
+        await _settle()
+        origin.gate.set()
+        assert await owner == ([[(7, 3, "video")]], [])
+        assert waiter.cancelled()
+
+    asyncio.run(go())
+
+
+def test_an_owner_whose_deadline_passes_leaves_the_read_to_its_waiters() -> None:
+    """Shared lookup, owner cancelled first: the waiter, which still has time, gets the real
+    row rather than default features (the old code failed every waiter with the owner)."""
+
+    async def go() -> None:
+        origin, store, owner, waiter = await _two_lookups_of_one_key()
+        owner.cancel()
+        await _settle()
+        origin.gate.set()
+        assert await waiter == ([[(7, 3, "video")]], [])
+        assert owner.cancelled()
+        await store.drain()
+        assert await store.l1.get_many([l1_key(schema.AD_META, "a1")]) == [(7, 3, "video")]  # backfilled
 
     asyncio.run(go())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctr import schema
-from ctr.transform import Transformer, TransformSpec, context_codes, fit_spec
+from ctr.features import schema
+from ctr.features.transform import Transformer, TransformSpec, context_codes, fit_spec
 
 SPEC = TransformSpec(global_ctr=0.04, user_ctr_edges=tuple(np.linspace(0.02, 0.06, 19)),
                      ad_ctr_edges=tuple(np.linspace(0.02, 0.06, 19)))  # fmt: skip

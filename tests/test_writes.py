@@ -13,7 +13,7 @@ import pytest
 from conftest import BIN, ROOT
 from redis.asyncio import Redis
 
-from ctr import schema
+from ctr.features import schema
 from ctr.features.redis_tier import RedisTier, connect
 from ctr.features.sql import SqliteStore
 from ctr.features.store import TieredStore
@@ -137,14 +137,14 @@ def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> N
     """The service's writer blocks on the stream between writes: its client must not time
     out under the blocked read (L2's 50 ms timeout did, and the writer task died), and a
     write made after the idle period still reaches the database."""
-    from ctr import wiring
+    from ctr.features import stack as feature_stack
     from ctr.settings import Settings
 
     settings = Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'f.db'}",
                         write_modes={"ad_stats": "behind"})  # fmt: skip
 
     async def go() -> None:
-        async with wiring.opened(settings) as stack:
+        async with feature_stack.opened(settings) as stack:
             assert stack.writer.redis is not None
             stop = asyncio.Event()
             task = asyncio.create_task(run_writer(stack.writer.redis, stack.store.origin, "idle", stop, block_ms=100))
@@ -166,14 +166,14 @@ def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> N
 def test_a_batch_of_stream_entries_commits_the_last_write_of_each_entity(redis_url: str, tmp_path: Path) -> None:
     """The writer commits a batch with one upsert per group; the later write of an entity wins,
     and every entry is acknowledged and dropped from the stream."""
-    from ctr import wiring
+    from ctr.features import stack as feature_stack
     from ctr.settings import Settings
 
     settings = Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'f.db'}",
                         write_modes={"ad_stats": "behind", "ad_meta": "behind"})  # fmt: skip
 
     async def go() -> None:
-        async with wiring.opened(settings) as stack:
+        async with feature_stack.opened(settings) as stack:
             redis = stack.writer.redis
             assert redis is not None
             await redis.delete(STREAM)
@@ -183,10 +183,10 @@ def test_a_batch_of_stream_entries_commits_the_last_write_of_each_entity(redis_u
             await ensure_group(redis)
             resp = await redis.xreadgroup(GROUP, "batch", {STREAM: ">"}, count=100)
             assert len(resp[0][1]) == 4
-            assert await _commit(redis, stack.store.origin, resp[0][1]) == 2  # one row per group
+            assert await _commit(redis, stack.store.origin, resp[0][1], stack.schema) == 2  # one row per group
             origin = stack.store.origin
-            assert origin.read(schema.GROUPS_BY_NAME["ad_stats"], ["a-last"]) == {"a-last": (3, 1)}  # type: ignore[attr-defined]
-            assert origin.read(schema.GROUPS_BY_NAME["ad_meta"], ["a-last"]) == {"a-last": (4, 2, "text")}  # type: ignore[attr-defined]
+            assert origin.read(schema.AD_STATS, ["a-last"]) == {"a-last": (3, 1)}  # type: ignore[attr-defined]
+            assert origin.read(schema.AD_META, ["a-last"]) == {"a-last": (4, 2, "text")}  # type: ignore[attr-defined]
             assert await redis.xlen(STREAM) == 0 and (await redis.xpending(STREAM, GROUP))["pending"] == 0
 
     asyncio.run(go())

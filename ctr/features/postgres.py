@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ctr.schema import FeatureGroup
+from ctr.features.schema import FeatureGroup
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS features (

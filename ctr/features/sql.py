@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ctr.schema import FeatureGroup
+from ctr.features.schema import FeatureGroup
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS features (

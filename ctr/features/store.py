@@ -11,6 +11,8 @@ default features. Both are reported in `degraded`.
 from __future__ import annotations
 
 import asyncio
+import enum
+import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,14 +21,14 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from ctr import metrics, schema
-from ctr.breaker import BreakerOpen, CircuitBreaker
+from ctr import metrics
+from ctr.features import schema
+from ctr.features.schema import FeatureGroup
 from ctr.features.tiers import NEGATIVE, CacheTier, MemoryTier, feature_key
-from ctr.schema import FeatureGroup
+from ctr.resilience.breaker import BreakerOpen, CircuitBreaker
 
 Row = tuple[Any, ...]
 Key = tuple[str, int, str]  # L1's key (group, version, id); L2's is its hash (feature_key)
-_FAILED = object()  # an L3 read that failed: not cached, reported, defaults used
 L2_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 L3_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, TimeoutError)
 try:  # asyncpg is only needed with PostgreSQL
@@ -36,6 +38,22 @@ try:  # asyncpg is only needed with PostgreSQL
     L3_ERRORS += (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 except ImportError:  # pragma: no cover
     pass
+
+
+log = logging.getLogger(__name__)
+
+
+class Absent(enum.Enum):
+    """Why a key has no row: the entity is unknown (kept in the caches as NEGATIVE, for the
+    negative TTL), or its read failed (never cached; the group gets defaults)."""
+
+    UNKNOWN = "unknown"
+    FAILED = "failed"
+
+
+def cached(value: Row | Absent) -> Row:
+    """A found value as the caches hold it (NEGATIVE for an unknown entity)."""
+    return NEGATIVE if value is Absent.UNKNOWN else value  # type: ignore[return-value]
 
 
 _TIER_METRICS = {
@@ -90,9 +108,13 @@ class TieredStore:
         self.l2_timeout_s, self.l3_timeout_s = l2_timeout_s, l3_timeout_s
         self.l2_breaker = l2_breaker or CircuitBreaker("l2", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
         self.l3_breaker = l3_breaker or CircuitBreaker("l3", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
-        self._inflight: dict[Key, asyncio.Future[Any]] = {}
+        self._inflight: dict[Key, asyncio.Future[Row | Absent]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts = {"lookups": 0, "l1": 0, "l2": 0}
+
+    def counts(self) -> dict[str, int]:
+        """Keys looked up since start, and how many L1 and L2 answered (a copy)."""
+        return dict(self._counts)
 
     def ttl(self, group: FeatureGroup, value: Any) -> float:
         return min(group.ttl_s, self.negative_ttl_s) if value == NEGATIVE else group.ttl_s
@@ -137,7 +159,8 @@ class TieredStore:
 
     @staticmethod
     def _value(v: Any) -> Row | None:
-        return None if v is None or v is _FAILED or v == NEGATIVE else v
+        """A row, or None for every kind of absence (a miss, NEGATIVE, Absent)."""
+        return None if v is None or isinstance(v, Absent) or v == NEGATIVE else v
 
     def _observe(self, tier: str, asked: int, hits: int, t0: float) -> None:
         hit, miss, latency = _TIER_METRICS[tier]
@@ -186,45 +209,61 @@ class TieredStore:
         l2_ok: bool,
         degraded: list[str],
     ) -> None:
-        loop = asyncio.get_running_loop()
-        mine = [k for k in keys if k not in self._inflight]
-        theirs = {k: self._inflight[k] for k in keys if k in self._inflight}
-        futures = {k: loop.create_future() for k in mine}
-        self._inflight.update(futures)
-        t0 = time.perf_counter()
-        try:
-            by_group: dict[FeatureGroup, list[Key]] = {}
-            for k in mine:
-                by_group.setdefault(want[k][0], []).append(k)
-            groups = list(by_group)
-            results = await asyncio.gather(
-                *(self._read(g, [want[k][1] for k in by_group[g]]) for g in groups), return_exceptions=True
-            )
-            for g, res in zip(groups, results, strict=True):
-                if isinstance(res, BaseException) and not isinstance(res, (*L3_ERRORS, BreakerOpen)):
-                    raise res
-                for k in by_group[g]:
-                    futures[k].set_result(_FAILED if isinstance(res, BaseException) else res.get(want[k][1], NEGATIVE))
-        finally:
-            for k, fut in futures.items():
-                if not fut.done():
-                    fut.set_result(_FAILED)
-                self._inflight.pop(k, None)
-        if mine:
-            hits = sum(f.result() is not NEGATIVE and f.result() is not _FAILED for f in futures.values())
-            self._observe("l3", len(mine), hits, t0)
-        for k, fut in (*futures.items(), *theirs.items()):
-            found[k] = await fut
-        failed = sorted({want[k][0].name for k in keys if found[k] is _FAILED})
-        for name in failed:
+        """Values of `keys` from L3: joins the reads already in flight, starts one for the rest.
+        Each caller waits on its own shield, so a caller whose deadline cancels it never
+        cancels a read that other callers (or the one that started it) still wait on."""
+        flights = self._flights(keys, want, l2_ok)
+        values = await asyncio.shield(asyncio.gather(*flights.values()))
+        found.update(zip(flights, values, strict=True))
+        for name in sorted({want[k][0].name for k in keys if found[k] is Absent.FAILED}):
             reason = f"features:{name}:default"
             metrics.DEGRADED.labels(reason).inc()
             degraded.append(reason)
-        fresh = [(k, found[k], self.ttl(want[k][0], found[k])) for k in mine if found[k] is not _FAILED]
+
+    def _flights(
+        self, keys: list[Key], want: dict[Key, tuple[FeatureGroup, str]], l2_ok: bool
+    ) -> dict[Key, asyncio.Future[Row | Absent]]:
+        """Single flight: the shared future of every key, starting one read for the keys
+        nobody is reading yet."""
+        new = [k for k in keys if k not in self._inflight]
+        if new:
+            loop = asyncio.get_running_loop()
+            futures = {k: loop.create_future() for k in new}
+            self._inflight.update(futures)
+            self._background(self._read_origin({k: want[k] for k in new}, futures, l2_ok))
+        return {k: self._inflight[k] for k in keys}
+
+    async def _read_origin(
+        self, want: dict[Key, tuple[FeatureGroup, str]], futures: dict[Key, asyncio.Future[Row | Absent]], l2_ok: bool
+    ) -> None:
+        """One read per group, all groups at once; resolves every future (Absent.FAILED where
+        a read failed), then backfills L1 and L2 with what was found. Runs as its own task."""
+        t0 = time.perf_counter()
+        by_group: dict[FeatureGroup, list[Key]] = {}
+        for k, (group, _) in want.items():
+            by_group.setdefault(group, []).append(k)
+        try:
+            results = await asyncio.gather(
+                *(self._read(g, [want[k][1] for k in ks]) for g, ks in by_group.items()), return_exceptions=True
+            )
+            for (group, ks), res in zip(by_group.items(), results, strict=True):
+                if isinstance(res, BaseException) and not isinstance(res, (*L3_ERRORS, BreakerOpen)):
+                    log.error("unexpected error reading %s from L3", group.name, exc_info=res)
+                for k in ks:
+                    value = Absent.FAILED if isinstance(res, BaseException) else res.get(want[k][1], Absent.UNKNOWN)
+                    futures[k].set_result(value)
+        finally:
+            for k, fut in futures.items():
+                if not fut.done():
+                    fut.set_result(Absent.FAILED)
+                self._inflight.pop(k, None)
+        got = {k: fut.result() for k, fut in futures.items()}
+        self._observe("l3", len(got), sum(not isinstance(v, Absent) for v in got.values()), t0)
+        fresh = [(k, cached(v), self.ttl(want[k][0], cached(v))) for k, v in got.items() if v is not Absent.FAILED]
         if fresh:
             self.l1.set_many_now(fresh)
             if l2_ok and self.l2 is not None:
-                self._background(self.l2.set_many([(feature_key(*want[k]), v, t) for k, v, t in fresh]))
+                await self.l2.set_many([(feature_key(*want[k]), v, ttl) for k, v, ttl in fresh])
 
     async def _read(self, group: FeatureGroup, ids: list[str]) -> dict[str, Row]:
         """One L3 read, bounded by the L3 timeout, behind the L3 breaker."""
@@ -242,7 +281,7 @@ class TieredStore:
             raise
 
     def _background(self, coro: Awaitable[Any]) -> None:
-        """Backfill L2 off the request path; a failure only counts as an L2 error."""
+        """Run `coro` off the request path (L3 reads, L2 backfill); an L2 failure only counts as an L2 error."""
 
         async def run() -> None:
             try:
@@ -279,13 +318,20 @@ class FeatureLookup:
     """All feature groups of one request: the stored ones through the tiers, the context
     computed (TTL 0) by `context_provider`, both at once."""
 
-    def __init__(self, store: TieredStore, context_provider: ContextProvider | None = None) -> None:
+    def __init__(
+        self,
+        store: TieredStore,
+        context_provider: ContextProvider | None = None,
+        fs: schema.FeatureSchema = schema.DEFAULT,
+    ) -> None:
         self.store = store
         self.context_provider = context_provider
+        self.schema = fs
 
     async def lookup(self, user_id: str, ad_ids: Sequence[str], context: dict[str, Any] | None = None) -> Features:
-        requests = [(schema.USER_STATIC, [user_id]), (schema.USER_BEHAVIORAL, [user_id]),
-                    (schema.AD_META, ad_ids), (schema.AD_STATS, ad_ids)]  # fmt: skip
+        fs = self.schema
+        requests = [(fs.user_static, [user_id]), (fs.user_behavioral, [user_id]),
+                    (fs.ad_meta, ad_ids), (fs.ad_stats, ad_ids)]  # fmt: skip
         if self.context_provider is not None and context is not None:
             (values, degraded), ctx = await asyncio.gather(self.store.get(requests), self.context_provider(context))
         else:

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from lru import LRU
 
-from ctr.schema import FeatureGroup
+from ctr.features.schema import FeatureGroup
 
 # A cached "this entity does not exist" (cached for a short TTL so cold-start traffic
 # does not hammer the database).

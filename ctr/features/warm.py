@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ctr import schema
+from ctr.features import schema
 from ctr.features.store import TieredStore
-from ctr.transform import context_codes
+from ctr.features.transform import context_codes
 
 log = logging.getLogger(__name__)
 CHUNK = 2000
@@ -43,14 +43,15 @@ async def _fetch(store: TieredStore, groups: Sequence[schema.FeatureGroup], ids:
         await store.get([(g, chunk) for g in groups])
 
 
-async def warm(store: TieredStore, top_users: int) -> dict[str, Any]:
-    """Read the warm set through the tiers (filling L1 and L2); returns what was warmed."""
+async def warm(store: TieredStore, top_users: int, fs: schema.FeatureSchema = schema.DEFAULT) -> dict[str, Any]:
+    """Read the warm set through the tiers (filling L1 and L2) under the groups of `fs`;
+    returns what was warmed."""
     t0 = time.perf_counter()
     users = await store.origin.get_warm_set("user", top_users) if top_users else []
     ads = await store.origin.get_warm_set("ad", 10_000_000)
     contexts = await store.origin.get_warm_set("context", 10_000)
-    await _fetch(store, schema.USER_GROUPS, users)
-    await _fetch(store, schema.AD_GROUPS, ads)
+    await _fetch(store, fs.user_groups, users)
+    await _fetch(store, fs.ad_groups, ads)
     for c in contexts:
         context_codes(orjson.loads(c))
     await store.drain()

@@ -22,10 +22,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ctr import metrics, schema
+from ctr import metrics
+from ctr.features import schema
+from ctr.features.schema import FeatureGroup
 from ctr.features.store import FeatureSource, TieredStore
 from ctr.features.tiers import feature_key, l1_key
-from ctr.schema import FeatureGroup
 
 log = logging.getLogger(__name__)
 Mode = Literal["through", "behind"]
@@ -42,11 +43,13 @@ _KINDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def validate_rows(group_name: str, rows: Any) -> tuple[FeatureGroup, list[tuple[str, list[Any]]]]:
+def validate_rows(
+    group_name: Any, rows: Any, fs: schema.FeatureSchema = schema.DEFAULT
+) -> tuple[FeatureGroup, list[tuple[str, list[Any]]]]:
     """Check a write against the schema; ValueError with the exact problem otherwise."""
-    group = schema.GROUPS_BY_NAME.get(group_name)
+    group = fs.group(group_name)
     if group is None:
-        raise ValueError(f"unknown feature group {group_name!r}; one of {sorted(schema.GROUPS_BY_NAME)}")
+        raise ValueError(f"unknown feature group {group_name!r}; one of {[g.name for g in fs.groups]}")
     if not isinstance(rows, list) or not rows:
         raise ValueError("rows must be a non-empty list of {id, values}")
     kinds = _KINDS[group.name]
@@ -65,10 +68,17 @@ def validate_rows(group_name: str, rows: Any) -> tuple[FeatureGroup, list[tuple[
 
 
 class FeatureWriter:
-    def __init__(self, store: TieredStore, modes: dict[str, Mode], redis: Redis | None = None) -> None:
+    def __init__(
+        self,
+        store: TieredStore,
+        modes: dict[str, Mode],
+        redis: Redis | None = None,
+        fs: schema.FeatureSchema = schema.DEFAULT,
+    ) -> None:
         self.store = store
         self.modes = modes
         self.redis = redis
+        self.schema = fs
 
     def mode(self, group: FeatureGroup) -> Mode:
         mode = self.modes.get(group.name, "through")
@@ -102,7 +112,9 @@ async def ensure_group(redis: Redis) -> None:
             raise
 
 
-async def _commit(redis: Redis, origin: FeatureSource, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+async def _commit(
+    redis: Redis, origin: FeatureSource, entries: list[tuple[bytes, dict[bytes, bytes]]], fs: schema.FeatureSchema
+) -> int:
     """Commit a batch of stream entries (one upsert per group, in stream order, so the last
     write of an entity wins), then acknowledge and drop them all: only after the commit."""
     rows: dict[str, dict[str, Any]] = {}
@@ -110,7 +122,9 @@ async def _commit(redis: Redis, origin: FeatureSource, entries: list[tuple[bytes
         rows.setdefault(data[b"group"].decode(), {}).update(orjson.loads(data[b"rows"]))
     n = 0
     for name, by_id in rows.items():
-        n += await origin.put_many(schema.GROUPS_BY_NAME[name], list(by_id.items()))
+        group = fs.group(name)
+        assert group is not None
+        n += await origin.put_many(group, list(by_id.items()))
     ids = [entry_id for entry_id, _ in entries]
     await redis.pipeline(transaction=True).xack(STREAM, GROUP, *ids).xdel(STREAM, *ids).execute()
     return n
@@ -124,6 +138,7 @@ async def run_writer(
     batch: int = 100,
     block_ms: int = BLOCK_MS,
     claim_idle_s: float = 30.0,
+    fs: schema.FeatureSchema = schema.DEFAULT,
 ) -> int:
     """Commit write-behind entries to L3 until `stop` is set; returns rows committed."""
     await ensure_group(redis)
@@ -133,12 +148,12 @@ async def run_writer(
         entries = resp[0][1] if resp else []
         if not entries:
             break
-        total += await _commit(redis, origin, entries)
+        total += await _commit(redis, origin, entries, fs)
     while not stop.is_set():
         _, claimed, _ = await redis.xautoclaim(STREAM, GROUP, consumer, int(claim_idle_s * 1000), count=batch)
         if claimed:
-            total += await _commit(redis, origin, claimed)
+            total += await _commit(redis, origin, claimed, fs)
         resp = await redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=batch, block=block_ms)
         if resp:
-            total += await _commit(redis, origin, resp[0][1])
+            total += await _commit(redis, origin, resp[0][1], fs)
     return total

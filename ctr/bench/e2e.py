@@ -1,0 +1,96 @@
+"""`ctr bench e2e`: the service, a monolith peer and the in-process limit, side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ctr.bench import loadgen
+from ctr.bench.capacity import best_rps
+from ctr.bench.local_server import PeakRss, free_port, serving
+from ctr.settings import Settings
+
+# The reference design's stage budget (ms) beside the measured stage means.
+REFERENCE_MS = {"gateway": 0.3, "features": 2.0, "transform": 1.0, "inference": 3.0, "response": 0.5, "total": 7.0}
+
+
+def _fill_l2(settings: Settings) -> None:
+    """Every user and ad into Redis, so the peer's single MGET finds what the service finds."""
+    from ctr.features import stack as feature_stack
+    from ctr.features.warm import warm
+
+    async def go() -> None:
+        async with feature_stack.opened(settings) as stack:
+            await warm(stack.store, 10**9)
+
+    asyncio.run(go())
+
+
+def _peer_levels(settings: Settings, levels: list[int], duration: float, n_ads: int) -> list[loadgen.LevelResult]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "uvicorn", "ctr.peer:make_app", "--factory", "--host", "127.0.0.1", "--port",
+           str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+           "--log-level", "warning"]  # fmt: skip
+    with serving(url, timeout_s=60, cmd=cmd):
+        return loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+
+
+def _stages_line(rows: list[loadgen.LevelResult]) -> str:
+    """Measured stage means at the lowest concurrency beside the reference budget."""
+    r = rows[0]
+    m = r.stage_ms
+    request = m.get("request", float("nan"))
+    inner = sum(m.get(k, 0.0) for k in ("features", "transform", "inference"))
+    measured = {
+        "gateway": (r.p50_ms - request) / 2,  # HTTP in and out of the gateway, split evenly
+        "features": m.get("features", float("nan")),
+        "transform": m.get("transform", float("nan")),
+        "inference": m.get("inference", float("nan")),
+        "response": (r.p50_ms - request) / 2 + (request - inner),
+        "total": r.p50_ms,
+    }
+    head = f"| stage (c={r.concurrency}) | " + " | ".join(REFERENCE_MS) + " |"
+    lines = [head, "|---" * (len(REFERENCE_MS) + 1) + "|"]
+    lines.append("| reference ms | " + " | ".join(f"{v:g}" for v in REFERENCE_MS.values()) + " |")
+    lines.append("| measured ms | " + " | ".join(f"{measured[k]:.2f}" for k in REFERENCE_MS) + " |")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, url: str, levels: list[int], duration: float, n_ads: int, peers: bool, out: Path) -> str:
+    lines = []
+    if peers and settings.redis_url:
+        _fill_l2(settings)
+    with serving(url) as proc:
+        if proc is None:
+            rows, peak = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir), None
+        else:
+            with PeakRss(proc.pid) as rss:
+                rows = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+            peak = rss.peak
+    lines += [f"ctr-serve (BentoML, 4 services), 1 user x {n_ads} ads:", loadgen.format_table(rows), "",
+              _stages_line(rows)]  # fmt: skip
+    if peak is not None:
+        lines.append(f"\npeak RSS of the whole service graph (4 services): {peak / 2**20:.0f} MiB")
+    result: dict[str, object] = {"n_ads": n_ads, "levels": [asdict(r) for r in rows], "peak_rss_bytes": peak}
+    if peers and settings.redis_url:
+        from ctr.bench.peer import run_inprocess
+
+        peer_rows = _peer_levels(settings, levels, duration, n_ads)
+        bodies = loadgen.Traffic(settings.data_dir, n_ads).bodies(2000)
+        limit_rps, limit_p99 = run_inprocess(settings, bodies, duration)
+        best, best_peer = best_rps([asdict(r) for r in rows]), best_rps([asdict(r) for r in peer_rows])
+        lines += ["", "monolith peer (FastAPI + uvicorn, one MGET, model per request):",
+                  loadgen.format_table(peer_rows), "",
+                  f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "
+                  f"({limit_rps * n_ads:,.0f} candidates/s), p99 {limit_p99:.2f} ms", "",
+                  f"best throughput at p99 <= 50 ms: ctr-serve {best:.0f} rps, peer {best_peer:.0f} rps, "
+                  f"ratio {best / best_peer if best_peer else float('nan'):.2f}",
+                  f"served candidates/s at p99 <= 50 ms / in-process limit: {best / limit_rps:.0%}"]  # fmt: skip
+        result.update(peer=[asdict(r) for r in peer_rows], inprocess_rps=limit_rps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""The yardsticks of `ctr bench e2e`, on the same data and model as the service:
+
+- a competent monolith peer: one FastAPI/uvicorn process (uvloop, httptools, orjson)
+  that fetches a request's features with one Redis MGET and runs the model per request:
+  no batching, no cache tiers, no resilience; what a good engineer writes in an afternoon;
+- the in-process limit: the same fetch, transform and forward pass in a loop, no HTTP.
+
+Both read features from Redis under the service's own L2 keys (`ctr features warm`
+fills them first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+
+from ctr.api.contract import BadRequest, parse_predict
+from ctr.features import schema
+from ctr.features.redis_tier import connect, decode
+from ctr.features.tiers import feature_key
+from ctr.features.transform import Transformer
+from ctr.model import store as modelstore
+from ctr.settings import Settings
+
+
+class Monolith:
+    """Fetch (one MGET) + transform + forward, per request."""
+
+    def __init__(self, settings: Settings) -> None:
+        from ctr.model.runner import ModelRunner
+
+        art = modelstore.artifacts(settings.model_tag)
+        self.runner = ModelRunner(art, "cpu", settings.torch_threads)
+        self.transformer = Transformer(art.spec)
+        self.redis = connect(settings.redis_url, timeout_s=1.0)
+        self.tag = art.tag
+
+    async def predict(self, user_id: str, ad_ids: list[str], context: dict[str, Any]) -> list[float]:
+        keys = [feature_key(schema.USER_STATIC, user_id), feature_key(schema.USER_BEHAVIORAL, user_id)]
+        keys += [feature_key(schema.AD_META, a) for a in ad_ids] + [feature_key(schema.AD_STATS, a) for a in ad_ids]
+        raw = [decode(r) or None for r in await self.redis.mget(keys)]
+        n = len(ad_ids)
+        x = self.transformer.matrix(raw[0], raw[1], raw[2 : 2 + n], raw[2 + n :], context)
+        return self.runner(x).astype(float).tolist()
+
+
+def make_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI()
+    mono: dict[str, Monolith] = {}
+    s = settings or Settings()
+
+    @app.on_event("startup")
+    async def load() -> None:
+        mono["m"] = Monolith(s)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        try:
+            req = parse_predict(await request.body(), s.max_ads)
+        except BadRequest as exc:
+            return Response(exc.body(), exc.status, media_type="application/json")
+        scores = await mono["m"].predict(req.user_id, req.ad_ids, req.context.model_dump())
+        body = {"request_id": "", "scores": scores, "model_version": mono["m"].tag, "arm": "stable",
+                "fallback": False, "degraded": []}  # fmt: skip
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return Response(b"ok")
+
+    return app
+
+
+async def inprocess_limit(settings: Settings, bodies: list[bytes], seconds: float) -> tuple[float, float]:
+    """(requests/s, p99 ms) of the monolith's work called in a loop, no HTTP."""
+    mono = Monolith(settings)
+    lat = []
+    end = time.perf_counter() + seconds
+    i = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() < end:
+        req = parse_predict(bodies[i % len(bodies)], settings.max_ads)
+        t = time.perf_counter()
+        scores = await mono.predict(req.user_id, req.ad_ids, req.context.model_dump())
+        orjson.dumps({"scores": scores})
+        lat.append(time.perf_counter() - t)
+        i += 1
+    elapsed = time.perf_counter() - t0
+    await mono.redis.aclose()
+    lat.sort()
+    return i / elapsed, lat[int(0.99 * (len(lat) - 1))] * 1000
+
+
+def run_inprocess(settings: Settings, bodies: list[bytes], seconds: float) -> tuple[float, float]:
+    return asyncio.run(inprocess_limit(settings, bodies, seconds))

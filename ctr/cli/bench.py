@@ -1,0 +1,110 @@
+"""`ctr bench`, `ctr loadtest`, `ctr capacity`: benchmarks that print figures, and planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ctr.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that print figures (loopback only, bounded in time)."""
+
+
+@bench.command("e2e")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
+@click.option("--concurrency", default="1,4,8,16,32", show_default=True, help="Comma-separated levels.")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per level.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option(
+    "--peers/--no-peers",
+    default=True,
+    show_default=True,
+    help="Also measure the monolith peer and the in-process limit.",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
+def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bool, out: Path) -> None:
+    """Drive POST /predict with 1 user x N ads (Zipf users and ads) at several concurrency levels;
+    print p50/p99/rps and the stage breakdown, beside a monolith peer and the in-process limit."""
+    from ctr.bench import e2e
+
+    click.echo(e2e.run(_settings(), url, [int(c) for c in concurrency.split(",")], duration, n_ads, peers, out))
+
+
+@bench.command("profile")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Where to start the service.")
+@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds of sampling.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option("--rate", type=int, default=200, show_default=True, help="py-spy samples per second.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/profile"), show_default=True)
+def bench_profile(url: str, concurrency: int, duration: float, n_ads: int, rate: int, out: Path) -> None:
+    """Start the service, load it, and print where each service process spends its CPU (py-spy),
+    by package; the raw stacks are kept for flame graphs."""
+    from ctr.bench import profile
+
+    click.echo(profile.run(_settings(), url, concurrency, duration, n_ads, rate, out))
+
+
+@click.command()
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
+@click.option("--users", type=int, default=16, show_default=True, help="Concurrent Locust users.")
+@click.option("--duration", default="30s", show_default=True, help="Locust run time, e.g. 30s, 2m.")
+@click.option("--out", default="reports/loadtest", show_default=True, help="Prefix of the CSV and HTML reports.")
+def loadtest(url: str, users: int, duration: str, out: str) -> None:
+    """A bounded headless Locust run (loadtest/locustfile.py) with CSV and HTML reports."""
+    import subprocess
+    import sys
+
+    from ctr.bench.local_server import serving
+    from ctr.settings import PROJECT_ROOT
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    locust = Path(sys.executable).parent / "locust"
+    cmd = [str(locust), "-f", str(PROJECT_ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", str(users),
+           "-r", str(users), "-t", duration, "--host", url, "--csv", out, "--html", f"{out}.html",
+           "--only-summary"]  # fmt: skip
+    with serving(url):
+        rc = subprocess.run(cmd, check=False).returncode
+    click.echo(f"reports: {out}_stats.csv, {out}.html")
+    raise SystemExit(rc)
+
+
+@click.command()
+@click.option("--peak-qps", type=float, required=True, help="Peak requests per second to serve.")
+@click.option("--qps-per-server", type=float, default=None, help="Default: best rps at the p99 target in --bench.")
+@click.option("--p99-ms", type=float, default=50.0, show_default=True, help="The p99 target.")
+@click.option("--utilization", type=float, default=0.6, show_default=True, help="Target utilization of a server.")
+@click.option("--bench", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
+def capacity(peak_qps: float, qps_per_server: float | None, p99_ms: float, utilization: float, bench: Path) -> None:
+    """Servers needed = peak QPS / (QPS per server x utilization target)."""
+    from ctr.bench.capacity import plan
+
+    click.echo(plan(peak_qps, qps_per_server, p99_ms, utilization, bench))
+
+
+@bench.command("features")
+@click.option("--requests", "n", type=int, default=2000, show_default=True)
+@click.option("--cluster", "cluster_url", default=None, help="redis+cluster://host:port: also compare key layouts.")
+def bench_features(n: int, cluster_url: str | None) -> None:
+    """Feature tiers on 1 user + 100 ads: L1/L2/L3 latency, hit-rate table, warm hit rate, memory."""
+    from ctr.bench import features as bf
+
+    click.echo(bf.main(n=n, cluster_url=cluster_url))
+
+
+@bench.command("batching")
+@click.option("--requests", "n", type=int, default=300, show_default=True, help="Calls per batch size.")
+@click.option("--budget-ms", type=float, default=3.0, show_default=True, help="Inference budget for B*.")
+def bench_batching(n: int, budget_ms: float) -> None:
+    """CTRModel through its own server at batch 1/32/128/256: latency, throughput, T_setup, T_per, B*."""
+    from ctr.bench import batching as bb
+
+    click.echo(bb.run(n, budget_ms))

@@ -1,0 +1,59 @@
+"""Loading the feature database (L3) and its warm set from the click log, idempotently."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ctr.features import schema
+from ctr.features.stack import open_origin
+from ctr.settings import Settings
+
+log = logging.getLogger(__name__)
+LOADER_VERSION = 2  # bump when the loader writes something new (2: the warm set)
+
+
+def _user_rows(a: dict[str, np.ndarray]) -> Iterator[tuple[str, list[Any], list[Any]]]:
+    for i in range(len(a["user_age"])):
+        static = [int(a["user_age"][i]), schema.GENDERS[a["user_gender"][i] - 1], int(a["user_region"][i]),
+                  int(a["user_interest"][i])]  # fmt: skip
+        yield f"u{i}", static, [int(a["user_impr"][i]), int(a["user_clicks"][i])]
+
+
+def _ad_rows(a: dict[str, np.ndarray]) -> Iterator[tuple[str, list[Any], list[Any]]]:
+    for j in range(len(a["ad_advertiser"])):
+        meta = [int(a["ad_advertiser"][j]), int(a["ad_category"][j]), schema.CREATIVES[a["ad_creative"][j] - 1]]
+        yield f"a{j}", meta, [int(a["ad_impr"][j]), int(a["ad_clicks"][j])]
+
+
+def ensure_features(settings: Settings, force: bool = False) -> int:
+    """Load users' and ads' features and the warm set from the click log into L3."""
+    return asyncio.run(_load_features(settings, force))
+
+
+async def _load_features(settings: Settings, force: bool) -> int:
+    from ctr.features.warm import warm_set_from_log
+    from models import data
+
+    arrays, _cfg, fp = data.load(settings.data_dir)
+    db = open_origin(settings.resolved_database_url)
+    try:
+        if not force and await db.get_meta("data_fingerprint") == f"{fp}/{LOADER_VERSION}":
+            log.info("feature database %s already loaded from %s", settings.resolved_database_url, fp)
+            return 0
+        users, ads = list(_user_rows(arrays)), list(_ad_rows(arrays))
+        n = await db.put_many(schema.USER_STATIC, [(u, s) for u, s, _ in users])
+        n += await db.put_many(schema.USER_BEHAVIORAL, [(u, b) for u, _, b in users])
+        n += await db.put_many(schema.AD_META, [(a, m) for a, m, _ in ads])
+        n += await db.put_many(schema.AD_STATS, [(a, s) for a, _, s in ads])
+        for kind, items in warm_set_from_log(arrays).items():
+            await db.put_warm_set(kind, items)
+        await db.set_meta("data_fingerprint", f"{fp}/{LOADER_VERSION}")
+        log.info("loaded %d feature rows into %s", n, settings.resolved_database_url)
+        return n
+    finally:
+        await db.close()

@@ -1,0 +1,15 @@
+"""The gateway's request path: features -> transform -> coalesced model call -> response.
+
+Owns: `gateway` (the request path and its deadline), `features` (in-process or remote
+feature providers), `coalesce` (one model call per batch of concurrent requests),
+`model_client` (the raw /infer hop or BentoML's client), `fallback` (segment table,
+remote FallbackService, global CTR), `wiring` (builds it all from the settings).
+May import: `ctr.api.contract`, `ctr.features`, `ctr.model` (never its torch runner),
+`ctr.resilience`, `ctr.metrics`, `ctr.settings`. Never `ctr.bench`, `ctr.ship`, `ctr.cli`.
+"""
+
+from ctr.serving.coalesce import Coalescer
+from ctr.serving.fallback import Fallback
+from ctr.serving.gateway import Gateway, ModelFailed, Prediction
+
+__all__ = ["Coalescer", "Fallback", "Gateway", "ModelFailed", "Prediction"]

@@ -1,0 +1,107 @@
+"""The gateway's request path: features -> transform -> coalesced model call -> response.
+
+Every request has a deadline (CTR_DEADLINE_MS); each stage gets what is left of it.
+The model call is guarded by a circuit breaker and a per-call timeout, and retried
+(idempotent) with jittered backoff inside the deadline and a retry budget (see
+`ctr.serving.wiring`). When the model cannot answer, the fallback answers (the segment
+table, in this process or from FallbackService, then the global CTR). Every substitution
+is named in `degraded`, starting with the part substituted (`model:`, `features:`, `cache:`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctr import metrics
+from ctr.api.contract import PredictRequest
+from ctr.resilience.breaker import BreakerOpen
+from ctr.resilience.deadline import REMOTE_ERRORS
+from ctr.serving.coalesce import Coalescer
+from ctr.serving.fallback import Fallback
+from ctr.serving.features import FeatureProvider
+
+# Less budget than this left after features: the model is not even tried.
+MIN_MODEL_BUDGET_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The /predict answer (orjson serializes it as is)."""
+
+    request_id: str
+    scores: list[float]
+    model_version: str
+    arm: str
+    fallback: bool
+    degraded: list[str]
+
+
+class ModelFailed(Exception):
+    """The model gave no scores in time; `reason` names why (a `model:` degradation)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Gateway:
+    def __init__(
+        self,
+        features: FeatureProvider,
+        coalescer: Coalescer,
+        fallback: Fallback,
+        model_version: str,
+        deadline_s: float,
+    ) -> None:
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        self.features = features
+        self.coalescer = coalescer
+        self.fallback = fallback
+        self.model_version = model_version
+        self.deadline_s = deadline_s
+        self._inference_h = metrics.STAGE_LATENCY.labels("inference")
+        self._request_h = metrics.STAGE_LATENCY.labels("request")
+
+    async def _infer(self, x: np.ndarray, deadline: float) -> list[float]:
+        """The model's scores for the rows of `x`, or ModelFailed."""
+        t0 = time.perf_counter()
+        if deadline - t0 < MIN_MODEL_BUDGET_S:
+            raise ModelFailed("model:deadline")
+        try:
+            async with asyncio.timeout(deadline - t0):
+                y = await self.coalescer.submit(x)
+        except TimeoutError:
+            raise ModelFailed("model:timeout") from None
+        except BreakerOpen:
+            raise ModelFailed("model:breaker_open") from None
+        except REMOTE_ERRORS:
+            raise ModelFailed("model:unavailable") from None
+        self._inference_h.observe(time.perf_counter() - t0)
+        return np.clip(y.astype(np.float64), 1e-6, 1 - 1e-6).tolist()
+
+    async def predict(self, req: PredictRequest, request_id: str | None = None) -> Prediction:
+        t0 = time.perf_counter()
+        deadline = t0 + self.deadline_s
+        context = req.context.model_dump()
+        x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
+        version, failed = self.model_version, None
+        try:
+            scores = await self._infer(x, deadline)
+        except ModelFailed as exc:
+            failed = exc.reason
+            metrics.FALLBACKS.labels(failed).inc()
+            degraded = [*degraded, failed]
+            scores = await self.fallback.scores(req.ad_ids, context, degraded)
+            version = f"fallback:{self.model_version}"
+        elapsed = time.perf_counter() - t0
+        outcome = "ok" if failed is None else "fallback"
+        self._request_h.observe(elapsed)
+        metrics.REQUESTS.labels(outcome).inc()
+        metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
+        return Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", failed is not None, degraded)

@@ -1,0 +1,103 @@
+"""The package layout keeps its rules: dependencies point one way (shell -> serving ->
+features/model/resilience), and the README's package map names packages that exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CTR = ROOT / "ctr"
+
+# Lower layers never import higher ones. A module may import its own layer and below.
+LAYERS: list[tuple[str, ...]] = [
+    ("ctr.settings", "ctr.metrics"),
+    ("ctr.resilience",),
+    ("ctr.features",),
+    ("ctr.model",),
+    ("ctr.api.contract",),
+    ("ctr.serving",),
+    ("ctr.api.routes",),
+    ("ctr.bench", "ctr.ship", "ctr.cli"),
+]
+SHELL = ("ctr.bench", "ctr.ship", "ctr.cli")
+# ctr/api/__init__.py re-exports the contract only (the routes would be a cycle).
+EXACT = {"ctr.api": 4}
+
+
+def _layer(module: str) -> int | None:
+    if module in EXACT:
+        return EXACT[module]
+    for n, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return n
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every `ctr.*` module a file imports, at the top or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("ctr.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctr"):
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            out |= {n for n in names if _layer(n) is not None} or {node.module}
+    return out
+
+
+def _violations(modules: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, imported in modules.items():
+        own = _layer(mod)
+        if own is None:
+            continue
+        for target in imported:
+            layer = _layer(target)
+            if layer is not None and layer > own:
+                bad.append(f"{mod} imports {target}")
+    return sorted(bad)
+
+
+MODULES = {_module_name(p): _imports(p) for p in CTR.rglob("*.py") if p.name != "__init__.py" or p.parent != CTR}
+
+
+def test_every_module_is_in_a_layer() -> None:
+    """A new module lands in one of the packages the layers name."""
+    assert [m for m in MODULES if _layer(m) is None] == []
+
+
+def test_dependencies_point_one_way() -> None:
+    """No module imports a layer above its own (serving never imports bench, ship or cli)."""
+    assert _violations(MODULES) == []
+
+
+def test_the_rule_catches_a_serving_module_importing_a_benchmark() -> None:
+    """The walker sees a violation when there is one (guards against a test that cannot fail)."""
+    assert _violations({"ctr.serving.gateway": {"ctr.bench.loadgen"}}) == [
+        "ctr.serving.gateway imports ctr.bench.loadgen"
+    ]
+    assert _violations({"ctr.features.store": {"ctr.serving.gateway"}}) != []
+
+
+@pytest.mark.parametrize("path", ["service.py", *(str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py"))])
+def test_the_service_and_training_never_import_the_shell(path: str) -> None:
+    """service.py and models/ (training) import no benchmark, shipping or CLI code."""
+    assert [m for m in _imports(ROOT / path) if m.startswith(SHELL)] == []
+
+
+def test_the_readme_package_map_names_packages_that_exist() -> None:
+    """Every `ctr/<package>/` in the README's Architecture map is a package, and every package is in it."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architecture") :]
+    named = set(re.findall(r"^\| `ctr/([a-z_]+)/` \|", section, re.MULTILINE))
+    packages = {p.parent.name for p in CTR.glob("*/__init__.py")}
+    assert named == packages
