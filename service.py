@@ -57,7 +57,7 @@ class CTRModel:
         from ctr.model.runner import ModelRunner
 
         art = modelstore.artifacts(str(self.stored.tag))
-        self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads)
+        self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads, SETTINGS.model_precision)
         model_app.state.runner = self.runner
         wiring.settle_gc()
 

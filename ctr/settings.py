@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="CTRModel's torch device: auto (GPU when present), cpu, cuda, cuda:N.")
     torch_threads: int = Field(1, ge=1, description="Torch intra-op threads in CTRModel (1 is fastest on 2 cores).")
+    model_precision: Literal["auto", "float32", "int8", "float16", "bfloat16"] = Field(
+        "auto",
+        description="CTRModel's numeric precision: int8 = dynamic quantization (CPU), float16/bfloat16 for a GPU; "
+        "auto = float32, the fastest measured here (`ctr bench precision`).",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -108,3 +108,14 @@ def bench_batching(n: int, budget_ms: float) -> None:
     from ctr.bench import batching as bb
 
     click.echo(bb.run(n, budget_ms))
+
+
+@bench.command("precision")
+@click.option(
+    "--calls", type=int, default=2000, show_default=True, help="Forward passes timed at batch 1 (a quarter at 256)."
+)
+def bench_precision(calls: int) -> None:
+    """The network in each precision this device runs: forward at batch 1 and 256, test AUC, logloss, ECE."""
+    from ctr.bench import precision
+
+    click.echo(precision.run(_settings(), calls))

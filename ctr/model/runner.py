@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ctr.model import precision as precisions
 from ctr.model import store as modelstore
 from ctr.model.store import ModelArtifacts
 
@@ -17,11 +18,12 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, art: ModelArtifacts, device: str = "auto", threads: int = 1) -> None:
+    def __init__(self, art: ModelArtifacts, device: str = "auto", threads: int = 1, precision: str = "auto") -> None:
         torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.tag = art.tag
-        self.model = modelstore.load_module(art, self.device)
+        self.precision = precisions.resolve(precision, self.device)
+        self.model = precisions.apply(modelstore.load_module(art, self.device), self.precision, self.device)
         self.n_fields = len(art.architecture["cardinalities"])
 
     @torch.inference_mode()
