@@ -47,7 +47,7 @@ model_app = make_model_app()
 
 
 @bentoml.asgi_app(model_app, path="/")
-@bentoml.service(name="ctr_model", workers=1, **COMMON)
+@bentoml.service(name="ctr_model", workers=SETTINGS.model_workers, **COMMON)
 class CTRModel:
     """The batchable model runner; the process that owns the device."""
 
@@ -74,7 +74,7 @@ class CTRModel:
         return self.runner(features)
 
 
-@bentoml.service(name="ctr_features", workers=1, **COMMON)
+@bentoml.service(name="ctr_features", workers=SETTINGS.features_workers, **COMMON)
 class FeatureService:
     """The tiered feature store and transform, over HTTP."""
 
@@ -120,7 +120,7 @@ class FeatureService:
         return {"matrix": x, "degraded": f.degraded}
 
 
-@bentoml.service(name="ctr_fallback", workers=1, **COMMON)
+@bentoml.service(name="ctr_fallback", workers=SETTINGS.fallback_workers, **COMMON)
 class FallbackService:
     """Historical segment CTR blended with the global CTR, over HTTP."""
 
@@ -140,7 +140,7 @@ predict_app = make_app()
 
 
 @bentoml.asgi_app(predict_app, path="/")
-@bentoml.service(name="ctr_gateway", workers=1, **COMMON)
+@bentoml.service(name="ctr_gateway", workers=SETTINGS.gateway_workers, **COMMON)
 class CTRGateway:
     """The entry: /predict, features in-process, coalesced calls to CTRModel, fallback."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -81,6 +82,14 @@ class Settings(BaseSettings):
         60_000, ge=1, description="CTRModel's BentoML cut-off; far above the deadline so nothing is shed."
     )
     device: str = Field("auto", description="CTRModel's torch device: auto (GPU when present), cpu, cuda, cuda:N.")
+    gateway_workers: int = Field(
+        default_factory=lambda: max(1, (os.cpu_count() or 1) // 2),
+        ge=1,
+        description="CTRGateway processes (each with its own L1, coalescer and breakers); default half the cores.",
+    )
+    model_workers: int = Field(1, ge=1, description="CTRModel processes (each loads the model; one per device).")
+    features_workers: int = Field(1, ge=1, description="FeatureService processes.")
+    fallback_workers: int = Field(1, ge=1, description="FallbackService processes.")
     torch_threads: int = Field(1, ge=1, description="Torch intra-op threads in CTRModel (1 is fastest on 2 cores).")
     model_precision: Literal["auto", "float32", "int8", "float16", "bfloat16"] = Field(
         "auto",

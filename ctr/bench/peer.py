@@ -3,6 +3,7 @@
 - a competent monolith peer: one FastAPI/uvicorn process (uvloop, httptools, orjson)
   that fetches a request's features with one Redis MGET and runs the model per request:
   no batching, no cache tiers, no resilience; what a good engineer writes in an afternoon;
+- the same monolith as a plain Starlette app (no FastAPI layer): the leaner yardstick;
 - the in-process limit: the same fetch, transform and forward pass in a loop, no HTTP.
 
 Both read features from Redis under the service's own L2 keys (`ctr features warm`
@@ -13,10 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.routing import Route
 
 from ctr.api.contract import BadRequest, parse_predict
 from ctr.features import schema
@@ -48,6 +54,38 @@ class Monolith:
         return self.runner(x).astype(float).tolist()
 
 
+def _answer(mono: Monolith, scores: list[float]) -> bytes:
+    body = {"request_id": "", "scores": scores, "model_version": mono.tag, "arm": "stable", "fallback": False,
+            "degraded": []}  # fmt: skip
+    return orjson.dumps(body)
+
+
+def make_starlette_app(settings: Settings | None = None) -> Starlette:
+    """The monolith as a bare Starlette app: one route, no FastAPI dependency machinery."""
+    s = settings or Settings()
+    mono: dict[str, Monolith] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        mono["m"] = Monolith(s)
+        yield
+        await mono["m"].redis.aclose()
+
+    async def predict(request: StarletteRequest) -> Response:
+        try:
+            req = parse_predict(await request.body(), s.max_ads)
+        except BadRequest as exc:
+            return Response(exc.body(), exc.status, media_type="application/json")
+        scores = await mono["m"].predict(req.user_id, req.ad_ids, req.context.model_dump())
+        return Response(_answer(mono["m"], scores), media_type="application/json")
+
+    async def readyz(request: StarletteRequest) -> Response:
+        return Response(b"ok")
+
+    routes = [Route("/predict", predict, methods=["POST"]), Route("/readyz", readyz)]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
 def make_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI()
     mono: dict[str, Monolith] = {}
@@ -64,9 +102,7 @@ def make_app(settings: Settings | None = None) -> FastAPI:
         except BadRequest as exc:
             return Response(exc.body(), exc.status, media_type="application/json")
         scores = await mono["m"].predict(req.user_id, req.ad_ids, req.context.model_dump())
-        body = {"request_id": "", "scores": scores, "model_version": mono["m"].tag, "arm": "stable",
-                "fallback": False, "degraded": []}  # fmt: skip
-        return Response(orjson.dumps(body), media_type="application/json")
+        return Response(_answer(mono["m"], scores), media_type="application/json")
 
     @app.get("/readyz")
     async def readyz() -> Response:
