@@ -49,7 +49,7 @@ BLOCK_MS = 200  # the writer's blocking read; the stream's client must time out 
 STREAM_TIMEOUT_S = 2.0
 MAX_INT = 2**53  # values stay exact in JSON and in the model's int64 input
 # The kind each value of a group must have, in field order.
-_KINDS: dict[str, tuple[type, ...]] = {
+KINDS: dict[str, tuple[type, ...]] = {
     "user_static": (int, str, int, int),
     "user_behavioral": (int, int),
     "ad_meta": (int, int, str),
@@ -71,7 +71,7 @@ def validate_rows(
         raise ValueError(f"unknown feature group {group_name!r}; one of {[g.name for g in fs.groups]}")
     if not isinstance(rows, list) or not rows:
         raise ValueError("rows must be a non-empty list of {id, values}")
-    kinds = _KINDS[group.name]
+    kinds = KINDS[group.name]
     out = []
     for n, row in enumerate(rows):
         if not isinstance(row, dict) or not schema.valid_id(row.get("id")):

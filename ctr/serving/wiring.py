@@ -110,6 +110,14 @@ async def keep_warming(call: ModelCall, width: int, deadline_s: float, round_s: 
         pass
 
 
+def model_info(art: ModelArtifacts) -> dict[str, Any]:
+    """What /model_info answers: the served model's tag, test metrics, feature versions and
+    data fingerprint."""
+    md = art.metadata
+    keys = ("metrics", "feature_versions", "data_fingerprint", "data_config")
+    return {"model_version": art.tag, **{k: md.get(k) for k in keys}}
+
+
 def settle_gc() -> None:
     """Move start-up objects out of the collector's sight and collect less often.
 
