@@ -177,7 +177,7 @@ class CTRGateway:
         # in the background and keep /readyz at 503 until it is done.
         width = len(self.art.architecture["cardinalities"])
         self._model_warm = asyncio.create_task(
-            wiring.keep_warming(self.model_client, width, SETTINGS.deadline_ms / 1000)
+            wiring.keep_warming(self.model_client, width, SETTINGS.deadline_ms / 1000, SETTINGS.warm_model_round_s)
         )
 
     async def __is_ready__(self) -> bool:
