@@ -55,3 +55,9 @@ RETRY_BUDGET_EXHAUSTED = Counter(
     "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]
 )
 FEEDBACK = Counter("ctr_feedback", "Feedback on shown ads (online CTR = click / impression), by arm.", ["arm", "event"])
+WRITER_FAILURES = Counter(
+    "ctr_writer_failures", "Write-behind writer failures (each followed by a restart), by kind.", ["kind"]
+)
+DEAD_LETTERS = Counter(
+    "ctr_feature_writes_dead_lettered", "Write-behind stream entries that could not be committed, moved aside."
+)
