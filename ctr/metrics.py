@@ -77,4 +77,8 @@ REPLICA_EJECTIONS = Counter(
     "Ejections of a model replica, by reason (errors, p99, outlier, probe).",
     ["pool", "replica", "reason"],
 )
+REPLICA_PROBE_FAILURES = Counter(
+    "ctr_replica_probe_failures", "Active /readyz probes of a model replica that failed or timed out.",
+    ["pool", "replica"],
+)  # fmt: skip
 POOL_SIZE = Gauge("ctr_pool_replicas", "Model replicas known to each pool.", ["pool"], multiprocess_mode="livemax")

@@ -4,7 +4,8 @@ ejection has been an open wish since envoyproxy/envoy#288).
 
 A replica is healthy while, over the last `window_s` (once it made `min_calls` calls):
 - its success rate is above `min_success`;
-- the p99 of its call latency is under `p99_s`;
+- the p99 of its call latency is under `p99_s` (or not above the others' median p99: when
+  every replica is slow, ejecting one only piles its share onto the rest);
 - its p99 is not an outlier: at most `outlier_factor` x the median p99 of the other judged
   replicas, or within `outlier_min_s` of it (sub-millisecond jitter is not an outlier);
 - and its last `probe_failures` active probes did not all fail.
@@ -149,12 +150,13 @@ def _verdict(h: ReplicaHealth, st: WindowStats, others_p99: list[float]) -> str:
         return ""
     if st.success_rate <= c.min_success:
         return "errors"
-    if st.p99_s > c.p99_s:
+    median = float(np.median(others_p99)) if others_p99 else 0.0
+    # over the threshold AND slower than its peers: when every replica is slow, the load (not a
+    # replica) is the problem, and ejecting one would only pile its share onto the others
+    if st.p99_s > c.p99_s and st.p99_s > median:
         return "p99"
-    if others_p99:
-        median = float(np.median(others_p99))
-        if st.p99_s > c.outlier_factor * median and st.p99_s - median > c.outlier_min_s:
-            return "outlier"
+    if others_p99 and st.p99_s > c.outlier_factor * median and st.p99_s - median > c.outlier_min_s:
+        return "outlier"
     return ""
 
 

@@ -14,11 +14,10 @@ pool (a canary arm) is just another instance with another name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,10 +141,16 @@ class ModelPool:
                 await asyncio.sleep(0.05)
             await m.replica.close()
 
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to drain
-            task = asyncio.get_running_loop().create_task(drain())
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        self._background(drain())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no running loop (set up outside one): nothing to wait for
+            coro.close()
+            return
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------------ the request path
     def candidates(self, exclude: tuple[Member, ...] = ()) -> list[Member]:
@@ -237,8 +242,11 @@ class ModelPool:
             try:
                 async with asyncio.timeout(self.config.probe_timeout_s):
                     ok = await m.replica.ready()
-            except (*REMOTE_ERRORS, ValueError):
+            except (*REMOTE_ERRORS, ValueError) as exc:
+                log.debug("pool %s: probe of replica %d failed: %r", self.name, m.slot.index, exc)
                 ok = False
+            if not ok:
+                metrics.REPLICA_PROBE_FAILURES.labels(*m.labels).inc()
             m.health.probe(ok)
 
         await asyncio.gather(*(one(m) for m in list(self.members)))
@@ -251,6 +259,8 @@ class ModelPool:
             log.info("pool %s: replica %d (%s) is back", self.name, members[i].slot.index, members[i].slot.name)
         for i, reason in ejected:
             m = members[i]
+            # its pooled connections may be dead (a restarted process): start afresh when it returns
+            self._background(m.replica.close())
             metrics.REPLICA_EJECTIONS.labels(*m.labels, reason).inc()
             log.warning("pool %s: replica %d (%s) ejected (%s) until +%.1f s", self.name, m.slot.index,
                         m.slot.name, reason, m.health.ejected_until - self.clock())  # fmt: skip
