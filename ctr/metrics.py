@@ -81,4 +81,5 @@ REPLICA_PROBE_FAILURES = Counter(
     "ctr_replica_probe_failures", "Active /readyz probes of a model replica that failed or timed out.",
     ["pool", "replica"],
 )  # fmt: skip
+HEDGES = Counter("ctr_pool_hedges", "Coalesced calls hedged to a second replica (CTR_HEDGE).", ["pool"])
 POOL_SIZE = Gauge("ctr_pool_replicas", "Model replicas known to each pool.", ["pool"], multiprocess_mode="livemax")

@@ -249,3 +249,32 @@ def test_dns_failure_keeps_the_known_addresses() -> None:
 def test_bad_urls_are_clear_errors(spec: str, weights: list[float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_urls(spec, weights)
+
+
+def test_hedging_sends_a_late_call_to_a_second_replica() -> None:
+    """CTR_HEDGE: a call not answered by its replica's recent p95 (1 ms here) goes to another
+    replica too; the second answer wins, the stuck call is cancelled, one budget token is spent."""
+
+    async def go() -> None:
+        budget = RetryBudget("model", 0.0, min_tokens=3)
+        pool, reps, clock = make_pool(["a", "b"], budget=budget)
+        pool.config = PoolConfig(policy="round_robin", health=HEALTH, deadline_s=1.0, hedge=True)
+        await pool.start(background=False)
+        for _ in range(10):
+            pool.members[0].health.record(clock(), True, 0.001)
+        pool.evaluate()
+        assert pool.members[0].health.p95_s == pytest.approx(0.001)
+        stuck = asyncio.Event()
+
+        async def hang(x: np.ndarray) -> np.ndarray:
+            await stuck.wait()
+            raise AssertionError("never answers")
+
+        reps["a"].infer = hang  # type: ignore[method-assign]
+        member = pool.members[0]
+        y = await member.coalescer.submit(rows(2, 7))
+        assert list(y) == [7.0, 7.0] and reps["b"].calls == [2]
+        assert budget.tokens == 2
+        assert (pool.members[1].slot.picks, pool.members[1].slot.outstanding) == (1, 0)  # the hedge's lease, released
+
+    asyncio.run(go())

@@ -81,6 +81,7 @@ class WindowStats:
     calls: int
     success_rate: float
     p99_s: float
+    p95_s: float = 0.0
 
 
 class ReplicaHealth:
@@ -94,6 +95,7 @@ class ReplicaHealth:
         self.healthy_since = 0.0
         self.probe_streak = 0  # HEALTHY: failed probes in a row; PROBING: passed probes in a row
         self.reason = ""
+        self.p95_s = 0.0  # of the window, as last judged (0 until it holds min_calls): the hedging delay
         self._calls: deque[tuple[float, bool, float]] = deque()  # (time, ok, latency_s)
 
     def record(self, now: float, ok: bool, latency_s: float) -> None:
@@ -115,8 +117,9 @@ class ReplicaHealth:
         if n == 0:
             return WindowStats(0, 1.0, 0.0)
         ok = sum(1 for _, good, _ in self._calls if good)
-        p99 = float(np.percentile(np.fromiter((lat for _, _, lat in self._calls), float, n), 99))
-        return WindowStats(n, ok / n, p99)
+        p95, p99 = np.percentile(np.fromiter((lat for _, _, lat in self._calls), float, n), [95, 99])
+        self.p95_s = float(p95) if n >= self.config.min_calls else 0.0
+        return WindowStats(n, ok / n, float(p99), float(p95))
 
     def eject(self, now: float, reason: str) -> float:
         """Out of traffic for the next ejection time; returns it."""

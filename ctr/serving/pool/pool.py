@@ -59,6 +59,7 @@ class PoolConfig:
     max_inflight: int = 2
     max_rows: int = 8192
     window_s: float = 0.0
+    hedge: bool = False
 
 
 @dataclass(eq=False)
@@ -186,20 +187,57 @@ class ModelPool:
             async def once() -> np.ndarray:
                 m = self._admit(member if not tried else None, tuple(tried), len(x))
                 tried.append(m)
-                if m is member:
-                    return await self._call(m, x)
-                lease = self.balancer.lease(m.slot, len(x))  # a retry elsewhere is load there too
-                try:
-                    y = await self._call(m, x)
-                except BaseException:
-                    lease.failure()
-                    raise
-                lease.success(self.clock() - lease.t0)
-                return y
+                if m is not member:
+                    return await self._elsewhere(m, x)
+                if self.config.hedge and m.health.p95_s > 0:
+                    return await self._hedged(m, x, tried)
+                return await self._call(m, x)
 
             return await self.retrier.call(once, time.perf_counter() + self.config.deadline_s)
 
         return call
+
+    async def _elsewhere(self, m: Member, x: np.ndarray) -> np.ndarray:
+        """A call on a replica the batch was not assigned to (a retry, a hedge): load there too."""
+        lease = self.balancer.lease(m.slot, len(x))
+        try:
+            y = await self._call(m, x)
+        except BaseException:
+            lease.failure()
+            raise
+        lease.success(self.clock() - lease.t0)
+        return y
+
+    async def _hedged(self, m: Member, x: np.ndarray, tried: list[Member]) -> np.ndarray:
+        """The call on `m`; if it has not answered by m's recent p95, the same call on another
+        replica too, paid from the retry budget (Dean and Barroso, "The Tail at Scale"): the
+        first answer wins, the other call is cancelled."""
+        first = asyncio.ensure_future(self._call(m, x))
+        done, _ = await asyncio.wait({first}, timeout=m.health.p95_s)
+        if done:
+            return first.result()
+        try:
+            other = self._admit(None, tuple(tried), len(x))
+        except NoReplica:
+            return await first
+        if not self.retrier.budget.withdraw():
+            return await first
+        tried.append(other)
+        metrics.HEDGES.labels(self.name).inc()
+        second = asyncio.ensure_future(self._elsewhere(other, x))
+        pending = {first, second}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                ok = [t for t in done if t.exception() is None]
+                if ok:
+                    return ok[0].result()
+                if not pending:
+                    return done.pop().result()  # both failed: raises the error
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            for task in pending:
+                task.cancel()
 
     def _admit(self, preferred: Member | None, tried: tuple[Member, ...], rows: int) -> Member:
         """The member a try goes to: the preferred one while it can take it, else another the
@@ -242,7 +280,8 @@ class ModelPool:
             try:
                 async with asyncio.timeout(self.config.probe_timeout_s):
                     ok = await m.replica.ready()
-            except (*REMOTE_ERRORS, ValueError) as exc:
+            # AttributeError: BentoML's client of the in-graph model before its server runs
+            except (*REMOTE_ERRORS, ValueError, AttributeError) as exc:
                 log.debug("pool %s: probe of replica %d failed: %r", self.name, m.slot.index, exc)
                 ok = False
             if not ok:
@@ -270,16 +309,22 @@ class ModelPool:
     async def _health_loop(self) -> None:
         next_probe = 0.0
         while True:
-            if self.clock() >= next_probe:
-                next_probe = self.clock() + self.config.probe_interval_s
-                await self.probe_all()
-            self.evaluate()
+            try:
+                if self.clock() >= next_probe:
+                    next_probe = self.clock() + self.config.probe_interval_s
+                    await self.probe_all()
+                self.evaluate()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("pool %s: health round failed", self.name)
             await asyncio.sleep(min(EVALUATE_EVERY_S, self.config.probe_interval_s))
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bad answer must not stop discovery for good
+                log.exception("pool %s: refreshing the replicas failed", self.name)
 
     async def start(self, background: bool = True) -> None:
         """Resolve the replicas; with `background`, run the health (and DNS) loops."""
