@@ -280,8 +280,9 @@ class ModelPool:
             try:
                 async with asyncio.timeout(self.config.probe_timeout_s):
                     ok = await m.replica.ready()
-            # AttributeError: BentoML's client of the in-graph model before its server runs
-            except (*REMOTE_ERRORS, ValueError, AttributeError) as exc:
+            # AttributeError: BentoML's client of the in-graph model before its server runs;
+            # RuntimeError: aiohttp's "Session is closed" when an ejection dropped it mid-probe
+            except (*REMOTE_ERRORS, ValueError, AttributeError, RuntimeError) as exc:
                 log.debug("pool %s: probe of replica %d failed: %r", self.name, m.slot.index, exc)
                 ok = False
             if not ok:
