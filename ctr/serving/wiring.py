@@ -37,9 +37,10 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
     """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
     empty, the in-graph CTRModel reached through `in_graph` as the pool's one replica."""
     spec = settings.model_urls if urls is None else urls
+    weights = settings.model_weights if urls is None else []  # CTR_MODEL_WEIGHTS belong to CTR_MODEL_URLS
     source: UrlSource | FixedSource
     if spec:
-        source = UrlSource(parse_urls(spec, settings.model_weights))
+        source = UrlSource(parse_urls(spec, weights))
     elif in_graph is not None:
         source = FixedSource([IN_GRAPH])
     else:
