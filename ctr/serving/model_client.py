@@ -26,18 +26,22 @@ class InvalidAnswer(ModelError):
     reason = "model:invalid_answer"
 
 
+def check_answer(x: np.ndarray, y: object) -> np.ndarray:
+    """`y` if it is exactly one finite score per row of `x`, else InvalidAnswer."""
+    if not isinstance(y, np.ndarray) or y.ndim != 1 or len(y) != len(x):
+        shape = list(y.shape) if isinstance(y, np.ndarray) else type(y).__name__
+        raise InvalidAnswer(f"the model answered {shape} for {len(x)} rows; want one score per row")
+    if not np.isfinite(y).all():
+        raise InvalidAnswer(f"the model answered {int((~np.isfinite(y)).sum())} non-finite scores")
+    return y
+
+
 def checked(call: ModelCall) -> ModelCall:
-    """`call` whose answer is verified: exactly one finite score per input row, else
-    InvalidAnswer (the gateway answers from the fallback). Wraps any model client."""
+    """`call` whose answer is verified (`check_answer`); the gateway answers an invalid one
+    from the fallback. Wraps any model client; the pool checks every replica's answer."""
 
     async def run(x: np.ndarray) -> np.ndarray:
-        y = await call(x)
-        if not isinstance(y, np.ndarray) or y.ndim != 1 or len(y) != len(x):
-            shape = list(y.shape) if isinstance(y, np.ndarray) else type(y).__name__
-            raise InvalidAnswer(f"the model answered {shape} for {len(x)} rows; want one score per row")
-        if not np.isfinite(y).all():
-            raise InvalidAnswer(f"the model answered {int((~np.isfinite(y)).sum())} non-finite scores")
-        return y
+        return check_answer(x, await call(x))
 
     return run
 

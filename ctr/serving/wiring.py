@@ -15,22 +15,69 @@ from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
 from ctr.resilience.breaker import CircuitBreaker
-from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
+from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 from ctr.resilience.retry import Retrier, RetryBudget
-from ctr.serving.coalesce import Coalescer, ModelCall
+from ctr.serving.coalesce import ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
-from ctr.serving.gateway import Gateway
-from ctr.serving.model_client import checked
-from ctr.settings import Settings
 
 log = logging.getLogger(__name__)
+from ctr.serving.gateway import Gateway, Model
+from ctr.serving.model_client import InvalidAnswer
+from ctr.serving.pool import (
+    CallReplica,
+    FixedSource,
+    HealthConfig,
+    HttpReplica,
+    ModelPool,
+    PoolConfig,
+    UrlSource,
+    parse_urls,
+)
+from ctr.serving.pool.replica import Replica
+from ctr.settings import Settings
+
+IN_GRAPH = "in-graph"
+
+
+def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int = 16, name: str = "model",
+               urls: str | None = None) -> ModelPool:  # fmt: skip
+    """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
+    empty, the in-graph CTRModel reached through `in_graph` as the pool's one replica."""
+    spec = settings.model_urls if urls is None else urls
+    weights = settings.model_weights if urls is None else []  # CTR_MODEL_WEIGHTS belong to CTR_MODEL_URLS
+    source: UrlSource | FixedSource
+    if spec:
+        source = UrlSource(parse_urls(spec, weights))
+    elif in_graph is not None:
+        source = FixedSource([IN_GRAPH])
+    else:
+        raise ValueError("no model replicas: set CTR_MODEL_URLS")
+
+    def factory(url: str) -> Replica:
+        if url == IN_GRAPH and in_graph is not None:
+            return CallReplica(IN_GRAPH, in_graph, width)
+        return HttpReplica(url)
+
+    config = PoolConfig(
+        policy=settings.lb_policy, deadline_s=settings.deadline_ms / 1000.0,
+        health=HealthConfig.from_settings(settings),
+        load_factor=settings.hash_load_factor, probe_interval_s=settings.probe_interval_s,
+        probe_timeout_s=settings.probe_timeout_ms / 1000.0, refresh_s=settings.dns_refresh_s,
+        max_inflight=settings.batch_max_inflight, max_rows=settings.batch_max_rows,
+        window_s=settings.batch_window_ms / 1000.0, hedge=settings.hedge,
+    )  # fmt: skip
+    # An invalid answer is a failure of that replica: retried on another one like an error.
+    retrier = Retrier(
+        name, (*REMOTE_ERRORS, InvalidAnswer), RetryBudget(name, settings.retry_budget_ratio), settings.retry_attempts
+    )
+    return ModelPool(name, source, factory, config, retrier, lambda n: CircuitBreaker.from_settings(settings, n))
 
 
 def gateway(
     settings: Settings,
     art: ModelArtifacts,
-    model_call: ModelCall,
+    model: Model,
     stack: FeatureStack,
     features_call: Callable[..., Awaitable[Any]] | None = None,
     fallback_call: RemoteFallback | None = None,
@@ -38,7 +85,8 @@ def gateway(
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
     from FallbackService through `fallback_call` with CTR_FALLBACK_REMOTE. Every remote call
-    is guarded by its breaker and a timeout; the model call's timeout is the deadline."""
+    is guarded by its breaker and a timeout; `model` (the pool, `model_pool`) does the same per
+    replica, with the deadline as the timeout."""
     transformer = Transformer(art.spec)
     provider: FeatureProvider = local_features(stack.lookup, transformer)
     if settings.features_remote and features_call is not None:
@@ -49,17 +97,20 @@ def gateway(
             fallback_call, CircuitBreaker.from_settings(settings, "fallback"), settings.fallback_timeout_ms / 1000.0
         )
     deadline_s = settings.deadline_ms / 1000.0
-    retrier = Retrier(
-        "model", REMOTE_ERRORS, RetryBudget("model", settings.retry_budget_ratio), settings.retry_attempts
-    )
-    breaker = CircuitBreaker.from_settings(settings, "model")
-    coalescer = Coalescer(
-        checked(retried(guarded(model_call, breaker, deadline_s), retrier, deadline_s)),
-        max_inflight=settings.batch_max_inflight,
-        max_rows=settings.batch_max_rows,
-        window_s=settings.batch_window_ms / 1000.0,
-    )
-    return Gateway(provider, coalescer, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+    return Gateway(provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+
+
+async def warm_pool(pool: ModelPool, width: int, deadline_s: float, round_s: float = 180.0) -> None:
+    """Warm every replica of the pool at once, in rounds of `round_s`, until at least one
+    answered in time (`warm_model` logs why each failed round did not): /readyz waits for
+    this, and a replica that never answers does not keep the gateway from serving."""
+    while True:
+        if not pool.members:  # nothing discovered yet
+            await asyncio.sleep(1.0)
+            continue
+        done = await asyncio.gather(*(warm_model(m.replica.infer, width, deadline_s, round_s) for m in pool.members))
+        if any(done):
+            return
 
 
 async def warm_model(
@@ -76,7 +127,7 @@ async def warm_model(
     Right after start-up CTRModel is slow (torch's first passes, BentoML's batcher training
     its latency model on the first requests): measured, without this the first seconds of
     traffic timed out, opened the model breaker and were answered by the fallback.
-    The gateway's /readyz stays 503 until this returned True (see `keep_warming`).
+    The gateway's /readyz stays 503 until this returned True for a replica (see `warm_pool`).
     """
     x = np.zeros((100, width), dtype=np.int64)
     start = clock()
@@ -102,12 +153,6 @@ async def warm_model(
         return True
     log.warning("model not ready after %.0f s and %d calls (stays not ready): %s", timeout_s, calls, why)
     return False
-
-
-async def keep_warming(call: ModelCall, width: int, deadline_s: float, round_s: float = 180.0) -> None:
-    """Warm the model in rounds of `round_s` until it is ready (each failed round logs why)."""
-    while not await warm_model(call, width, deadline_s, round_s):
-        pass
 
 
 def model_info(art: ModelArtifacts) -> dict[str, Any]:
