@@ -20,8 +20,6 @@ from ctr.resilience.retry import Retrier, RetryBudget
 from ctr.serving.coalesce import ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
-
-log = logging.getLogger(__name__)
 from ctr.serving.gateway import Gateway, Model
 from ctr.serving.model_client import InvalidAnswer
 from ctr.serving.pool import (
@@ -37,6 +35,7 @@ from ctr.serving.pool import (
 from ctr.serving.pool.replica import Replica
 from ctr.settings import Settings
 
+log = logging.getLogger(__name__)
 IN_GRAPH = "in-graph"
 
 
