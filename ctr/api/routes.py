@@ -20,7 +20,7 @@ from ctr import metrics
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
-from ctr.serving.gateway import Gateway
+from ctr.serving.overload import Admission, Overloaded
 
 JSON = "application/json"
 
@@ -30,7 +30,7 @@ def _json(body: object, status: int = 200) -> Response:
 
 
 async def predict(request: Request) -> Response:
-    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    gateway: Admission | None = getattr(request.app.state, "gateway", None)
     if gateway is None:
         return _json({"error": "the gateway is starting; retry shortly"}, 503)
     try:
@@ -38,7 +38,11 @@ async def predict(request: Request) -> Response:
     except BadRequest as exc:
         metrics.REQUESTS.labels("bad_request").inc()
         return Response(exc.body(), exc.status, media_type=JSON)
-    result = await gateway.predict(req, request.headers.get("x-request-id"))
+    try:
+        result = await gateway.predict(req, request.headers.get("x-request-id"))
+    except Overloaded as exc:
+        body = orjson.dumps({"error": str(exc)})
+        return Response(body, 503, {"retry-after": str(exc.retry_after_s)}, media_type=JSON)
     return _json(result)
 
 
@@ -77,7 +81,8 @@ async def admin_features(request: Request) -> Response:
 
 
 def make_app() -> Starlette:
-    """Set `app.state.gateway`, `.max_ads`, `.writer` and `.admin_token` before serving."""
+    """Set `app.state.gateway` (an `Admission` around the Gateway), `.max_ads`, `.writer` and
+    `.admin_token` before serving."""
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),

@@ -11,11 +11,13 @@ from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
+from ctr.resilience.limit import AimdLimit
 from ctr.resilience.retry import Retrier, RetryBudget
 from ctr.serving.coalesce import Coalescer, ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway
+from ctr.serving.overload import Admission
 from ctr.settings import Settings
 
 
@@ -51,6 +53,12 @@ def gateway(
         window_s=settings.batch_window_ms / 1000.0,
     )
     return Gateway(provider, coalescer, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+
+
+def admission(settings: Settings, gw: Gateway) -> Admission:
+    """The edge of /predict: the adaptive concurrency limit (CTR_LIMIT) and what a shed request gets."""
+    limiter = AimdLimit.from_settings(settings) if settings.limit == "aimd" else None
+    return Admission(gw, limiter, settings.overload)
 
 
 async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
