@@ -177,10 +177,13 @@ class CTRGateway:
         # BentoML's clients of dependencies only work once this server runs: warm the model
         # in the background and keep /readyz at 503 until it is done.
         width = len(self.art.architecture["cardinalities"])
-        self._model_warm = asyncio.create_task(wiring.warm_model(self.model_client, width, SETTINGS.deadline_ms / 1000))
+        self._model_warm = asyncio.create_task(
+            wiring.keep_warming(self.model_client, width, SETTINGS.deadline_ms / 1000)
+        )
 
     async def __is_ready__(self) -> bool:
-        return self._model_warm.done()
+        """Ready once the model answered in time (wiring.warm_model logs why it has not)."""
+        return self._model_warm.done() and not self._model_warm.cancelled() and self._model_warm.exception() is None
 
     @bentoml.on_shutdown
     async def close(self) -> None:

@@ -59,3 +59,9 @@ CONCURRENCY_LIMIT = Gauge(
     "ctr_concurrency_limit", "The gateway's adaptive concurrency limit (requests in flight before shedding).",
     multiprocess_mode="livemax",
 )  # fmt: skip
+WRITER_FAILURES = Counter(
+    "ctr_writer_failures", "Write-behind writer failures (each followed by a restart), by kind.", ["kind"]
+)
+DEAD_LETTERS = Counter(
+    "ctr_feature_writes_dead_lettered", "Write-behind stream entries that could not be committed, moved aside."
+)

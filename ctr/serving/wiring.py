@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import numpy as np
 
 from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
@@ -17,8 +22,11 @@ from ctr.serving.coalesce import Coalescer, ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway
+from ctr.serving.model_client import checked
 from ctr.serving.overload import Admission
 from ctr.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def gateway(
@@ -46,8 +54,9 @@ def gateway(
     retrier = Retrier(
         "model", REMOTE_ERRORS, RetryBudget("model", settings.retry_budget_ratio), settings.retry_attempts
     )
+    breaker = CircuitBreaker.from_settings(settings, "model")
     coalescer = Coalescer(
-        retried(guarded(model_call, CircuitBreaker.from_settings(settings, "model"), deadline_s), retrier, deadline_s),
+        checked(retried(guarded(model_call, breaker, deadline_s), retrier, deadline_s)),
         max_inflight=settings.batch_max_inflight,
         max_rows=settings.batch_max_rows,
         window_s=settings.batch_window_ms / 1000.0,
@@ -61,32 +70,52 @@ def admission(settings: Settings, gw: Gateway) -> Admission:
     return Admission(gw, limiter, settings.overload)
 
 
-async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
-    """Call the model until it answers 20 bursts in a row within the deadline; returns calls made.
+async def warm_model(
+    call: ModelCall,
+    width: int,
+    deadline_s: float,
+    timeout_s: float = 180.0,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> bool:
+    """Call the model until it answers 20 bursts in a row within the deadline: True; False
+    (and a log line saying why) when `timeout_s` passes first.
 
     Right after start-up CTRModel is slow (torch's first passes, BentoML's batcher training
     its latency model on the first requests): measured, without this the first seconds of
     traffic timed out, opened the model breaker and were answered by the fallback.
-    The gateway's /readyz stays 503 until this is done.
+    The gateway's /readyz stays 503 until this returned True (see `keep_warming`).
     """
-    import asyncio
-    import time
-
-    import numpy as np
-
     x = np.zeros((100, width), dtype=np.int64)
-    end, streak, calls = time.monotonic() + timeout_s, 0, 0
-    while streak < 20 and time.monotonic() < end:
-        t0 = time.perf_counter()
+    start = clock()
+    end, streak, calls, why = start + timeout_s, 0, 0, "no answer yet"
+    while streak < 20 and clock() < end:
+        t0 = clock()
         try:
             async with asyncio.timeout(2.0):
-                await asyncio.gather(*(call(x) for _ in range(4)))
-            streak = streak + 1 if time.perf_counter() - t0 < deadline_s else 0
-        except (*REMOTE_ERRORS, AttributeError):  # AttributeError: BentoML's client not set up yet
-            streak = 0
-            await asyncio.sleep(0.2)
+                answers = await asyncio.gather(*(call(x) for _ in range(4)))
+            took = clock() - t0
+            if any(len(y) != len(x) or not np.isfinite(y).all() for y in answers):
+                streak, why = 0, "the model answered without one finite score per row"
+            elif took < deadline_s:
+                streak += 1
+            else:
+                streak, why = 0, f"a burst took {took * 1000:.1f} ms, over the {deadline_s * 1000:.1f} ms deadline"
+        except (*REMOTE_ERRORS, AttributeError) as exc:  # AttributeError: BentoML's client not set up yet
+            streak, why = 0, f"the model call failed: {type(exc).__name__}: {exc}"
+            await sleep(0.2)
         calls += 4
-    return calls
+    if streak >= 20:
+        log.info("model warm after %d calls in %.1f s", calls, clock() - start)
+        return True
+    log.warning("model not ready after %.0f s and %d calls (stays not ready): %s", timeout_s, calls, why)
+    return False
+
+
+async def keep_warming(call: ModelCall, width: int, deadline_s: float, round_s: float = 180.0) -> None:
+    """Warm the model in rounds of `round_s` until it is ready (each failed round logs why)."""
+    while not await warm_model(call, width, deadline_s, round_s):
+        pass
 
 
 def settle_gc() -> None:
