@@ -45,11 +45,12 @@ def test_loadgen_counts_model_scored_and_fallback_answers_apart() -> None:
     from ctr.bench.loadgen import _Tally
 
     t = _Tally()
-    for status, body in [(200, b'{"fallback":false}'), (200, b'{"fallback":true}'), (503, b""), (0, b"")]:
+    for status, body in [(200, b'{"fallback":false}'), (200, b'{"fallback":true,"degraded":["overload:shed"]}'),
+                         (503, b""), (0, b"")]:  # fmt: skip
         t.add(0.010, status, body)
     t.add(0.200, 200, b'{"fallback":false}')
     r = t.result("open", 8, 100.0, 1.0, {})
-    assert (r.model_scored, r.fallback, r.non_200, r.requests) == (2, 1, 2, 5)
+    assert (r.model_scored, r.fallback, r.shed, r.non_200, r.requests) == (2, 1, 1, 2, 5)
     assert (r.model_rps, r.fallback_rps, r.fallback_share) == (2.0, 1.0, 0.2)
     assert r.max_ms == pytest.approx(200) and r.p50_ms == pytest.approx(10)
 

@@ -33,7 +33,7 @@ def _fill_l2(settings: Settings) -> None:
 def _peer_levels(settings: Settings, levels: list[int], duration: float, n_ads: int) -> list[loadgen.LevelResult]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "uvicorn", "ctr.peer:make_app", "--factory", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, "-m", "uvicorn", "ctr.bench.peer:make_app", "--factory", "--host", "127.0.0.1", "--port",
            str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
            "--log-level", "warning"]  # fmt: skip
     with serving(url, timeout_s=60, cmd=cmd):

@@ -44,13 +44,13 @@ def run(settings: Settings, port: int, duration: float, n_ads: int, factors: lis
             tables.append((name, loadgen.run_rates(url, rates, duration, n_ads, settings.data_dir)))
     lines = [f"saturation (closed loop, no limit, best model-scored rps over c={SATURATION_LEVELS}): "
              f"{saturation:.0f} rps", loadgen.format_table(sat_rows, stages=False), ""]  # fmt: skip
-    head = ("| service | offered (x saturation) | sent rps | model-scored rps | fallback share | non-200 "
-            "| p50 ms | p99 ms | p99.9 ms | max ms |")  # fmt: skip
-    lines += [head, "|---" * 10 + "|"]
+    head = ("| service | offered (x saturation) | sent rps | model-scored rps | fallback share | of which shed "
+            "| non-200 | p50 ms | p99 ms | p99.9 ms | max ms |")  # fmt: skip
+    lines += [head, "|---" * 11 + "|"]
     for name, rows in tables:
         for f, r in zip(factors, rows, strict=True):
             lines.append(f"| {name} | {r.offered_rps:.0f} ({f:g}x) | {r.sent_rps:.0f} | {r.model_rps:.0f} "
-                         f"| {r.fallback_share:.1%} | {r.non_200} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
+                         f"| {r.fallback_share:.1%} | {r.shed} | {r.non_200} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
                          f"| {r.p999_ms:.1f} | {r.max_ms:.1f} |")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"saturation_rps": saturation, "saturation_levels": [asdict(r) for r in sat_rows],

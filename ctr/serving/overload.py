@@ -22,8 +22,6 @@ from ctr.serving.gateway import Gateway, Prediction
 SHED = "overload:shed"
 # Degradations that mean "the request ran out of time": the congestion signal.
 LATE = frozenset({"model:timeout", "model:deadline", "features:timeout:default"})
-# The model failed fast: nothing learnt about load.
-FAST_FAILURES = frozenset({"model:unavailable", "model:breaker_open"})
 
 
 class Overloaded(Exception):
@@ -60,7 +58,7 @@ class Admission:
         flags = set(result.degraded)
         if flags & LATE:
             lease.dropped()
-        elif flags & FAST_FAILURES:
+        elif any(f.startswith("model:") for f in flags):  # failed fast (unreachable, breaker, bad answer)
             lease.ignore()
         else:
             lease.success()
