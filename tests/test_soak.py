@@ -147,6 +147,7 @@ def capacity(url: str, data_dir: Path) -> float:
     return row.model_rps
 
 
+@pytest.mark.timeout(DURATION_S + 420)  # the run itself, plus start-up, capacity, the writer's catch-up
 def test_soak_under_faults(rig: tuple[Server, RedisProcess, PostgresProcess, dict[str, str]]) -> None:
     """Through Redis and PostgreSQL restarts, a killed and a slowed model: every request is
     answered, and every acknowledged write-behind feature write reaches L3."""

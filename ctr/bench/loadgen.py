@@ -71,9 +71,12 @@ _STAGE = re.compile(r'^ctr_stage_latency_seconds_(sum|count)\{stage="(\w+)"\} (\
 
 
 async def _stages(session: aiohttp.ClientSession, url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each stage's latency from the gateway's /metrics."""
-    async with session.get(url + "/metrics") as r:
-        text = await r.text()
+    """(sum, count) of each stage's latency from the gateway's /metrics (none when it does not answer)."""
+    try:
+        async with session.get(url + "/metrics") as r:
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):  # an overloaded server: the stage columns stay empty
+        return {}
     out: dict[str, list[float]] = {}
     for kind, stage, value in _STAGE.findall(text):
         out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)

@@ -1,8 +1,8 @@
 """`ctr bench overload`: past saturation, before and after the gateway's concurrency limit.
 
-The service is started three times on a free port: with CTR_LIMIT=off (before: every
-request is admitted and waits out its deadline), with the default adaptive limit and
-CTR_OVERLOAD=fallback, and with CTR_OVERLOAD=reject. The saturation rate is measured
+The service is started once per configuration on a free port: with CTR_LIMIT=off
+(before: every request is admitted and waits out its deadline), with the adaptive limit
+at two latency targets and CTR_OVERLOAD=fallback, and with CTR_OVERLOAD=reject. The saturation rate is measured
 first (closed loop, the best model-scored rps of the unlimited service); then each
 service is offered the same multiples of it in open loop (fixed arrival rate, latency
 from the scheduled send time), so a slow server cannot slow the offered load down.
@@ -20,8 +20,9 @@ from ctr.settings import Settings
 
 CONFIGS: list[tuple[str, dict[str, str]]] = [
     ("before: no limit (CTR_LIMIT=off)", {"CTR_LIMIT": "off"}),
-    ("after: adaptive limit, CTR_OVERLOAD=fallback", {}),
-    ("after: adaptive limit, CTR_OVERLOAD=reject", {"CTR_OVERLOAD": "reject"}),
+    ("after: limit, CTR_LIMIT_LATENCY_MS=25, fallback", {"CTR_LIMIT_LATENCY_MS": "25"}),
+    ("after: limit, CTR_LIMIT_LATENCY_MS=45, fallback", {"CTR_LIMIT_LATENCY_MS": "45"}),
+    ("after: limit, CTR_LIMIT_LATENCY_MS=25, reject", {"CTR_LIMIT_LATENCY_MS": "25", "CTR_OVERLOAD": "reject"}),
 ]
 SATURATION_LEVELS = [16, 32, 64]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class Sample:
     t_s: float  # scheduled send time, from the start
     latency_s: float  # from the scheduled send time
     outcome: str  # "model" (200, fallback false), "shed" (200, overload:shed), "fallback" (other 200s), "error"
+    status: int  # HTTP status; 0 for a connection error or client timeout
 
 
 @dataclass
@@ -63,7 +65,7 @@ async def _predicts(url: str, rate: float, duration_s: float, bodies: list[bytes
                 outcome = "model"
             else:
                 outcome = "shed" if b"overload:shed" in body else "fallback"
-            out.samples.append(Sample(scheduled - t0, time.perf_counter() - scheduled, outcome))
+            out.samples.append(Sample(scheduled - t0, time.perf_counter() - scheduled, outcome, status))
 
         tasks = []
         for i in range(n):
@@ -178,7 +180,10 @@ def report(
     n = len(traffic.samples)
     errors = sum(x.outcome == "error" for x in traffic.samples)
     model = sum(x.outcome == "model" for x in traffic.samples)
-    lines += ["", f"all: {n} requests, availability {(n - errors) / n:.3%}, model-scored {model / n:.1%}", "",
+    statuses = Counter(x.status for x in traffic.samples if x.outcome == "error")
+    failed = ", ".join(f"{k or 'connection error/timeout'}: {v}" for k, v in sorted(statuses.items())) or "none"
+    lines += ["", f"all: {n} requests, availability {(n - errors) / n:.3%}, model-scored {model / n:.1%}; "
+              f"not answered 200: {failed}", "",
               "| process | RSS at start MiB | RSS at end MiB |", "|---|---|---|"]  # fmt: skip
     for name in sorted(set(rss_start) | set(rss_end)):
         lines.append(f"| {name} | {rss_start.get(name, 0) / 2**20:.0f} | {rss_end.get(name, 0) / 2**20:.0f} |")
