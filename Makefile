@@ -12,7 +12,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop
+.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ test: setup servers
 FUZZ_EXAMPLES ?= 1000
 fuzz: setup servers
 	CTR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -q tests/test_fuzz.py --timeout 1800
+
+# 10 minutes of open-loop load at ~70 % of measured capacity with faults on a schedule
+# (tests/test_soak.py; make test runs a 60 s version). Report: reports/soak.md.
+SOAK_S ?= 600
+soak: setup servers
+	SOAK_S=$(SOAK_S) SOAK_REPORT=reports/soak.md $(BIN)/pytest -q -s tests/test_soak.py
 
 # An immutable Bento: code, the exact model version, the feature database, pinned packages.
 # The tag goes to build/bento.tag. GPU=1 builds the GPU variant (PyPI's CUDA torch).

@@ -14,7 +14,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from ctr.api import request_id
+from ctr.api import internal, request_id
 from ctr.api.contract import Context
 from ctr.api.routes import make_app
 from ctr.features import stack as feature_stack
@@ -27,7 +27,9 @@ from ctr.serving import wiring
 from ctr.serving.model_client import ModelClient
 from ctr.settings import Settings
 
+internal.ensure_token()  # before Settings: a random shared token when CTR_INTERNAL_TOKEN is unset
 SETTINGS = Settings()
+INTERNAL_HEADERS = internal.headers(SETTINGS.internal_token)
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 
 # Measured pitfalls (notes/bentoml.md): access logging costs ~14 % of throughput and most
@@ -137,6 +139,10 @@ class FallbackService:
         return {"scores": self.table.scores(context.model_dump(), len(ad_ids)), "model_version": self.version}
 
 
+# Internal services answer only callers holding the shared token (ctr/api/internal.py).
+for _internal in (CTRModel, FeatureService, FallbackService):
+    _internal.add_asgi_middleware(internal.InternalAuth, token=SETTINGS.internal_token)
+
 predict_app = make_app()
 
 
@@ -153,9 +159,9 @@ class CTRGateway:
 
     def __init__(self) -> None:
         self.art = modelstore.artifacts(str(self.stored.tag))
-        self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop)
+        self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop, INTERNAL_HEADERS)
         self.width = len(self.art.architecture["cardinalities"])
-        self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width)
+        self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS)
         self.stack = feature_stack.features(SETTINGS)
         self.gateway = wiring.gateway(
             SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback
@@ -176,7 +182,7 @@ class CTRGateway:
             await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
         wiring.settle_gc()
         await self.pool.start()
-        predict_app.state.gateway = self.gateway
+        predict_app.state.gateway = wiring.admission(SETTINGS, self.gateway)
         # BentoML's clients of dependencies only work once this server runs: warm the model
         # replicas in the background and keep /readyz at 503 until one answered in time.
         self._model_warm = asyncio.create_task(
@@ -195,12 +201,13 @@ class CTRGateway:
 
     def _resolve_model(self) -> tuple[str | None, Any]:
         """CTRModel's URL (set when the dependency resolves, under `bentoml serve`) and BentoML's call."""
-        client = self.model
+        client = internal.authorize_proxy(self.model, SETTINGS.internal_token)
         return type(self).model.url, client.to_async.predict
 
     async def _remote_features(self, **kwargs: Any) -> dict[str, Any]:
-        return await self.feature_service.to_async.matrix(**kwargs)
+        return await internal.authorize_proxy(self.feature_service, SETTINGS.internal_token).to_async.matrix(**kwargs)
 
     async def _remote_fallback(self, ad_ids: list[str], context: dict[str, Any]) -> list[float]:
-        out = await self.fallback_service.to_async.predict(ad_ids=ad_ids, context=context)
+        proxy = internal.authorize_proxy(self.fallback_service, SETTINGS.internal_token)
+        out = await proxy.to_async.predict(ad_ids=ad_ids, context=context)
         return list(out["scores"])

@@ -55,6 +55,10 @@ RETRY_BUDGET_EXHAUSTED = Counter(
     "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]
 )
 FEEDBACK = Counter("ctr_feedback", "Feedback on shown ads (online CTR = click / impression), by arm.", ["arm", "event"])
+CONCURRENCY_LIMIT = Gauge(
+    "ctr_concurrency_limit", "The gateway's adaptive concurrency limit (requests in flight before shedding).",
+    multiprocess_mode="livemax",
+)  # fmt: skip
 WRITER_FAILURES = Counter(
     "ctr_writer_failures", "Write-behind writer failures (each followed by a restart), by kind.", ["kind"]
 )

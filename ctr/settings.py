@@ -5,11 +5,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by *** (user, host, port, path kept): the only form a
+    database or Redis URL may take in output or logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # unparseable (e.g. a bad port): hide everything between scheme and host
+        head, sep, tail = url.rpartition("@")
+        return f"{head.split('://', 1)[0]}://***@{tail}" if sep else url
+    if not password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class Settings(BaseSettings):
@@ -20,10 +37,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(PROJECT_ROOT / "data", description="Generated click log and the SQLite feature database.")
     database_url: str = Field(
         "",
+        repr=False,
         description="L3 feature database: sqlite:///path or postgresql://…; default sqlite:///<data_dir>/features.db.",
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
+        repr=False,
         description="L2 cache: redis://… or redis+cluster://host:port (any node); empty disables L2.",
     )
     l2_timeout_ms: float = Field(20.0, gt=0, description="Budget of one L2 read; past it L2 counts as failed.")
@@ -55,18 +74,39 @@ class Settings(BaseSettings):
         180.0, gt=0, description="/readyz waits for the model to answer in time; each round this long logs why not."
     )
     warm_top_users: int = Field(10_000, ge=0, description="K: how many of the most active users to warm.")
-    admin_token: str = Field("", description="Bearer token of the admin endpoints; empty disables them.")
+    admin_token: str = Field("", repr=False, description="Bearer token of the admin endpoints; empty disables them.")
     request_id_key: str = Field(
         "",
+        repr=False,
         description="Key signing the request ids /feedback accepts; default: derived from admin_token, else a "
         "random key kept in <data_dir>/request-id.key (shared by the processes of one machine).",
     )
     max_body_bytes: int = Field(
         1_048_576, ge=1, description="Largest request body of /predict, /feedback and /admin/*; larger is a 413."
     )
+    internal_token: str = Field(
+        "",
+        repr=False,
+        description="Shared token internal services (CTRModel, FeatureService, FallbackService) require in "
+        "X-CTR-Internal-Token; unset, `bentoml serve` draws a random one for its process tree.",
+    )
     model_tag: str = Field("ctr_model:latest", description="BentoML model served by CTRModel and read by the gateway.")
     max_ads: int = Field(1000, ge=1, description="Most candidate ads accepted in one /predict request.")
     deadline_ms: float = Field(50.0, gt=0, description="Budget of one /predict request; past it the fallback answers.")
+    overload: Literal["fallback", "reject"] = Field(
+        "fallback",
+        description="A request above the concurrency limit: answered at once from the segment table (200, "
+        "fallback, degraded overload:shed), or 503 with Retry-After (reject).",
+    )
+    limit: Literal["aimd", "off"] = Field(
+        "aimd", description="The gateway's concurrency limit on /predict: adaptive (AIMD), or off (unbounded)."
+    )
+    limit_initial: int = Field(32, ge=1, description="The adaptive limit's start (requests in flight).")
+    limit_min: int = Field(4, ge=1, description="The adaptive limit never falls below this.")
+    limit_max: int = Field(512, ge=1, description="The adaptive limit never rises above this.")
+    limit_latency_ms: float = Field(
+        25.0, gt=0, description="A request slower than this (or past its deadline) cuts the limit by 10 %."
+    )
     batch_window_ms: float = Field(0.0, ge=0, description="How long the gateway waits for company before a model call.")
     batch_max_rows: int = Field(8192, ge=1, description="Most rows in one coalesced call to CTRModel.")
     batch_max_inflight: int = Field(2, ge=1, description="Most concurrent model calls from one gateway process.")

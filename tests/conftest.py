@@ -52,9 +52,19 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def small_setup(redis_url: str) -> dict[str, str]:
+def served_redis_url() -> Iterator[str]:
+    """The served graphs' own Redis: their FeatureService runs a supervised write-behind
+    writer on the stream, which would take entries meant for the writer tests' own writers
+    if they shared the `redis_url` Redis."""
+    with servers.redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def small_setup(served_redis_url: str) -> dict[str, str]:
     """Generate a small click log, train a model into the test model store, load features;
     the environment the served processes get (with a private Redis as L2)."""
+    redis_url = served_redis_url
     env = {**os.environ, "BENTOML_HOME": str(_TMP / "bentoml-e2e"), "CTR_DATA_DIR": str(_TMP / "data-e2e"),
            "CTR_REDIS_URL": redis_url, "CTR_ADMIN_TOKEN": "test-token"}  # fmt: skip
     subprocess.run([str(BIN / "ctr"), "setup", *SMALL], check=True, env=env, cwd=ROOT, capture_output=True)

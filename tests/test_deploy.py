@@ -102,16 +102,127 @@ def test_hpa_scales_the_gateway() -> None:
     assert hpa["spec"]["minReplicas"] >= 2
 
 
+SECRET_KEYS = {"CTR_ADMIN_TOKEN", "CTR_INTERNAL_TOKEN", "CTR_DATABASE_URL"}
+INTERNAL = {"ctr-model", "ctr-features", "ctr-fallback"}
+
+
+def _example_keys() -> dict[str, str]:
+    lines = (K8S / "secrets.env.example").read_text().splitlines()
+    return dict(ln.split("=", 1) for ln in lines if ln and not ln.startswith("#"))
+
+
 def test_configmap_and_secret_carry_real_settings() -> None:
-    """Every CTR_ key is a setting of ctr/settings.py; the token and the database URL are secret."""
+    """Every CTR_ key is a setting of ctr/settings.py; the tokens and the database URL are secret."""
     fields = {f"CTR_{name.upper()}" for name in Settings.model_fields}
     (cm,) = docs("ConfigMap")
     keys = set(cm["data"])
     assert {k for k in keys if k.startswith("CTR_")} <= fields
     assert "CTR_REDIS_URL" in keys
-    (secret,) = docs("Secret")
-    assert set(secret["stringData"]) == {"CTR_ADMIN_TOKEN", "CTR_DATABASE_URL"}
-    assert not keys & set(secret["stringData"])
+    example = _example_keys()
+    assert set(example) == SECRET_KEYS and fields >= SECRET_KEYS
+    assert all(v == "" for v in example.values())  # nothing guessable to copy
+    assert not keys & SECRET_KEYS
+
+
+def test_no_secret_is_committed_and_the_generator_needs_the_operators_file() -> None:
+    """No Secret manifest ships; kustomize generates ctr-secrets from secrets.env, which git ignores."""
+    import subprocess
+
+    assert docs("Secret") == []
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kust["secretGenerator"] == [{"name": "ctr-secrets", "envs": ["secrets.env"],
+                                        "options": {"labels": {"app.kubernetes.io/part-of": "ctr-serve"}}}]  # fmt: skip
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / "secrets.env")], cwd=ROOT)
+    assert ignored.returncode == 0
+    assert "CHANGE-ME" not in (K8S / "secrets.env.example").read_text()
+
+
+def _kubectl() -> str:
+    import shutil
+
+    exe = shutil.which("kubectl")
+    if exe is None:
+        pytest.skip("kubectl is not installed (kubectl kustomize renders the kustomization offline)")
+    return exe
+
+
+def test_kustomize_refuses_to_render_without_the_secret_file(tmp_path: Path) -> None:
+    """Without secrets.env, `kubectl kustomize` fails: no placeholder Secret can be applied."""
+    import shutil
+    import subprocess
+
+    exe = _kubectl()
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("secrets.env"))
+    r = subprocess.run([exe, "kustomize", str(tmp_path / "k8s")], capture_output=True, text=True)
+    assert r.returncode != 0 and "secrets.env" in r.stderr
+
+
+def test_kustomize_renders_the_secret_and_points_every_reference_at_it(tmp_path: Path) -> None:
+    """With the operator's file, the generated Secret (hashed name) is what every Deployment reads."""
+    import shutil
+    import subprocess
+
+    exe = _kubectl()
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("secrets.env"))
+    values = {"CTR_ADMIN_TOKEN": "a" * 64, "CTR_INTERNAL_TOKEN": "b" * 64, "CTR_DATABASE_URL": "postgresql://x:y@h/d"}
+    (tmp_path / "k8s" / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    out = subprocess.run([exe, "kustomize", str(tmp_path / "k8s")], capture_output=True, text=True, check=True).stdout
+    rendered = [d for d in yaml.safe_load_all(out) if d]
+    (secret,) = [d for d in rendered if d["kind"] == "Secret"]
+    name = secret["metadata"]["name"]
+    assert name.startswith("ctr-secrets-") and set(secret["data"]) == SECRET_KEYS
+    for d in (d for d in rendered if d["kind"] == "Deployment"):
+        c = container(d)
+        refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+        refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e]
+        assert refs and set(refs) == {name}, d["metadata"]["name"]
+
+
+def _env_from_secret(c: dict[str, Any]) -> set[str]:
+    """The Secret keys a container sees: all of ctr-secrets via envFrom, or single keys."""
+    keys = set()
+    if {"secretRef": {"name": "ctr-secrets"}} in c.get("envFrom", []):
+        keys |= SECRET_KEYS
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref and ref["name"] == "ctr-secrets":
+            keys.add(ref["key"])
+    return keys
+
+
+def test_every_service_gets_the_internal_token_and_the_model_nothing_more() -> None:
+    """All Deployments read CTR_INTERNAL_TOKEN from the Secret; model pods get only that key."""
+    for d in docs("Deployment"):
+        keys = _env_from_secret(container(d))
+        assert "CTR_INTERNAL_TOKEN" in keys, d["metadata"]["name"]
+        if d["metadata"]["labels"]["app.kubernetes.io/name"] == "ctr-model":
+            assert keys == {"CTR_INTERNAL_TOKEN"}, d["metadata"]["name"]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e  # the only operator used here
+        ok = ok and labels.get(e["key"]) in e["values"]
+    return ok
+
+
+def test_network_policy_lets_only_gateway_pods_reach_the_internal_services() -> None:
+    """The policy selects every internal pod (canary included), not the gateway; only gateway pods get in."""
+    (policy,) = docs("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    for d in docs("Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert _selects(spec["podSelector"], labels) == (labels["app.kubernetes.io/name"] in INTERNAL), labels
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector, no ipBlock
+    (gw,) = [d for d in docs("Deployment") if d["metadata"]["name"] == "ctr-gateway"]
+    assert _selects(peer["podSelector"], gw["spec"]["template"]["metadata"]["labels"])
+    others = [d for d in docs("Deployment") if d["metadata"]["name"] != "ctr-gateway"]
+    assert not any(_selects(peer["podSelector"], d["spec"]["template"]["metadata"]["labels"]) for d in others)
+    assert rule["ports"] == [{"protocol": "TCP", "port": 3000}]
 
 
 def test_local_args_point_service_urls_at_local_ports() -> None:

@@ -108,10 +108,12 @@ def test_model_info_reports_metrics(gateway: Server) -> None:
 def test_side_services_serve_on_their_own(
     small_setup: dict[str, str], target: str, path: str, body: dict, key: str
 ) -> None:
-    """FallbackService and FeatureService each start alone and answer their API."""
-    server = Server(target, small_setup)
+    """FallbackService and FeatureService each start alone and answer their API to a caller
+    holding the internal token (CTR_INTERNAL_TOKEN), and 401 to one without it."""
+    server = Server(target, {**small_setup, "CTR_INTERNAL_TOKEN": "side-token"})
     try:
-        r = httpx.post(server.url + path, json=body, timeout=10)
+        assert httpx.post(server.url + path, json=body, timeout=10).status_code == 401
+        r = httpx.post(server.url + path, json=body, headers={"x-ctr-internal-token": "side-token"}, timeout=10)
         assert r.status_code == 200, r.text
         assert key in r.json()
     finally:

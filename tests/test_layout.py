@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.resilience",),
     ("ctr.features",),
     ("ctr.model",),
-    ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi"),
+    ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
     ("ctr.serving",),
     ("ctr.api.routes",),
     ("ctr.bench", "ctr.ship", "ctr.cli"),

@@ -29,7 +29,7 @@ from ctr.api import openapi, request_id
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
-from ctr.serving.gateway import Gateway
+from ctr.serving.overload import Admission, Overloaded
 
 JSON = "application/json"
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -64,7 +64,7 @@ async def read_body(request: Request) -> bytes:
 
 
 async def predict(request: Request) -> Response:
-    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    gateway: Admission | None = getattr(request.app.state, "gateway", None)
     if gateway is None:
         return _json({"error": "the gateway is starting; retry shortly"}, 503)
     try:
@@ -72,7 +72,11 @@ async def predict(request: Request) -> Response:
     except BadRequest as exc:
         metrics.REQUESTS.labels("bad_request").inc()
         return _error(exc)
-    result = await gateway.predict(req)
+    try:
+        result = await gateway.predict(req)
+    except Overloaded as exc:
+        body = orjson.dumps({"error": str(exc)})
+        return Response(body, 503, {"retry-after": str(exc.retry_after_s)}, media_type=JSON)
     signed = request_id.issue(result.arm, result.model_version, request.app.state.request_id_key, time.time())
     client_id = request.headers.get("x-request-id")  # echoed as a header only, to join the client's logs
     headers = {"x-request-id": client_id} if client_id else None
@@ -138,8 +142,8 @@ async def openapi_json(request: Request) -> Response:
 
 
 def make_app() -> Starlette:
-    """Set `app.state.gateway`, `.max_ads`, `.writer`, `.admin_token`, `.request_id_key`,
-    `.max_body_bytes` and `.model_info` before serving."""
+    """Set `app.state.gateway` (an `Admission` around the Gateway), `.max_ads`, `.writer`,
+    `.admin_token`, `.request_id_key`, `.max_body_bytes` and `.model_info` before serving."""
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -60,36 +61,63 @@ def _stages_line(rows: list[loadgen.LevelResult]) -> str:
     return "\n".join(lines)
 
 
-def run(settings: Settings, url: str, levels: list[int], duration: float, n_ads: int, peers: bool, out: Path) -> str:
+OPEN_SHARES = (0.5, 0.7, 0.9, 1.1)  # open-loop rates, as shares of the best closed-loop model-scored rps
+
+
+def open_rates(rows: list[loadgen.LevelResult], shares: tuple[float, ...] = OPEN_SHARES) -> list[float]:
+    """Open-loop arrival rates around the closed loop's best model-scored rps at p99 <= 50 ms."""
+    best = best_rps([asdict(r) for r in rows]) or max((r.model_rps for r in rows), default=0.0)
+    return [round(best * k) for k in shares if best * k >= 1]
+
+
+def run(
+    settings: Settings,
+    url: str,
+    levels: list[int],
+    duration: float,
+    n_ads: int,
+    peers: bool,
+    out: Path,
+    rates: list[float] | None = None,
+) -> str:
+    """Closed-loop levels, then open-loop rates (`rates`, or shares of the best closed-loop
+    model-scored rps when None; [] for none), beside the peer and the in-process limit."""
     lines = []
     if peers and settings.redis_url:
         _fill_l2(settings)
     with serving(url) as proc:
-        if proc is None:
-            rows, peak = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir), None
-        else:
-            with PeakRss(proc.pid) as rss:
-                rows = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
-            peak = rss.peak
-    lines += [f"ctr-serve (BentoML, 4 services), 1 user x {n_ads} ads:", loadgen.format_table(rows), "",
-              _stages_line(rows)]  # fmt: skip
+        rss = PeakRss(proc.pid) if proc is not None else None
+        with rss or contextlib.nullcontext():
+            rows = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+            rates = open_rates(rows) if rates is None else rates
+            open_rows = loadgen.run_rates(url, rates, duration, n_ads, settings.data_dir) if rates else []
+        peak = rss.peak if rss is not None else None
+    lines += [f"ctr-serve (BentoML, 4 services), 1 user x {n_ads} ads, closed loop (c workers):",
+              loadgen.format_table(rows), "", _stages_line(rows)]  # fmt: skip
+    if open_rows:
+        lines += ["", "open loop (fixed arrival rate; latency from the scheduled send time):",
+                  loadgen.format_table(open_rows, stages=False)]  # fmt: skip
     if peak is not None:
         lines.append(f"\npeak RSS of the whole service graph (4 services): {peak / 2**20:.0f} MiB")
-    result: dict[str, object] = {"n_ads": n_ads, "levels": [asdict(r) for r in rows], "peak_rss_bytes": peak}
+    result: dict[str, object] = {"n_ads": n_ads, "levels": [asdict(r) for r in rows],
+                                 "open_levels": [asdict(r) for r in open_rows], "peak_rss_bytes": peak}  # fmt: skip
+    best = best_rps([asdict(r) for r in rows])
+    best_open = f"; open loop: {best_rps([asdict(r) for r in open_rows]):.0f} rps" if open_rows else ""
+    lines.append(f"\nbest model-scored throughput at p99 <= 50 ms, closed loop: {best:.0f} rps{best_open}")
     if peers and settings.redis_url:
         from ctr.bench.peer import run_inprocess
 
         peer_rows = _peer_levels(settings, levels, duration, n_ads)
         bodies = loadgen.Traffic(settings.data_dir, n_ads).bodies(2000)
         limit_rps, limit_p99 = run_inprocess(settings, bodies, duration)
-        best, best_peer = best_rps([asdict(r) for r in rows]), best_rps([asdict(r) for r in peer_rows])
-        lines += ["", "monolith peer (FastAPI + uvicorn, one MGET, model per request):",
+        best_peer = best_rps([asdict(r) for r in peer_rows])
+        lines += ["", "monolith peer (FastAPI + uvicorn, one MGET, model per request), closed loop:",
                   loadgen.format_table(peer_rows), "",
                   f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "
                   f"({limit_rps * n_ads:,.0f} candidates/s), p99 {limit_p99:.2f} ms", "",
-                  f"best throughput at p99 <= 50 ms: ctr-serve {best:.0f} rps, peer {best_peer:.0f} rps, "
-                  f"ratio {best / best_peer if best_peer else float('nan'):.2f}",
-                  f"served candidates/s at p99 <= 50 ms / in-process limit: {best / limit_rps:.0%}"]  # fmt: skip
+                  f"best model-scored throughput at p99 <= 50 ms (closed loop): ctr-serve {best:.0f} rps, "
+                  f"peer {best_peer:.0f} rps, ratio {best / best_peer if best_peer else float('nan'):.2f}",
+                  f"model-scored candidates/s at p99 <= 50 ms / in-process limit: {best / limit_rps:.0%}"]  # fmt: skip
         result.update(peer=[asdict(r) for r in peer_rows], inprocess_rps=limit_rps)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,4 +1,15 @@
-"""A bounded closed-loop load generator for /predict (loopback targets only)."""
+"""A bounded load generator for /predict (loopback targets only), closed or open loop.
+
+Closed loop: `c` workers, each sending its next request when the last one answered; its
+latencies understate the tail past saturation (a slow answer also delays the next send).
+Open loop: requests are scheduled at a fixed arrival rate and each latency is measured
+from its *scheduled* send time, so time spent waiting behind a slow server (or a busy
+generator) counts, as a real client population sees it (wrk2's correction for
+coordinated omission).
+
+Only model-scored answers (200, `fallback: false`) count as throughput; fallback answers
+(200, `fallback: true`) and errors are counted apart.
+"""
 
 from __future__ import annotations
 
@@ -34,24 +45,38 @@ def check_loopback(url: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class LevelResult:
-    concurrency: int
+    mode: str  # "closed" (concurrency workers) or "open" (fixed arrival rate)
+    concurrency: int  # closed: workers; open: most connections
+    offered_rps: float  # open: the scheduled arrival rate; closed: 0
+    sent_rps: float  # requests sent per second (open: below offered when the generator fell behind)
     requests: int
-    ok: int
-    rps: float
+    model_scored: int  # 200 with fallback false: the only answers counted as throughput
+    fallback: int  # 200 with fallback true
+    shed: int  # of the fallbacks, those shed at the concurrency limit (degraded overload:shed)
+    non_200: int  # other statuses and connection errors
+    model_rps: float
+    fallback_rps: float
     p50_ms: float
     p99_ms: float
-    non_200: int
-    fallback: int
+    p999_ms: float
+    max_ms: float
     stage_ms: dict[str, float]
+
+    @property
+    def fallback_share(self) -> float:
+        return self.fallback / self.requests if self.requests else float("nan")
 
 
 _STAGE = re.compile(r'^ctr_stage_latency_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', re.M)
 
 
 async def _stages(session: aiohttp.ClientSession, url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each stage's latency from the gateway's /metrics."""
-    async with session.get(url + "/metrics") as r:
-        text = await r.text()
+    """(sum, count) of each stage's latency from the gateway's /metrics (none when it does not answer)."""
+    try:
+        async with session.get(url + "/metrics") as r:
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):  # an overloaded server: the stage columns stay empty
+        return {}
     out: dict[str, list[float]] = {}
     for kind, stage, value in _STAGE.findall(text):
         out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
@@ -102,25 +127,62 @@ class Traffic:
         return out
 
 
+class _Tally:
+    """Latencies and outcomes of one level."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.model = self.fallback = self.shed = self.errors = 0
+
+    def add(self, latency_s: float, status: int, body: bytes) -> None:
+        self.lat.append(latency_s)
+        if status != 200:
+            self.errors += 1
+        elif b'"fallback":true' in body:
+            self.fallback += 1
+            self.shed += b"overload:shed" in body
+        else:
+            self.model += 1
+
+    def result(self, mode: str, c: int, offered: float, elapsed: float, stage_ms: dict[str, float]) -> LevelResult:
+        arr = np.array(self.lat) * 1000
+
+        def pct(q: float) -> float:
+            return float(np.percentile(arr, q)) if len(arr) else float("nan")
+
+        n = len(self.lat)
+        return LevelResult(mode=mode, concurrency=c, offered_rps=offered, sent_rps=n / elapsed, requests=n,
+                           model_scored=self.model, fallback=self.fallback, shed=self.shed, non_200=self.errors,
+                           model_rps=self.model / elapsed, fallback_rps=self.fallback / elapsed, p50_ms=pct(50),
+                           p99_ms=pct(99), p999_ms=pct(99.9), max_ms=float(arr.max()) if n else float("nan"),
+                           stage_ms=stage_ms)  # fmt: skip
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
+    try:
+        async with session.post(url + "/predict", data=body) as r:
+            return r.status, await r.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return 0, b""
+
+
+def _session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=aiohttp.ClientTimeout(total=10),
+                                 headers={"content-type": "application/json"})  # fmt: skip
+
+
 async def _level(url: str, c: int, duration_s: float, bodies: list[bytes]) -> LevelResult:
-    lat: list[float] = []
-    codes: list[int] = []
-    fallbacks = 0
+    """Closed loop: `c` workers for `duration_s`."""
+    tally = _Tally()
     stop = time.perf_counter() + duration_s
-    conn = aiohttp.TCPConnector(limit=c)
-    async with aiohttp.ClientSession(connector=conn, headers={"content-type": "application/json"}) as session:
+    async with _session(c) as session:
 
         async def worker(k: int) -> None:
-            nonlocal fallbacks
             i = k
-            while time.perf_counter() < stop and len(lat) < MAX_REQUESTS_PER_LEVEL:
+            while time.perf_counter() < stop and len(tally.lat) < MAX_REQUESTS_PER_LEVEL:
                 t0 = time.perf_counter()
-                async with session.post(url + "/predict", data=bodies[i % len(bodies)]) as r:
-                    body = await r.read()
-                lat.append(time.perf_counter() - t0)
-                codes.append(r.status)
-                if r.status == 200 and b'"fallback":true' in body:
-                    fallbacks += 1
+                status, body = await _post(session, url, bodies[i % len(bodies)])
+                tally.add(time.perf_counter() - t0, status, body)
                 i += c
 
         before = await _stages(session, url)
@@ -128,25 +190,41 @@ async def _level(url: str, c: int, duration_s: float, bodies: list[bytes]) -> Le
         await asyncio.gather(*(worker(k) for k in range(c)))
         elapsed = time.perf_counter() - t0
         stage_ms = _stage_means(before, await _stages(session, url))
-    arr = np.array(lat) * 1000
-    ok = sum(1 for s in codes if s == 200)
-    return LevelResult(
-        concurrency=c,
-        requests=len(codes),
-        ok=ok,
-        rps=ok / elapsed,
-        p50_ms=float(np.percentile(arr, 50)) if len(arr) else float("nan"),
-        p99_ms=float(np.percentile(arr, 99)) if len(arr) else float("nan"),
-        non_200=len(codes) - ok,
-        fallback=fallbacks,
-        stage_ms=stage_ms,
-    )
+    return tally.result("closed", c, 0.0, elapsed, stage_ms)
+
+
+async def open_level(
+    url: str, rate: float, duration_s: float, bodies: list[bytes], max_conns: int = 512
+) -> LevelResult:
+    """Open loop: one request every 1/`rate` s for `duration_s`, latency from its scheduled time."""
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    tally = _Tally()
+    n = min(int(rate * duration_s), MAX_REQUESTS_PER_LEVEL)
+    async with _session(max_conns) as session:
+
+        async def one(i: int, scheduled: float) -> None:
+            status, body = await _post(session, url, bodies[i % len(bodies)])
+            tally.add(time.perf_counter() - scheduled, status, body)
+
+        before = await _stages(session, url)
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            scheduled = t0 + i / rate
+            if (wait := scheduled - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(i, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = max(time.perf_counter() - t0, n / rate)
+        stage_ms = _stage_means(before, await _stages(session, url))
+    return tally.result("open", max_conns, rate, elapsed, stage_ms)
 
 
 def run_levels(
     url: str, levels: list[int], duration_s: float, n_ads: int, data_dir: Path, warm_up: bool = True
 ) -> list[LevelResult]:
-    """One bounded run per concurrency level, after a short warm-up."""
+    """One bounded closed-loop run per concurrency level, after a short warm-up."""
     check_loopback(url)
     bodies = Traffic(data_dir, n_ads).bodies(2000)
 
@@ -158,16 +236,29 @@ def run_levels(
     return asyncio.run(go())
 
 
-def format_table(rows: list[LevelResult]) -> str:
-    stages = ("features", "transform", "inference", "request")
-    head = "| concurrency | requests | ok rps | p50 ms | p99 ms | non-200 | fallback | " + " | ".join(
-        f"{s} ms (mean)" for s in stages
-    )
-    lines = [head + " |", "|---" * (7 + len(stages)) + "|"]
+def run_rates(url: str, rates: list[float], duration_s: float, n_ads: int, data_dir: Path) -> list[LevelResult]:
+    """One bounded open-loop run per arrival rate (requests/s)."""
+    check_loopback(url)
+    bodies = Traffic(data_dir, n_ads, seed=2).bodies(2000)
+
+    async def go() -> list[LevelResult]:
+        return [await open_level(url, r, duration_s, bodies) for r in rates]
+
+    return asyncio.run(go())
+
+
+def format_table(rows: list[LevelResult], stages: bool = True) -> str:
+    """One row per level: model-scored and fallback answers apart, p50/p99/p99.9/max."""
+    names = ("features", "transform", "inference", "request") if stages else ()
+    head = ("| load | requests | model-scored rps | fallback rps | fallback share | of which shed | non-200 | p50 ms "
+            "| p99 ms | p99.9 ms | max ms |")  # fmt: skip
+    head += "".join(f" {s} ms (mean) |" for s in names)
+    lines = [head, "|---" * (11 + len(names)) + "|"]
     for r in rows:
-        means = " | ".join(f"{r.stage_ms.get(s, float('nan')):.2f}" for s in stages)
+        load = f"c={r.concurrency}" if r.mode == "closed" else f"{r.offered_rps:.0f}/s (sent {r.sent_rps:.0f}/s)"
+        means = "".join(f" {r.stage_ms.get(s, float('nan')):.2f} |" for s in names)
         lines.append(
-            f"| {r.concurrency} | {r.requests} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.non_200} "
-            f"| {r.fallback} | {means} |"
+            f"| {load} | {r.requests} | {r.model_rps:.0f} | {r.fallback_rps:.0f} | {r.fallback_share:.1%} "
+            f"| {r.shed} | {r.non_200} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p999_ms:.2f} | {r.max_ms:.2f} |{means}"
         )
     return "\n".join(lines)

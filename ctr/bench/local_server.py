@@ -51,10 +51,11 @@ def wait_ready(url: str, timeout_s: float = 240.0, proc: subprocess.Popen[bytes]
 
 @contextmanager
 def serving(
-    url: str, timeout_s: float = 180.0, cmd: list[str] | None = None
+    url: str, timeout_s: float = 180.0, cmd: list[str] | None = None, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes] | None]:
     """Yield the server process this started (None when one already answered); stop it,
-    with its whole process group, after. `cmd` defaults to the whole service graph."""
+    with its whole process group, after. `cmd` defaults to the whole service graph; `env`
+    is added to this process's environment."""
     check_loopback(url)
     if ready(url):
         yield None
@@ -65,12 +66,13 @@ def serving(
         cmd = [str(exe), "serve", "service:CTRGateway", "--host", u.hostname or "127.0.0.1",
                "--port", str(u.port or 80)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, env={**os.environ, **(env or {})})  # fmt: skip
     try:
         wait_ready(url, timeout_s, proc)
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited (a failed start)
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -80,7 +80,10 @@ def service_workers(root_pid: int) -> dict[str, int]:
     """BentoML worker processes under the `bentoml serve` process, by service name."""
     out = {}
     for child in psutil.Process(root_pid).children(recursive=True):
-        cmd = child.cmdline()
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:  # gone, or a zombie not reaped yet (a worker that was just killed)
+            continue
         if "--service-name" in cmd:
             out[cmd[cmd.index("--service-name") + 1]] = child.pid
     return out
@@ -104,7 +107,9 @@ def run(settings: Settings, url: str, concurrency: int, duration_s: float, n_ads
         rows = loadgen.run_levels(url, [concurrency], duration_s + 1.0, n_ads, settings.data_dir, warm_up=False)
         for spy in spies.values():
             spy.wait(60)
-    lines = [f"load: c={concurrency}, {rows[0].rps:.0f} rps, p99 {rows[0].p99_ms:.1f} ms; raw stacks in {out}/", ""]
+    r = rows[0]
+    lines = [f"load: c={concurrency}, {r.model_rps:.0f} model-scored rps ({r.fallback} fallbacks), "
+             f"p99 {r.p99_ms:.1f} ms; raw stacks in {out}/", ""]  # fmt: skip
     for name in spies:
         raw = out / f"{name}.txt"
         total, by_package = summarize(raw.read_text().splitlines() if raw.exists() else [])

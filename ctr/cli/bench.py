@@ -29,13 +29,39 @@ def bench() -> None:
     show_default=True,
     help="Also measure the monolith peer and the in-process limit.",
 )
+@click.option(
+    "--rates",
+    default="auto",
+    show_default=True,
+    help="Open-loop arrival rates (requests/s, comma-separated); auto: 50/70/90/110 % of the closed loop's "
+    "best model-scored rps; none: closed loop only.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
-def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bool, out: Path) -> None:
-    """Drive POST /predict with 1 user x N ads (Zipf users and ads) at several concurrency levels;
-    print p50/p99/rps and the stage breakdown, beside a monolith peer and the in-process limit."""
+def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bool, rates: str, out: Path) -> None:
+    """Drive POST /predict with 1 user x N ads (Zipf users and ads) at several concurrency levels
+    (closed loop), then at fixed arrival rates (open loop); print model-scored and fallback
+    rps apart, p50/p99/p99.9/max and the stage breakdown, beside a monolith peer and the
+    in-process limit."""
     from ctr.bench import e2e
 
-    click.echo(e2e.run(_settings(), url, [int(c) for c in concurrency.split(",")], duration, n_ads, peers, out))
+    levels = [int(c) for c in concurrency.split(",")]
+    open_rates = None if rates == "auto" else [] if rates == "none" else [float(r) for r in rates.split(",")]
+    click.echo(e2e.run(_settings(), url, levels, duration, n_ads, peers, out, open_rates))
+
+
+@bench.command("overload")
+@click.option("--port", type=int, default=0, help="Where to start each service (default: a free port).")
+@click.option("--duration", type=float, default=8.0, show_default=True, help="Seconds per level.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option("--factors", default="2,4", show_default=True, help="Multiples of the measured saturation rate.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_overload.json"), show_default=True)
+def bench_overload(port: int, duration: float, n_ads: int, factors: str, out: Path) -> None:
+    """Past saturation, before and after the concurrency limit: the service started with
+    CTR_LIMIT=off, then with the default limit (and CTR_OVERLOAD=reject); open loop at each
+    multiple of the saturation rate (measured first); p99, model-scored rps, fallback share."""
+    from ctr.bench import overload
+
+    click.echo(overload.run(_settings(), port, duration, n_ads, [float(f) for f in factors.split(",")], out))
 
 
 @bench.command("profile")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ctr.settings import Settings
+from ctr.settings import Settings, redact_url
 from models.data import DataConfig
 
 
@@ -46,7 +46,7 @@ def setup(force: bool, max_epochs: int | None, **data_cfg: Any) -> None:
     steps.ensure_data(s.data_dir, force=force, **data_cfg)
     tag = steps.ensure_model(s.data_dir, s.model_tag, force=force, **_epochs(max_epochs))
     load.ensure_features(s, force=force)
-    click.echo(f"ready: model {tag}, data {s.data_dir}, features {s.resolved_database_url}")
+    click.echo(f"ready: model {tag}, data {s.data_dir}, features {redact_url(s.resolved_database_url)}")
 
 
 def _epochs(max_epochs: int | None) -> dict[str, int]:

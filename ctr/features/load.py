@@ -11,7 +11,7 @@ import numpy as np
 
 from ctr.features import schema
 from ctr.features.stack import open_origin
-from ctr.settings import Settings
+from ctr.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 LOADER_VERSION = 2  # bump when the loader writes something new (2: the warm set)
@@ -43,7 +43,7 @@ async def _load_features(settings: Settings, force: bool) -> int:
     db = open_origin(settings.resolved_database_url)
     try:
         if not force and await db.get_meta("data_fingerprint") == f"{fp}/{LOADER_VERSION}":
-            log.info("feature database %s already loaded from %s", settings.resolved_database_url, fp)
+            log.info("feature database %s already loaded from %s", redact_url(settings.resolved_database_url), fp)
             return 0
         users, ads = list(_user_rows(arrays)), list(_ad_rows(arrays))
         n = await db.put_many(schema.USER_STATIC, [(u, s) for u, s, _ in users])
@@ -53,7 +53,7 @@ async def _load_features(settings: Settings, force: bool) -> int:
         for kind, items in warm_set_from_log(arrays).items():
             await db.put_warm_set(kind, items)
         await db.set_meta("data_fingerprint", f"{fp}/{LOADER_VERSION}")
-        log.info("loaded %d feature rows into %s", n, settings.resolved_database_url)
+        log.info("loaded %d feature rows into %s", n, redact_url(settings.resolved_database_url))
         return n
     finally:
         await db.close()

@@ -49,8 +49,9 @@ def checked(call: ModelCall) -> ModelCall:
 class BinaryModelClient:
     """POST /infer over one keep-alive connection pool (made on first use, in the loop)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         u = urlparse(url)
+        self._headers = dict(headers or {})  # e.g. the internal token (ctr.api.internal)
         self._unix = u.path if u.scheme == "file" else None
         self._base = f"http://{u.netloc}" if u.scheme in ("tcp", "http") else "http://127.0.0.1"
         if u.scheme == "https":
@@ -65,7 +66,7 @@ class BinaryModelClient:
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype="<i8")
-        headers = {SHAPE: f"{x.shape[0]},{x.shape[1]}", "content-type": "application/octet-stream"}
+        headers = {**self._headers, SHAPE: f"{x.shape[0]},{x.shape[1]}", "content-type": "application/octet-stream"}
         async with self._get().post("/infer", data=x.tobytes(), headers=headers) as r:
             if r.status != 200:
                 raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message=await r.text())
@@ -86,9 +87,10 @@ class ModelClient:
     the dependency has a URL and `hop` is "binary"; BentoML's client otherwise (in-process
     outside a server, or CTR_MODEL_HOP=bentoml)."""
 
-    def __init__(self, resolve: Resolver, hop: str = "binary") -> None:
+    def __init__(self, resolve: Resolver, hop: str = "binary", headers: dict[str, str] | None = None) -> None:
         self._resolve = resolve
         self._hop = hop
+        self._headers = headers
         self._call: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
         self._binary: BinaryModelClient | None = None
 
@@ -96,7 +98,7 @@ class ModelClient:
         if self._call is None:
             url, bentoml_call = self._resolve()
             if self._hop == "binary" and url:
-                self._binary = BinaryModelClient(url)
+                self._binary = BinaryModelClient(url, self._headers)
                 self._call = self._binary
             else:
                 self._call = bentoml_call

@@ -16,12 +16,14 @@ from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded
+from ctr.resilience.limit import AimdLimit
 from ctr.resilience.retry import Retrier, RetryBudget
 from ctr.serving.coalesce import ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway, Model
 from ctr.serving.model_client import InvalidAnswer
+from ctr.serving.overload import Admission
 from ctr.serving.pool import (
     CallReplica,
     FixedSource,
@@ -40,7 +42,7 @@ IN_GRAPH = "in-graph"
 
 
 def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int = 16, name: str = "model",
-               urls: str | None = None) -> ModelPool:  # fmt: skip
+               urls: str | None = None, headers: dict[str, str] | None = None) -> ModelPool:  # fmt: skip
     """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
     empty, the in-graph CTRModel reached through `in_graph` as the pool's one replica."""
     spec = settings.model_urls if urls is None else urls
@@ -56,7 +58,7 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
     def factory(url: str) -> Replica:
         if url == IN_GRAPH and in_graph is not None:
             return CallReplica(IN_GRAPH, in_graph, width)
-        return HttpReplica(url)
+        return HttpReplica(url, headers)
 
     config = PoolConfig(
         policy=settings.lb_policy, deadline_s=settings.deadline_ms / 1000.0,
@@ -110,6 +112,12 @@ async def warm_pool(pool: ModelPool, width: int, deadline_s: float, round_s: flo
         done = await asyncio.gather(*(warm_model(m.replica.infer, width, deadline_s, round_s) for m in pool.members))
         if any(done):
             return
+
+
+def admission(settings: Settings, gw: Gateway) -> Admission:
+    """The edge of /predict: the adaptive concurrency limit (CTR_LIMIT) and what a shed request gets."""
+    limiter = AimdLimit.from_settings(settings) if settings.limit == "aimd" else None
+    return Admission(gw, limiter, settings.overload)
 
 
 async def warm_model(

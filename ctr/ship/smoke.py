@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import time
 import urllib.error
@@ -103,14 +104,17 @@ def smoke_distributed(ref: str | None = None) -> dict[str, Any]:
     port = free_port()
     pod = f"ctr-dist-{os.getpid()}-{port}"
     env = podman_env()
+    # The Secret's internal token, shared by the pod's services (ctr/api/internal.py); without
+    # it each standalone service would draw its own and refuse the gateway.
+    token = {"CTR_INTERNAL_TOKEN": secrets.token_urlsafe(32)}
     t0 = time.monotonic()
     sh(["podman", "pod", "create", "--name", pod, "-p", f"127.0.0.1:{port}:3000"], env=env, stdout=subprocess.DEVNULL)
     try:
         for name, c in manifest_containers().items():
             if name not in LOCAL_PORTS:  # the canary track runs the next version's image
                 continue
-            envs = {"BENTOML_PORT": str(LOCAL_PORTS[name]), **SMOKE_ENV}
-            envs |= {e["name"]: e["value"] for e in c.get("env", [])}
+            envs = {"BENTOML_PORT": str(LOCAL_PORTS[name]), **SMOKE_ENV, **token}
+            envs |= {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
             cmd = ["podman", "run", "-d", "--pod", pod, "--name", f"{pod}-{name}"]
             cmd += [f"-e{k}={v}" for k, v in envs.items()]
             sh([*cmd, ref, *local_args(c["args"])], env=env, stdout=subprocess.DEVNULL)

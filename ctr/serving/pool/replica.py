@@ -34,10 +34,10 @@ class Replica(Protocol):
 class HttpReplica:
     """A CTRModel process reached over HTTP."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
         self.name = self.url.split("://", 1)[-1]
-        self._client = BinaryModelClient(self.url)
+        self._client = BinaryModelClient(self.url, headers)  # headers: the internal token (ctr.api.internal)
         self._probe: aiohttp.ClientSession | None = None  # its own connection: probes never queue behind calls
 
     async def infer(self, x: np.ndarray) -> np.ndarray:

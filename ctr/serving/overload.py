@@ -1,0 +1,76 @@
+"""Admission at the edge: past the adaptive concurrency limit a request is answered at once.
+
+Without a bound, past saturation every request waited out its deadline inside the gateway
+before the fallback answered it: every answer was late and the queue grew. `Admission`
+wraps `Gateway.predict`: a request above the limit (ctr.resilience.limit) gets no features
+and no model call. With CTR_OVERLOAD=fallback (default) it is answered from the segment
+table held in this process (200, `fallback: true`, `degraded: ["overload:shed"]`); with
+CTR_OVERLOAD=reject it gets 503 and Retry-After (the route raises `Overloaded`'s answer).
+The requests it admits stay inside the deadline, and their outcomes steer the limit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from ctr import metrics
+from ctr.api.contract import PredictRequest
+from ctr.resilience.limit import AimdLimit
+from ctr.serving.gateway import Gateway, Prediction
+
+SHED = "overload:shed"
+# Degradations that mean "the request ran out of time": the congestion signal.
+LATE = frozenset({"model:timeout", "model:deadline", "features:timeout:default"})
+
+
+class Overloaded(Exception):
+    """Shed with CTR_OVERLOAD=reject: answer 503 with Retry-After."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"overloaded; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    def __init__(
+        self,
+        gateway: Gateway,
+        limiter: AimdLimit | None,
+        mode: Literal["fallback", "reject"] = "fallback",
+        retry_after_s: int = 1,
+    ) -> None:
+        if mode not in ("fallback", "reject"):
+            raise ValueError(f"mode must be 'fallback' or 'reject', got {mode!r}")
+        self.gateway, self.limiter, self.mode, self.retry_after_s = gateway, limiter, mode, retry_after_s
+
+    async def predict(self, req: PredictRequest, request_id: str | None = None) -> Prediction:
+        if self.limiter is None:
+            return await self.gateway.predict(req, request_id)
+        lease = self.limiter.try_acquire()
+        if lease is None:
+            return self.shed(req, request_id)
+        try:
+            result = await self.gateway.predict(req, request_id)
+        except BaseException:
+            lease.ignore()
+            raise
+        flags = set(result.degraded)
+        if flags & LATE:
+            lease.dropped()
+        elif any(f.startswith("model:") for f in flags):  # failed fast (unreachable, breaker, bad answer)
+            lease.ignore()
+        else:
+            lease.success()
+        return result
+
+    def shed(self, req: PredictRequest, request_id: str | None) -> Prediction:
+        """The answer to a request above the limit: the segment table, or Overloaded."""
+        if self.mode == "reject":
+            metrics.REQUESTS.labels("rejected").inc()
+            raise Overloaded(self.retry_after_s)
+        metrics.REQUESTS.labels("shed").inc()
+        metrics.FALLBACKS.labels(SHED).inc()
+        scores = self.gateway.fallback.table.scores(req.context.model_dump(), len(req.ad_ids))
+        version = f"fallback:{self.gateway.model_version}"
+        return Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", True, [SHED])
