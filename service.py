@@ -27,6 +27,7 @@ from ctr.serving.model_client import ModelClient
 from ctr.settings import Settings
 
 SETTINGS = Settings()
+wiring.observability(SETTINGS)
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 
 # Measured pitfalls (notes/bentoml.md): access logging costs ~14 % of throughput and most
@@ -81,6 +82,7 @@ class FeatureService:
     stored = MODEL
 
     def __init__(self) -> None:
+        wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
         art = modelstore.artifacts(str(self.stored.tag))
         self.stack = feature_stack.features(SETTINGS)
         self.lookup = self.stack.lookup
@@ -150,6 +152,7 @@ class CTRGateway:
     fallback_service = bentoml.depends(FallbackService)
 
     def __init__(self) -> None:
+        wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
         self.art = modelstore.artifacts(str(self.stored.tag))
         self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop)
         self.stack = feature_stack.features(SETTINGS)
@@ -159,6 +162,7 @@ class CTRGateway:
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer
         predict_app.state.admin_token = SETTINGS.admin_token
+        self.status = wiring.status_board(self.gateway, self.stack, workers=1)  # the @bentoml.service's workers
 
     @bentoml.on_startup
     async def warm_caches(self) -> None:
@@ -167,6 +171,8 @@ class CTRGateway:
             await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
         wiring.settle_gc()
         predict_app.state.gateway = self.gateway
+        predict_app.state.status = self.status
+        self._ticker = wiring.start_ticker(self.status)
         # BentoML's clients of dependencies only work once this server runs: warm the model
         # in the background and keep /readyz at 503 until it is done.
         width = len(self.art.architecture["cardinalities"])
@@ -177,6 +183,7 @@ class CTRGateway:
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        self._ticker.cancel()
         await self.model_client.close()
         await feature_stack.close(self.stack)
 

@@ -9,6 +9,7 @@ IO-descriptor machinery (notes/bentoml.md: about 1.5-1.8 ms of CPU per request).
 from __future__ import annotations
 
 import hmac
+import time
 
 import orjson
 from starlette.applications import Starlette
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ctr import metrics
+from ctr.api import status
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
@@ -38,7 +40,12 @@ async def predict(request: Request) -> Response:
     except BadRequest as exc:
         metrics.REQUESTS.labels("bad_request").inc()
         return Response(exc.body(), exc.status, media_type=JSON)
-    result = await gateway.predict(req, request.headers.get("x-request-id"))
+    t0 = time.perf_counter()
+    try:
+        result = await gateway.predict(req, request.headers.get("x-request-id"))
+    except Exception:  # answered 500 by Starlette; counted against availability first
+        gateway.failed(time.perf_counter() - t0)
+        raise
     return _json(result)
 
 
@@ -77,11 +84,13 @@ async def admin_features(request: Request) -> Response:
 
 
 def make_app() -> Starlette:
-    """Set `app.state.gateway`, `.max_ads`, `.writer` and `.admin_token` before serving."""
+    """Set `app.state.gateway`, `.max_ads`, `.writer`, `.admin_token` and `.status` (a
+    StatusBoard, for /status and /status.json) before serving."""
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),
             Route("/feedback", feedback, methods=["POST"]),
             Route("/admin/features", admin_features, methods=["POST"]),
+            *status.ROUTES,
         ]
     )

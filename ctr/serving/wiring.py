@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
+from ctr.observe import log as obslog
+from ctr.observe import sli
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
 from ctr.resilience.retry import Retrier, RetryBudget
@@ -16,6 +19,7 @@ from ctr.serving.coalesce import Coalescer, ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway
+from ctr.serving.status import Sources, StatusBoard
 from ctr.settings import Settings
 
 
@@ -51,6 +55,32 @@ def gateway(
         window_s=settings.batch_window_ms / 1000.0,
     )
     return Gateway(provider, coalescer, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+
+
+def observability(settings: Settings) -> None:
+    """Logs in CTR_LOG_FORMAT at CTR_LOG_LEVEL; the process's SLO objectives and fallback bursts."""
+    obslog.configure(settings.log_format, settings.log_level)
+    sli.RECORDER.configure(
+        sli.Objectives(
+            settings.slo_availability, settings.slo_model_scored, settings.slo_p99_ms, settings.slo_burn_page
+        )
+    )
+    sli.RECORDER.enabled = settings.sli
+    obslog.BURSTS.gap_s = settings.fallback_burst_gap_s
+
+
+def status_board(gw: Gateway, stack: FeatureStack | None, workers: int = 1) -> StatusBoard:
+    """The status page's panels over this process's gateway, feature store and write-behind stream."""
+    store = None if stack is None else stack.store
+    stream = None if stack is None else stack.writer.redis
+    return StatusBoard(Sources(gw.sli, gw, store, stream, workers))
+
+
+def start_ticker(board: StatusBoard) -> asyncio.Task[None]:
+    """Once a second: the SLI gauges, the cache-rate samples, the end of fallback bursts."""
+    gw = board.sources.gateway
+    bursts = getattr(gw, "bursts", obslog.BURSTS)
+    return asyncio.create_task(sli.run_ticker(board.sources.recorder, board.tick, bursts.tick))
 
 
 async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
