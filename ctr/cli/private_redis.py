@@ -1,6 +1,6 @@
 """`make serve` on a bare machine: a private Redis (L2) when none answers at the default URL.
 
-    python -m ctr.cli.private_redis COMMAND...   (the Makefile's serve target)
+    python -m ctr.cli.private_redis [--default-url URL] COMMAND...   (the Makefile's serve target)
 
 - `CTR_REDIS_URL` set (even empty): the command runs as it is; empty runs without L2.
 - left at its default and a Redis answers there: the command uses it.
@@ -148,13 +148,16 @@ def run(cmd: list[str], env: Mapping[str, str] | None = None, default_url: str =
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    default_url = DEFAULT_URL
+    if args[:1] == ["--default-url"] and len(args) > 1:  # where to look (tests: a port nobody uses)
+        default_url, args = args[1], args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python -m ctr.cli.private_redis COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m ctr.cli.private_redis [--default-url URL] COMMAND [ARGS...]", file=sys.stderr)
         return 2
     try:
-        return run(args)
+        return run(args, default_url=default_url)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         print(f"L2: error: {exc}", file=sys.stderr)
         return 1

@@ -94,6 +94,10 @@ def rollout_decision(phase: str, share: float, decision: str, reason: str = "", 
     _events.log(level, "rollout decision", phase=phase, share=share, decision=decision, reason=reason, **estimates)
 
 
+_requests = get("ctr.requests")
+_REQUESTS_STDLIB = logging.getLogger("ctr.requests")
+
+
 def request(request_id: str, arm: str, model_version: str, degraded: list[str], latency_ms: float) -> None:
     """A request's line: DEBUG only (callers check `request_logging()` first, it is the hot path)."""
     _requests.debug(
@@ -102,12 +106,9 @@ def request(request_id: str, arm: str, model_version: str, degraded: list[str], 
     )  # fmt: skip
 
 
-_requests = get("ctr.requests")
-
-
 def request_logging() -> bool:
     """Whether per-request lines are on (the `ctr` logger at DEBUG)."""
-    return logging.getLogger("ctr.requests").isEnabledFor(logging.DEBUG)
+    return _REQUESTS_STDLIB.isEnabledFor(logging.DEBUG)
 
 
 class FallbackBursts:

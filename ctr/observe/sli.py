@@ -235,15 +235,15 @@ class SliRecorder:
 
     def _slots(self, seconds: float) -> Iterator[_Second]:
         self._now_slot()
-        since = int(self.clock()) - seconds
+        since = int(self.clock()) - seconds  # `seconds` whole seconds before this one, and this one
         for s in reversed(self._past):
-            if s.t <= since:
+            if s.t < since:
                 break
             yield s
         yield self._cur
 
     def window(self, seconds: float, arm: str | None = None, quantiles: bool = True) -> Window:
-        """The SLIs over the last `seconds` (this second included), for one arm or all
+        """The SLIs over the last `seconds` whole seconds and the current one, for one arm or all
         (`quantiles=False` skips merging the latency histograms: counts only)."""
         model = fallback = errors = slow = 0
         hist = [0] * (len(BOUNDS_MS) + 1)
@@ -257,7 +257,8 @@ class SliRecorder:
                     hist = [x + y for x, y in zip(hist, a.hist, strict=True)]
                 for r, c in a.reasons.items():
                     reasons[r] = reasons.get(r, 0) + c
-        span = min(seconds, max(1.0, self.clock() - self.started))
+        now = self.clock()
+        span = min(seconds + now % 1.0, max(1.0, now - self.started))
         total = model + fallback + errors
         return Window(span, total, model, fallback, errors, slow, quantile(hist, 0.5), quantile(hist, 0.99), reasons)
 

@@ -64,9 +64,9 @@ async def traffic(src: Sources) -> Panel:
     m1, m5 = rec.window(WINDOWS_S["1m"]), rec.window(WINDOWS_S["5m"])
     arms = []
     for arm in rec.arms():
-        w = rec.window(WINDOWS_S["1m"], arm)
+        w, w5 = rec.window(WINDOWS_S["1m"], arm), rec.window(WINDOWS_S["5m"], arm, quantiles=False)
         arms.append({"arm": arm, "qps": _r(w.qps, 2), "p50_ms": _r(w.p50_ms, 3), "p99_ms": _r(w.p99_ms, 3),
-                     "availability": _r(w.availability), "model_scored": _r(w.model_scored),
+                     "availability": _r(w5.availability), "model_scored": _r(w5.model_scored),
                      "requests": sum(rec.totals[arm].values())})  # fmt: skip
     total = sum(sum(t.values()) for t in rec.totals.values())
     series = [{k: _r(v, 4) for k, v in p.items()} for p in rec.series(600, 10)]
