@@ -27,7 +27,7 @@ import bisect
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,15 +69,18 @@ def quantile(hist: list[int], q: float) -> float | None:
     return BOUNDS_MS[-1]
 
 
+_NB = len(BOUNDS_MS) + 1
+HIST_HORIZON_S = 600  # quantiles (p50, p99, the charts) over at most the last 10 minutes
+
+
 @dataclass(slots=True)
 class _Arm:
-    """One arm's requests within one second."""
+    """One arm's requests since start (cumulative; a window is the difference of two)."""
 
     model: int = 0
     fallback: int = 0
     errors: int = 0
     slow: int = 0
-    hist: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS_MS) + 1))
     reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -89,14 +92,26 @@ class _Arm:
 class _Stage:
     n: int = 0
     sum_s: float = 0.0
-    hist: list[int] = field(default_factory=lambda: [0] * (len(BOUNDS_MS) + 1))
 
 
 @dataclass(slots=True)
-class _Second:
+class _Snap:
+    """The cumulative state at the end of second `t`."""
+
     t: int
-    arms: dict[str, _Arm] = field(default_factory=dict)
-    stages: dict[str, _Stage] = field(default_factory=dict)
+    arms: dict[str, _Arm]
+    stages: dict[str, _Stage]
+
+
+@dataclass(slots=True)
+class _HistSnap:
+    t: int
+    arms: dict[str, list[int]]
+    stages: dict[str, list[int]]
+
+
+def _minus(a: list[int], b: list[int] | None) -> list[int]:
+    return list(a) if b is None else [x - y for x, y in zip(a, b, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +182,10 @@ class Window:
 
 
 class SliRecorder:
-    """Per-second slots of requests (per arm) and stage timings (per stage), kept `horizon_s`."""
+    """Cumulative counts and latency histograms per arm and per stage, with a snapshot at the
+    end of every second that had traffic (counts for `horizon_s`, histograms for
+    HIST_HORIZON_S); a window is the live state minus the snapshot just before it, so reading
+    one costs the same whatever the traffic (no summing of per-second slots)."""
 
     def __init__(
         self, objectives: Objectives | None = None, clock: Clock = time.monotonic, horizon_s: int = 3600
@@ -179,32 +197,51 @@ class SliRecorder:
         self.enabled = True
         self.started = clock()
         self._slow_s = self.objectives.p99_ms / 1000.0
-        self._past: deque[_Second] = deque(maxlen=horizon_s)
-        self._cur = _Second(int(self.started))
-        self.totals: dict[str, dict[str, int]] = {}  # since start, per arm and result
+        self._snaps: deque[_Snap] = deque(maxlen=horizon_s + 2)
+        self._hsnaps: deque[_HistSnap] = deque(maxlen=HIST_HORIZON_S + 2)
+        self._t = int(self.started)
+        self._dirty = False
+        self._arms: dict[str, _Arm] = {}
+        self._hists: dict[str, list[int]] = {}
+        self._stages: dict[str, _Stage] = {}
+        self._stage_hists: dict[str, list[int]] = {}
 
     def configure(self, objectives: Objectives) -> None:
         """New objectives (the process-wide recorder is made before the settings are read)."""
         self.objectives = objectives
         self._slow_s = objectives.p99_ms / 1000.0
 
-    def _now_slot(self) -> _Second:
+    @property
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Requests since start, per arm and result."""
+        return {arm: {"model": a.model, "fallback": a.fallback, "error": a.errors} for arm, a in self._arms.items()}
+
+    def _roll(self) -> None:
+        """Snapshot the state at the end of the last second that had traffic, when time moved on."""
         t = int(self.clock())
-        if t != self._cur.t:
-            if self._cur.arms or self._cur.stages:
-                self._past.append(self._cur)
-            self._cur = _Second(t)
-        return self._cur
+        if t == self._t:
+            return
+        if self._dirty:
+            arms = {k: _Arm(a.model, a.fallback, a.errors, a.slow, dict(a.reasons)) for k, a in self._arms.items()}
+            stages = {k: _Stage(s.n, s.sum_s) for k, s in self._stages.items()}
+            self._snaps.append(_Snap(self._t, arms, stages))
+            self._hsnaps.append(_HistSnap(self._t, {k: list(h) for k, h in self._hists.items()},
+                                          {k: list(h) for k, h in self._stage_hists.items()}))  # fmt: skip
+            self._dirty = False
+        self._t = t
 
     def record(self, arm: str, result: str, latency_s: float, reason: str | None = None) -> None:
         """One finished request: `result` is model, fallback or error; `reason` names a fallback."""
         if not self.enabled:
             return
+        if int(self.clock()) != self._t:
+            self._roll()
+        self._dirty = True
         arm = _arm(arm)
-        slot = self._now_slot()
-        a = slot.arms.get(arm)
+        a = self._arms.get(arm)
         if a is None:
-            a = slot.arms[arm] = _Arm()
+            a = self._arms[arm] = _Arm()
+            self._hists[arm] = [0] * _NB
         if result == "model":
             a.model += 1
         elif result == "fallback":
@@ -215,97 +252,134 @@ class SliRecorder:
             a.errors += 1
         if latency_s > self._slow_s:
             a.slow += 1
-        a.hist[bisect.bisect_left(BOUNDS_MS, latency_s * 1000.0)] += 1
-        per_arm = self.totals.get(arm)
-        if per_arm is None:
-            per_arm = self.totals[arm] = dict.fromkeys(RESULTS, 0)
-        per_arm[result] = per_arm.get(result, 0) + 1
+        self._hists[arm][bisect.bisect_left(BOUNDS_MS, latency_s * 1000.0)] += 1
 
     def stage(self, name: str, seconds: float) -> None:
         """One stage's duration (features, transform, inference, request, balancer, ...)."""
         if not self.enabled:
             return
-        slot = self._now_slot()
-        s = slot.stages.get(name)
+        if int(self.clock()) != self._t:
+            self._roll()
+        self._dirty = True
+        s = self._stages.get(name)
         if s is None:
-            s = slot.stages[name] = _Stage()
+            s = self._stages[name] = _Stage()
+            self._stage_hists[name] = [0] * _NB
         s.n += 1
         s.sum_s += seconds
-        s.hist[bisect.bisect_left(BOUNDS_MS, seconds * 1000.0)] += 1
+        self._stage_hists[name][bisect.bisect_left(BOUNDS_MS, seconds * 1000.0)] += 1
 
-    def _slots(self, seconds: float) -> Iterator[_Second]:
-        self._now_slot()
-        since = int(self.clock()) - seconds  # `seconds` whole seconds before this one, and this one
-        for s in reversed(self._past):
-            if s.t < since:
-                break
-            yield s
-        yield self._cur
+    @staticmethod
+    def _before(snaps: deque[Any], t: int) -> Any:
+        """The last snapshot of a second before `t` (None: nothing was recorded before it)."""
+        for s in reversed(snaps):
+            if s.t < t:
+                return s
+        return None
+
+    def _span(self, seconds: float) -> float:
+        now = self.clock()
+        return min(seconds + now % 1.0, max(1.0, now - self.started))
 
     def window(self, seconds: float, arm: str | None = None, quantiles: bool = True) -> Window:
         """The SLIs over the last `seconds` whole seconds and the current one, for one arm or all
-        (`quantiles=False` skips merging the latency histograms: counts only)."""
+        (quantiles over at most HIST_HORIZON_S; `quantiles=False` skips them)."""
+        self._roll()
+        since = self._t - int(seconds)
+        base = self._before(self._snaps, since)
         model = fallback = errors = slow = 0
-        hist = [0] * (len(BOUNDS_MS) + 1)
         reasons: dict[str, int] = {}
-        for s in self._slots(seconds):
-            for name, a in s.arms.items():
-                if arm is not None and name != arm:
-                    continue
-                model, fallback, errors, slow = model + a.model, fallback + a.fallback, errors + a.errors, slow + a.slow
-                if quantiles:
-                    hist = [x + y for x, y in zip(hist, a.hist, strict=True)]
-                for r, c in a.reasons.items():
-                    reasons[r] = reasons.get(r, 0) + c
-        now = self.clock()
-        span = min(seconds + now % 1.0, max(1.0, now - self.started))
+        for name, a in self._arms.items():
+            if arm is not None and name != arm:
+                continue
+            b = base.arms.get(name) if base is not None else None
+            b = b or _Arm()
+            model, fallback = model + a.model - b.model, fallback + a.fallback - b.fallback
+            errors, slow = errors + a.errors - b.errors, slow + a.slow - b.slow
+            for r, c in a.reasons.items():
+                if c - b.reasons.get(r, 0):
+                    reasons[r] = reasons.get(r, 0) + c - b.reasons.get(r, 0)
+        p50 = p99 = None
+        if quantiles:
+            hist = self._window_hist(self._hists, "arms", since, arm)
+            p50, p99 = quantile(hist, 0.5), quantile(hist, 0.99)
         total = model + fallback + errors
-        return Window(span, total, model, fallback, errors, slow, quantile(hist, 0.5), quantile(hist, 0.99), reasons)
+        return Window(self._span(seconds), total, model, fallback, errors, slow, p50, p99, reasons)
+
+    def _window_hist(self, live: dict[str, list[int]], kind: str, since: int, key: str | None) -> list[int]:
+        base = self._before(self._hsnaps, max(since, self._t - HIST_HORIZON_S))
+        out = [0] * _NB
+        for name, h in live.items():
+            if key is None or name == key:
+                b = getattr(base, kind).get(name) if base is not None else None
+                out = [x + y for x, y in zip(out, _minus(h, b), strict=True)]
+        return out
 
     def stages(self, seconds: float) -> dict[str, dict[str, float | int | None]]:
         """Per stage over the window: calls, mean, p50 and p99 (ms)."""
-        acc: dict[str, _Stage] = {}
-        for s in self._slots(seconds):
-            for name, st in s.stages.items():
-                a = acc.setdefault(name, _Stage())
-                a.n, a.sum_s = a.n + st.n, a.sum_s + st.sum_s
-                a.hist = [x + y for x, y in zip(a.hist, st.hist, strict=True)]
-        return {
-            name: {"n": a.n, "mean_ms": a.sum_s / a.n * 1000.0 if a.n else None,
-                   "p50_ms": quantile(a.hist, 0.5), "p99_ms": quantile(a.hist, 0.99)}
-            for name, a in acc.items()
-        }  # fmt: skip
+        self._roll()
+        since = self._t - int(seconds)
+        base = self._before(self._snaps, since)
+        out: dict[str, dict[str, float | int | None]] = {}
+        for name, s in self._stages.items():
+            b = (base.stages.get(name) if base is not None else None) or _Stage()
+            n, total_s = s.n - b.n, s.sum_s - b.sum_s
+            if n == 0:
+                continue
+            hist = self._window_hist(self._stage_hists, "stages", since, name)
+            out[name] = {"n": n, "mean_ms": total_s / n * 1000.0, "p50_ms": quantile(hist, 0.5),
+                         "p99_ms": quantile(hist, 0.99)}  # fmt: skip
+        return out
 
     def series(self, seconds: int, step_s: int, arm: str | None = None) -> list[dict[str, float | None]]:
-        """Points every `step_s` over the last `seconds` (oldest first), for the page's charts."""
-        now = int(self.clock())
+        """Points every `step_s` over the last `seconds` (oldest first, at most HIST_HORIZON_S),
+        for the page's charts."""
+        self._roll()
+        seconds = min(seconds, HIST_HORIZON_S)
         n = max(1, seconds // step_s)
-        buckets = [(_Arm(), i) for i in range(n)]
-        first = now - n * step_s + 1
-        for s in self._slots(seconds):
-            i = (s.t - first) // step_s
-            if not 0 <= i < n:
-                continue
-            b = buckets[i][0]
-            for name, a in s.arms.items():
+        first = self._t - n * step_s + 1
+        snaps, hsnaps = list(self._snaps), list(self._hsnaps)
+        ts, hts = [s.t for s in snaps], [s.t for s in hsnaps]
+
+        def state(t: int) -> tuple[_Arm, list[int]]:
+            """Cumulative counts and histogram (of `arm`, or all) at the end of second t."""
+            live = t >= self._t
+            i, j = bisect.bisect_right(ts, t) - 1, bisect.bisect_right(hts, t) - 1
+            arms = self._arms if live else (snaps[i].arms if i >= 0 else {})
+            hists = self._hists if live else (hsnaps[j].arms if j >= 0 else {})
+            acc, hist = _Arm(), [0] * _NB
+            for name, a in arms.items():
                 if arm is None or name == arm:
-                    b.model, b.fallback, b.errors = b.model + a.model, b.fallback + a.fallback, b.errors + a.errors
-                    b.hist = [x + y for x, y in zip(b.hist, a.hist, strict=True)]
+                    acc.model, acc.fallback, acc.errors = (
+                        acc.model + a.model,
+                        acc.fallback + a.fallback,
+                        acc.errors + a.errors,
+                    )
+            for name, h in hists.items():
+                if arm is None or name == arm:
+                    hist = [x + y for x, y in zip(hist, h, strict=True)]
+            return acc, hist
+
         out = []
-        for b, i in buckets:
-            total = b.total
+        prev = state(first - 1)
+        for i in range(n):
+            cur = state(first + (i + 1) * step_s - 1)
+            model, fallback = cur[0].model - prev[0].model, cur[0].fallback - prev[0].fallback
+            total = cur[0].total - prev[0].total
+            hist = _minus(cur[1], prev[1])
             out.append({
-                "t": float(first + i * step_s - now), "qps": total / step_s,
-                "p50_ms": quantile(b.hist, 0.5), "p99_ms": quantile(b.hist, 0.99),
-                "availability": (b.model + b.fallback) / total if total else None,
-                "model_scored": b.model / total if total else None,
-                "fallback_share": b.fallback / total if total else None,
+                "t": float(first + i * step_s - self._t), "qps": total / step_s,
+                "p50_ms": quantile(hist, 0.5), "p99_ms": quantile(hist, 0.99),
+                "availability": (model + fallback) / total if total else None,
+                "model_scored": model / total if total else None,
+                "fallback_share": fallback / total if total else None,
             })  # fmt: skip
+            prev = cur
         return out
 
     def arms(self) -> list[str]:
         """Arms seen since start (stable first)."""
-        return sorted(self.totals, key=lambda a: (a not in ARMS, ARMS.index(a) if a in ARMS else 0, a))
+        return sorted(self._arms, key=lambda a: (a not in ARMS, ARMS.index(a) if a in ARMS else 0, a))
 
     def burn_rates(self, arm: str | None = None) -> dict[str, dict[str, float | bool]]:
         """Per objective: target, burn over 5 min and 1 h, and whether the page condition holds."""
