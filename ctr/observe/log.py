@@ -29,6 +29,16 @@ LOGGER = "ctr"
 _HANDLER_MARK = "_ctr_structlog"
 
 
+class _Stderr:
+    """Whatever sys.stderr is when a line is written (a test runner may swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(fmt: Literal["json", "text"] = "text", level: str = "INFO", stream: Any = None) -> None:
     """Route the `ctr` loggers (and structlog's) through one handler in `fmt`; idempotent."""
     if fmt not in ("json", "text"):
@@ -57,7 +67,7 @@ def configure(fmt: Literal["json", "text"] = "text", level: str = "INFO", stream
     root = logging.getLogger(LOGGER)
     for h in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream or _Stderr())
     setattr(handler, _HANDLER_MARK, True)
     handler.setFormatter(formatter)
     root.addHandler(handler)

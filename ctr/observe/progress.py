@@ -43,10 +43,8 @@ class LogBar:
         self.done = 0.0
         self._next_pct = every_pct
         self._t0 = self._last_t = time.monotonic()
-        self.lines: list[str] = []
 
     def _emit(self, text: str) -> None:
-        self.lines.append(text)
         log.info("%s", text)
 
     def start(self) -> None:
