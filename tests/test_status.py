@@ -210,3 +210,39 @@ def test_the_page_needs_nothing_from_outside() -> None:
     embedded = re.search(r'<script type="application/json" id="status-data">(.*?)</script>', html, re.S)
     assert embedded is not None and orjson.loads(embedded.group(1).replace("<\\/", "</")) == d
     assert html.count("<svg") >= 4 and "<polyline" in html  # traffic charts, fallback chart, stage bars
+
+
+def test_the_routes_and_a_request_that_raises() -> None:
+    """/status and /status.json answer 503 until the board is set, then the page and the
+    document; a /predict that raises is a 500 counted as an error against availability."""
+    from starlette.testclient import TestClient
+
+    from ctr.api.routes import make_app
+    from ctr.model.segments import SegmentTable
+    from ctr.serving.coalesce import Coalescer
+    from ctr.serving.fallback import Fallback
+    from ctr.serving.gateway import Gateway
+
+    async def broken(user_id: str, ad_ids: list[str], context: dict, deadline: float) -> Any:
+        raise RuntimeError("a bug in the feature path")
+
+    async def model(x: Any) -> Any:
+        raise AssertionError("not reached")
+
+    table = SegmentTable({}, {}, 1.0, 10.0)
+    gw = Gateway(broken, Coalescer(model), Fallback(table), "ctr_model:test", 1.0)
+    gw.sli = SliRecorder(clock=Clock())
+    app = make_app()
+    app.state.max_ads, app.state.gateway = 10, gw
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/status.json").status_code == 503 and client.get("/status").status_code == 503
+    app.state.status = StatusBoard(Sources(gw.sli, gw))
+    body = {"user_id": "u1", "ad_ids": ["a1"], "context": {"hour": 1, "device_type": "mobile",
+            "site_category": "news", "banner_pos": 0, "conn_type": "wifi"}}  # fmt: skip
+    assert client.post("/predict", json=body).status_code == 500
+    d = client.get("/status.json").json()
+    traffic = panel(d, "traffic")
+    assert traffic is not None and traffic["requests"] == 1 and traffic["availability"] == 0.0
+    page = client.get("/status")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'data-field="traffic.availability" data-value="0.0"' in page.text
