@@ -24,15 +24,20 @@ install: $(VENV)/.installed
 setup: install
 	$(BIN)/ctr -v setup
 
+# With CTR_REDIS_URL left at its default and no Redis answering there, a private one (files
+# in data/redis, append-only) runs with the service and stops with it; CTR_REDIS_URL= runs without L2.
 serve: setup
-	$(BIN)/bentoml serve service:CTRGateway --host $(HOST) --port $(PORT)
+	$(BIN)/python -m ctr.cli.private_redis $(BIN)/bentoml serve service:CTRGateway --host $(HOST) --port $(PORT)
 
-# The tests start private Redis, Redis Cluster and PostgreSQL servers from these binaries.
+# The tests start private Redis, Redis Cluster and PostgreSQL servers from these binaries,
+# and open the status page in headless Chromium.
 servers:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@command -v chromium >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 test: setup servers
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -30,6 +30,7 @@ from ctr.settings import Settings
 internal.ensure_token()  # before Settings: a random shared token when CTR_INTERNAL_TOKEN is unset
 SETTINGS = Settings()
 INTERNAL_HEADERS = internal.headers(SETTINGS.internal_token)
+wiring.observability(SETTINGS)
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 
 # Measured pitfalls (notes/bentoml.md): access logging costs ~14 % of throughput and most
@@ -84,6 +85,7 @@ class FeatureService:
     stored = MODEL
 
     def __init__(self) -> None:
+        wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
         art = modelstore.artifacts(str(self.stored.tag))
         self.stack = feature_stack.features(SETTINGS)
         self.lookup = self.stack.lookup
@@ -158,6 +160,7 @@ class CTRGateway:
     fallback_service = bentoml.depends(FallbackService)
 
     def __init__(self) -> None:
+        wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
         self.art = modelstore.artifacts(str(self.stored.tag))
         self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop, INTERNAL_HEADERS)
         self.width = len(self.art.architecture["cardinalities"])
@@ -174,6 +177,7 @@ class CTRGateway:
         predict_app.state.request_id_key = request_id.resolve_key(
             SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir
         )
+        self.status = wiring.status_board(self.gateway, self.stack, workers=SETTINGS.gateway_workers)
 
     @bentoml.on_startup
     async def warm_caches(self) -> None:
@@ -183,6 +187,8 @@ class CTRGateway:
         wiring.settle_gc()
         await self.pool.start()
         predict_app.state.gateway = wiring.admission(SETTINGS, self.gateway)
+        predict_app.state.status = self.status
+        self._ticker = wiring.start_ticker(self.status)
         # BentoML's clients of dependencies only work once this server runs: warm the model
         # replicas in the background and keep /readyz at 503 until one answered in time.
         self._model_warm = asyncio.create_task(
@@ -195,6 +201,7 @@ class CTRGateway:
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        self._ticker.cancel()
         await self.pool.close()
         await self.model_client.close()
         await feature_stack.close(self.stack)

@@ -2,7 +2,8 @@
 
 The library behind service.py, one package per concern (README, "Architecture"):
 `api` (the HTTP contract and routes), `serving` (the gateway's request path),
-`resilience` (breaker, retries, deadlines), `features` (schema, transform, tiered store),
+`resilience` (breaker, retries, deadlines), `observe` (SLIs, logs, progress),
+`features` (schema, transform, tiered store),
 `model` (runner, model store, segment table), `bench`, `ship` and `cli` (the outer shell).
 Everything here runs without a server.
 """

@@ -93,3 +93,23 @@ REPLICA_PROBE_FAILURES = Counter(
 )  # fmt: skip
 HEDGES = Counter("ctr_pool_hedges", "Coalesced calls hedged to a second replica (CTR_HEDGE).", ["pool"])
 POOL_SIZE = Gauge("ctr_pool_replicas", "Model replicas known to each pool.", ["pool"], multiprocess_mode="livemax")
+
+# Service level indicators and objectives (ctr/observe/sli.py): per request, one counter and
+# one histogram per arm; the windows and burn rates are gauges set once a second.
+SLI_REQUESTS = Counter("ctr_sli_requests", "Predict requests by arm and result (model, fallback, error).",
+                       ["arm", "result"])  # fmt: skip
+SLI_LATENCY = Histogram("ctr_sli_latency_seconds", "Gateway latency of predict requests, by arm.", ["arm"],
+                        buckets=_BUCKETS_S)  # fmt: skip
+SLI_QPS = Gauge("ctr_sli_qps", "Requests per second over the window, by arm.", ["arm", "window"],
+                multiprocess_mode="livesum")  # fmt: skip
+SLI_AVAILABILITY = Gauge("ctr_sli_availability", "Successful answers / requests over the window, by arm.",
+                         ["arm", "window"], multiprocess_mode="livemin")  # fmt: skip
+SLI_MODEL_SCORED = Gauge("ctr_sli_model_scored_share", "Model-scored answers / requests over the window, by arm.",
+                         ["arm", "window"], multiprocess_mode="livemin")  # fmt: skip
+SLI_P99 = Gauge("ctr_sli_latency_p99_seconds", "p99 gateway latency over the window, by arm.", ["arm", "window"],
+                multiprocess_mode="livemax")  # fmt: skip
+SLO_TARGET = Gauge("ctr_slo_target", "The objective of each SLO.", ["slo"], multiprocess_mode="livemax")
+SLO_BURN_RATE = Gauge("ctr_slo_burn_rate", "Error-budget burn rate by SLO, arm and window (5m, 1h).",
+                      ["slo", "arm", "window"], multiprocess_mode="livemax")  # fmt: skip
+SLO_PAGE = Gauge("ctr_slo_page", "1 when both the 5m and the 1h burn rate exceed CTR_SLO_BURN_PAGE.", ["slo", "arm"],
+                 multiprocess_mode="livemax")  # fmt: skip

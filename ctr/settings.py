@@ -202,6 +202,23 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
     )
 
+    log_format: Literal["json", "text"] = Field(
+        "text", description="Log lines as JSON objects (json) or key=value text (text), with request id, arm, etc."
+    )
+    log_level: str = Field("INFO", description="Level of the ctr loggers; DEBUG adds one line per request.")
+    sli: bool = Field(
+        True, description="Per-request SLI bookkeeping (status page, ctr_sli_* metrics); off only to measure its cost."
+    )
+    slo_availability: float = Field(0.999, gt=0, lt=1, description="Availability objective: successful / requests.")
+    slo_model_scored: float = Field(0.99, gt=0, lt=1, description="Objective of the model-scored share of requests.")
+    slo_p99_ms: float = Field(50.0, gt=0, description="Latency objective: 99 % of requests within this (gateway).")
+    slo_burn_page: float = Field(
+        14.4, gt=0, description="Page when the burn rate over 1 h and over 5 min both exceed this (SRE workbook)."
+    )
+    fallback_burst_gap_s: float = Field(
+        10.0, gt=0, description="A fallback burst ends after this long without a fallback (one log line each end)."
+    )
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'features.db'}"

@@ -154,12 +154,21 @@ def fingerprint(arrays: dict[str, np.ndarray]) -> str:
 
 def write(data_dir: Path, cfg: DataConfig) -> dict[str, object]:
     """Generate the log into `data_dir` (atomically) and return its metadata."""
+    from ctr.observe.progress import progress
+
     data_dir.mkdir(parents=True, exist_ok=True)
-    arrays = generate(cfg)
-    meta = {"config": asdict(cfg), "fingerprint": fingerprint(arrays), "n_impressions": cfg.n_impressions}
-    tmp = data_dir / (CLICKLOG + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(data_dir / CLICKLOG)
+    with progress("click log", total=3, unit="steps") as bar:
+        bar.note(f"generating {cfg.n_impressions:,} impressions")
+        arrays = generate(cfg)
+        bar.advance()
+        bar.note("fingerprint")
+        meta = {"config": asdict(cfg), "fingerprint": fingerprint(arrays), "n_impressions": cfg.n_impressions}
+        bar.advance()
+        bar.note(f"writing {data_dir / CLICKLOG}")
+        tmp = data_dir / (CLICKLOG + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(data_dir / CLICKLOG)
+        bar.advance()
     (data_dir / META).write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -15,6 +15,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from ctr.features import schema
 from ctr.features.transform import TransformSpec, ad_columns, fit_spec, user_columns
 from ctr.model.segments import SegmentTable
+from ctr.observe.progress import progress
 from models import data as clicklog
 from models.deepfm import DeepFM
 
@@ -133,29 +134,34 @@ def train(data_dir: Path, cfg: TrainConfig = TrainConfig()) -> TrainResult:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, bad = float("inf"), None, 0
-    for epoch in range(cfg.max_epochs):
-        t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(x_tr), generator=gen)
-        for i in range(0, len(perm), cfg.batch_size):
-            b = perm[i : i + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(_mask(x_tr[b], cfg.mask_prob, gen)), y_tr[b])
-            loss.backward()
-            opt.step()
-        va = evaluate(y_va, predict(model, x_va))
-        log.info(
-            "epoch %d: valid logloss %.5f auc %.4f (%.1f s)", epoch, va["logloss"], va["auc"], time.perf_counter() - t0
-        )
-        if va["logloss"] < best - 1e-5:
-            best, bad = va["logloss"], 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad > cfg.patience:
-                break
-            for g in opt.param_groups:  # a plateau: smaller steps before giving up
-                g["lr"] *= cfg.lr_decay
+    batches = -(-len(x_tr) // cfg.batch_size)
+    with progress("training", total=cfg.max_epochs * batches, unit="batches") as bar:  # at most; may stop early
+        for epoch in range(cfg.max_epochs):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(len(x_tr), generator=gen)
+            for i in range(0, len(perm), cfg.batch_size):
+                b = perm[i : i + cfg.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(_mask(x_tr[b], cfg.mask_prob, gen)), y_tr[b])
+                loss.backward()
+                opt.step()
+                bar.advance()
+            va = evaluate(y_va, predict(model, x_va))
+            log.info(
+                "epoch %d: valid logloss %.5f auc %.4f (%.1f s)", epoch, va["logloss"], va["auc"],
+                time.perf_counter() - t0,
+            )  # fmt: skip
+            bar.note(f"epoch {epoch}: valid logloss {va['logloss']:.5f}")
+            if va["logloss"] < best - 1e-5:
+                best, bad = va["logloss"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad > cfg.patience:
+                    break
+                for g in opt.param_groups:  # a plateau: smaller steps before giving up
+                    g["lr"] *= cfg.lr_decay
     assert best_state is not None
     model.load_state_dict(best_state)
     te = splits["test"]

@@ -15,17 +15,18 @@ CTR = ROOT / "ctr"
 # Lower layers never import higher ones. A module may import its own layer and below.
 LAYERS: list[tuple[str, ...]] = [
     ("ctr.settings", "ctr.metrics"),
+    ("ctr.observe",),
     ("ctr.resilience",),
     ("ctr.features",),
     ("ctr.model",),
     ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
     ("ctr.serving",),
-    ("ctr.api.routes",),
+    ("ctr.api.routes", "ctr.api.status"),
     ("ctr.bench", "ctr.ship", "ctr.cli"),
 ]
 SHELL = ("ctr.bench", "ctr.ship", "ctr.cli")
 # ctr/api/__init__.py re-exports the contract only (the routes would be a cycle).
-EXACT = {"ctr.api": 4}
+EXACT = {"ctr.api": 5}
 
 
 def _layer(module: str) -> int | None:

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ctr import metrics
-from ctr.api import openapi, request_id
+from ctr.api import openapi, request_id, status
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
@@ -72,11 +72,15 @@ async def predict(request: Request) -> Response:
     except BadRequest as exc:
         metrics.REQUESTS.labels("bad_request").inc()
         return _error(exc)
+    t0 = time.perf_counter()
     try:
         result = await gateway.predict(req)
     except Overloaded as exc:
         body = orjson.dumps({"error": str(exc)})
         return Response(body, 503, {"retry-after": str(exc.retry_after_s)}, media_type=JSON)
+    except Exception:  # answered 500 by Starlette; counted against availability first
+        gateway.failed(time.perf_counter() - t0)
+        raise
     signed = request_id.issue(result.arm, result.model_version, request.app.state.request_id_key, time.time())
     client_id = request.headers.get("x-request-id")  # echoed as a header only, to join the client's logs
     headers = {"x-request-id": client_id} if client_id else None
@@ -143,7 +147,8 @@ async def openapi_json(request: Request) -> Response:
 
 def make_app() -> Starlette:
     """Set `app.state.gateway` (an `Admission` around the Gateway), `.max_ads`, `.writer`,
-    `.admin_token`, `.request_id_key`, `.max_body_bytes` and `.model_info` before serving."""
+    `.admin_token`, `.request_id_key`, `.max_body_bytes`, `.model_info` and `.status` (a
+    StatusBoard, for /status and /status.json) before serving."""
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),
@@ -151,5 +156,6 @@ def make_app() -> Starlette:
             Route("/admin/features", admin_features, methods=["POST"]),
             Route("/model_info", model_info, methods=["GET", "POST"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
+            *status.ROUTES,
         ]
     )

@@ -2,7 +2,7 @@
 model's input matrix (shared with training), and the tiered store L1 -> L2 Redis -> L3 SQL
 with its writes, warming, loading and wiring (`stack`).
 
-May import: `ctr.resilience`, `ctr.metrics`, `ctr.settings`. Not the serving path, the
+May import: `ctr.resilience`, `ctr.observe`, `ctr.metrics`, `ctr.settings`. Not the serving path, the
 model package, or anything above them.
 """
 

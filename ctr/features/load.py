@@ -11,10 +11,12 @@ import numpy as np
 
 from ctr.features import schema
 from ctr.features.stack import open_origin
+from ctr.observe.progress import progress
 from ctr.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 LOADER_VERSION = 2  # bump when the loader writes something new (2: the warm set)
+LOAD_CHUNK = 5000  # rows per write (and per progress step)
 
 
 def _user_rows(a: dict[str, np.ndarray]) -> Iterator[tuple[str, list[Any], list[Any]]]:
@@ -46,12 +48,22 @@ async def _load_features(settings: Settings, force: bool) -> int:
             log.info("feature database %s already loaded from %s", redact_url(settings.resolved_database_url), fp)
             return 0
         users, ads = list(_user_rows(arrays)), list(_ad_rows(arrays))
-        n = await db.put_many(schema.USER_STATIC, [(u, s) for u, s, _ in users])
-        n += await db.put_many(schema.USER_BEHAVIORAL, [(u, b) for u, _, b in users])
-        n += await db.put_many(schema.AD_META, [(a, m) for a, m, _ in ads])
-        n += await db.put_many(schema.AD_STATS, [(a, s) for a, _, s in ads])
-        for kind, items in warm_set_from_log(arrays).items():
-            await db.put_warm_set(kind, items)
+        groups = [
+            (schema.USER_STATIC, [(u, s) for u, s, _ in users]),
+            (schema.USER_BEHAVIORAL, [(u, b) for u, _, b in users]),
+            (schema.AD_META, [(a, m) for a, m, _ in ads]),
+            (schema.AD_STATS, [(a, s) for a, _, s in ads]),
+        ]
+        n = 0
+        with progress("feature load", total=sum(len(r) for _, r in groups), unit="rows") as bar:
+            for group, rows in groups:
+                bar.note(group.name)
+                for i in range(0, len(rows), LOAD_CHUNK):
+                    n += await db.put_many(group, rows[i : i + LOAD_CHUNK])
+                    bar.advance(len(rows[i : i + LOAD_CHUNK]))
+            bar.note("warm set")
+            for kind, items in warm_set_from_log(arrays).items():
+                await db.put_warm_set(kind, items)
         await db.set_meta("data_fingerprint", f"{fp}/{LOADER_VERSION}")
         log.info("loaded %d feature rows into %s", n, redact_url(settings.resolved_database_url))
         return n

@@ -14,6 +14,7 @@ import orjson
 from ctr.features import schema
 from ctr.features.store import TieredStore
 from ctr.features.transform import context_codes
+from ctr.observe.progress import progress
 
 log = logging.getLogger(__name__)
 CHUNK = 2000
@@ -37,10 +38,11 @@ def warm_set_from_log(arrays: dict[str, np.ndarray], last_days: float = 1.0) -> 
     return {"user": [f"u{i}" for i in users], "ad": ads, "context": contexts}
 
 
-async def _fetch(store: TieredStore, groups: Sequence[schema.FeatureGroup], ids: list[str]) -> None:
+async def _fetch(store: TieredStore, groups: Sequence[schema.FeatureGroup], ids: list[str], bar: Any) -> None:
     for i in range(0, len(ids), CHUNK):
         chunk = ids[i : i + CHUNK]
         await store.get([(g, chunk) for g in groups])
+        bar.advance(len(chunk))
 
 
 async def warm(store: TieredStore, top_users: int, fs: schema.FeatureSchema = schema.DEFAULT) -> dict[str, Any]:
@@ -50,8 +52,9 @@ async def warm(store: TieredStore, top_users: int, fs: schema.FeatureSchema = sc
     users = await store.origin.get_warm_set("user", top_users) if top_users else []
     ads = await store.origin.get_warm_set("ad", 10_000_000)
     contexts = await store.origin.get_warm_set("context", 10_000)
-    await _fetch(store, fs.user_groups, users)
-    await _fetch(store, fs.ad_groups, ads)
+    with progress("warming", total=len(users) + len(ads), unit="entities") as bar:
+        await _fetch(store, fs.user_groups, users, bar)
+        await _fetch(store, fs.ad_groups, ads, bar)
     for c in contexts:
         context_codes(orjson.loads(c))
     await store.drain()

@@ -2,7 +2,8 @@
 
 Owns: `CircuitBreaker` (error-rate window, injected clock), `Retrier` and `RetryBudget`
 (tenacity), `guarded` and `retried` (breaker + timeout, retry within a deadline).
-May import: `ctr.metrics` and `ctr.settings` only; everything else imports this.
+May import: `ctr.metrics`, `ctr.settings` and `ctr.observe` (the breaker logs its
+transitions) only; everything else imports this.
 """
 
 from ctr.resilience.breaker import BreakerOpen, CircuitBreaker, State

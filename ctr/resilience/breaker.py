@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from ctr import metrics
+from ctr.observe import log
 
 if TYPE_CHECKING:
     from ctr.settings import Settings
@@ -37,6 +39,16 @@ class State(enum.Enum):
 
 class BreakerOpen(Exception):
     """The breaker refused the call without trying it."""
+
+
+# Every live breaker of this process, for the status page (ctr.serving.status).
+_LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+
+def live_breakers() -> list[CircuitBreaker]:
+    """The breakers alive in this process, by name (the newest of a name wins)."""
+    out = {b.name: b for b in sorted(_LIVE, key=lambda b: b.created)}
+    return [out[k] for k in sorted(out)]
 
 
 class CircuitBreaker:
@@ -70,7 +82,10 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trials: list[float] = []  # start times of outstanding half-open trials
         self._state = State.CLOSED
+        self.transitions = 0
+        self.created = time.monotonic()
         metrics.BREAKER_STATE.labels(name).set(State.CLOSED.value)
+        _LIVE.add(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, name: str) -> CircuitBreaker:
@@ -91,9 +106,15 @@ class CircuitBreaker:
             self._transition(State.HALF_OPEN)
         return self._state
 
+    def window(self) -> tuple[int, int]:
+        """(calls, failures) recorded in the current window."""
+        return len(self._events), self._failures
+
     def _transition(self, to: State) -> None:
         if to is self._state:
             return
+        log.breaker_transition(self.name, self._state.name.lower(), to.name.lower(), *self.window())
+        self.transitions += 1
         self._state = to
         self._trials.clear()
         if to is State.OPEN:

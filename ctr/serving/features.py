@@ -14,14 +14,15 @@ import numpy as np
 from ctr import metrics
 from ctr.features.store import FeatureLookup
 from ctr.features.transform import Transformer
+from ctr.observe import sli
 from ctr.resilience.breaker import BreakerOpen, CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 
 # (user_id, ad_ids, context, deadline) -> (input matrix, degraded reasons)
 FeatureProvider = Callable[[str, list[str], dict[str, Any], float], Awaitable[tuple[np.ndarray, list[str]]]]
 
-_FEATURES_H = metrics.STAGE_LATENCY.labels("features")
-_TRANSFORM_H = metrics.STAGE_LATENCY.labels("transform")
+_FEATURES_H = sli.stage("features")
+_TRANSFORM_H = sli.stage("transform")
 
 
 def _defaults(transformer: Transformer, n: int, context: dict[str, Any], reason: str) -> tuple[np.ndarray, list[str]]:

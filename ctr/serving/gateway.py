@@ -20,6 +20,8 @@ import numpy as np
 
 from ctr import metrics
 from ctr.api.contract import PredictRequest
+from ctr.observe import log as obslog
+from ctr.observe import sli
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
 from ctr.serving.coalesce import ModelError
@@ -73,8 +75,15 @@ class Gateway:
         self.fallback = fallback
         self.model_version = model_version
         self.deadline_s = deadline_s
-        self._inference_h = metrics.STAGE_LATENCY.labels("inference")
-        self._request_h = metrics.STAGE_LATENCY.labels("request")
+        self._inference_h = sli.stage("inference")
+        self._request_h = sli.stage("request")
+        self.sli = sli.RECORDER  # SLIs of this process (the status page reads them)
+        self.bursts = obslog.BURSTS  # one log line per burst of fallbacks
+
+    @property
+    def pool(self) -> Model | None:
+        """The model pool, when the model is one (its status() feeds the status page)."""
+        return self.model if hasattr(self.model, "status") else None
 
     async def _infer(self, x: np.ndarray, deadline: float, key: str | None = None) -> list[float]:
         """The model's scores for the rows of `x`, or ModelFailed."""
@@ -114,4 +123,25 @@ class Gateway:
         self._request_h.observe(elapsed)
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
-        return Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", failed is not None, degraded)
+        pred = Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", failed is not None, degraded)
+        self.observe(pred, failed, elapsed)
+        return pred
+
+    def observe(self, pred: Prediction, failed: str | None, elapsed_s: float) -> None:
+        """The request's SLIs (also of one answered at the edge, e.g. shed) (recorder and ctr_sli_* metrics), the fallback-burst log, and
+        at DEBUG only its own log line."""
+        if not self.sli.enabled:
+            return
+        result = "model" if failed is None else "fallback"
+        self.sli.record(pred.arm, result, elapsed_s, failed)
+        sli.count(pred.arm, result, elapsed_s)
+        if failed is not None:
+            self.bursts.record(failed, pred.request_id, pred.arm, pred.model_version, pred.degraded)
+        if obslog.request_logging():
+            obslog.request(pred.request_id, pred.arm, pred.model_version, pred.degraded, elapsed_s * 1000)
+
+    def failed(self, elapsed_s: float) -> None:
+        """A request that raised (its answer is a 5xx): an error against availability."""
+        if self.sli.enabled:
+            self.sli.record(sli.NO_ARM, "error", elapsed_s)
+            sli.count(sli.NO_ARM, "error", elapsed_s)

@@ -73,4 +73,10 @@ class Admission:
         metrics.FALLBACKS.labels(SHED).inc()
         scores = self.gateway.fallback.table.scores(req.context.model_dump(), len(req.ad_ids))
         version = f"fallback:{self.gateway.model_version}"
-        return Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", True, [SHED])
+        pred = Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", True, [SHED])
+        self.gateway.observe(pred, SHED, 0.0)  # a shed answer is a fallback in the SLIs too
+        return pred
+
+    def failed(self, elapsed_s: float) -> None:
+        """A request that raised: counted against availability by the gateway."""
+        self.gateway.failed(elapsed_s)

@@ -14,6 +14,8 @@ import numpy as np
 from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
+from ctr.observe import log as obslog
+from ctr.observe import sli
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 from ctr.resilience.limit import AimdLimit
@@ -35,6 +37,7 @@ from ctr.serving.pool import (
     parse_urls,
 )
 from ctr.serving.pool.replica import Replica
+from ctr.serving.status import Sources, StatusBoard
 from ctr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,32 @@ def admission(settings: Settings, gw: Gateway) -> Admission:
     """The edge of /predict: the adaptive concurrency limit (CTR_LIMIT) and what a shed request gets."""
     limiter = AimdLimit.from_settings(settings) if settings.limit == "aimd" else None
     return Admission(gw, limiter, settings.overload)
+
+
+def observability(settings: Settings) -> None:
+    """Logs in CTR_LOG_FORMAT at CTR_LOG_LEVEL; the process's SLO objectives and fallback bursts."""
+    obslog.configure(settings.log_format, settings.log_level)
+    sli.RECORDER.configure(
+        sli.Objectives(
+            settings.slo_availability, settings.slo_model_scored, settings.slo_p99_ms, settings.slo_burn_page
+        )
+    )
+    sli.RECORDER.enabled = settings.sli
+    obslog.BURSTS.gap_s = settings.fallback_burst_gap_s
+
+
+def status_board(gw: Gateway, stack: FeatureStack | None, workers: int = 1) -> StatusBoard:
+    """The status page's panels over this process's gateway, feature store and write-behind stream."""
+    store = None if stack is None else stack.store
+    stream = None if stack is None else stack.writer.redis
+    return StatusBoard(Sources(gw.sli, gw, store, stream, workers))
+
+
+def start_ticker(board: StatusBoard) -> asyncio.Task[None]:
+    """Once a second: the SLI gauges, the cache-rate samples, the end of fallback bursts."""
+    gw = board.sources.gateway
+    bursts = getattr(gw, "bursts", obslog.BURSTS)
+    return asyncio.create_task(sli.run_ticker(board.sources.recorder, board.tick, bursts.tick))
 
 
 async def warm_model(

@@ -89,7 +89,11 @@ def build_bento(gpu: bool = False, force: bool = False) -> str:
         cmd = [bentoml_exe(), "build", "-f", str(bentofile), "-o", "tag", str(PROJECT_ROOT)]
         cmd += [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
         # service.py reads CTR_MODEL_TAG: the exact version is what the Bento pins.
-        out = sh(cmd, capture_output=True, env={**os.environ, "CTR_MODEL_TAG": model_tag}).stdout
+        from ctr.observe.progress import progress
+
+        with progress("bento build", total=1, unit="builds") as bar:
+            out = sh(cmd, capture_output=True, env={**os.environ, "CTR_MODEL_TAG": model_tag}).stdout
+            bar.advance()
         match = re.search(r"__tag__:(\S+)", out)
         if match is None:
             raise RuntimeError(f"bentoml build printed no tag: {out!r}")

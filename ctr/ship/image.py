@@ -168,22 +168,35 @@ def build_image(bento_tag: str | None = None, force: bool = False) -> str:
     """Containerize the Bento (reusing an image already built from it); returns the image name."""
     import bentoml
 
+    from ctr.observe.progress import progress
+
     tag = bento_tag or recorded_bento()
     ref = image_ref(tag)
     cmd = [bentoml_exe(), "containerize", tag, "-t", ref]
-    if docker_engine():
-        sh(cmd)
-    else:
-        ensure_tools()
-        if force or not image_exists(f"localhost/{ref}"):
-            if not can_pull(UPSTREAM_BASE):
-                log.info("%s cannot be pulled: building %s with debootstrap", UPSTREAM_BASE, LOCAL_BASE)
-                wheelhouse = prepare_wheelhouse(Path(bentoml.bentos.get(tag).path))
-                base = ensure_local_base()
-                cmd += ["--opt", f"from={base}", "--opt", f"volume={wheelhouse}:/etc/uv:ro"]
-            # RUN steps need chroot isolation here; layers are cached for the next build.
-            env = {**podman_env(), "BUILDAH_ISOLATION": "chroot", "BUILDAH_LAYERS": "true"}
-            sh([*cmd, "--backend", "buildah"], env=env)
+    with progress(f"image {ref}", total=4, unit="steps") as bar:
+        if docker_engine():
+            bar.note("docker build")
+            sh(cmd)
+            bar.advance(4)
+        else:
+            bar.note("container tools")
+            ensure_tools()
+            bar.advance()
+            if force or not image_exists(f"localhost/{ref}"):
+                if not can_pull(UPSTREAM_BASE):
+                    log.info("%s cannot be pulled: building %s with debootstrap", UPSTREAM_BASE, LOCAL_BASE)
+                    bar.note("wheelhouse")
+                    wheelhouse = prepare_wheelhouse(Path(bentoml.bentos.get(tag).path))
+                    bar.advance()
+                    bar.note("local base image")
+                    base = ensure_local_base()
+                    bar.advance()
+                    cmd += ["--opt", f"from={base}", "--opt", f"volume={wheelhouse}:/etc/uv:ro"]
+                # RUN steps need chroot isolation here; layers are cached for the next build.
+                env = {**podman_env(), "BUILDAH_ISOLATION": "chroot", "BUILDAH_LAYERS": "true"}
+                bar.note("buildah build")
+                sh([*cmd, "--backend", "buildah"], env=env)
+            bar.advance(4 - bar.done)
     IMAGE_TAG_FILE.write_text(ref + "\n")
     return ref
 

@@ -1,0 +1,135 @@
+"""Structured logs: JSON or text lines with their fields; one line per fallback burst and per
+breaker transition; no line per request at INFO, one at DEBUG with request id, arm, model
+version and degradation reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ctr.api.contract import PredictRequest
+from ctr.model.segments import SegmentTable
+from ctr.observe import log as obslog
+from ctr.resilience.breaker import CircuitBreaker
+from ctr.serving.coalesce import Coalescer
+from ctr.serving.fallback import Fallback
+from ctr.serving.gateway import Gateway
+
+CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
+REQ = PredictRequest.model_validate({"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX})
+TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    obslog.configure("json", "INFO", stream=out)
+    yield out
+    obslog.configure("text", "INFO")
+
+
+def lines(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(x) for x in out.getvalue().splitlines() if x.strip()]
+
+
+def test_breaker_transitions_are_one_json_line_each(captured: io.StringIO) -> None:
+    """Open at WARNING, half-open and closed at INFO, each with the breaker's name and counts."""
+    clock = Clock()
+    b = CircuitBreaker("logtest", min_calls=2, cooldown_s=1.0, clock=clock)
+    b.record_failure()
+    b.record_failure()
+    clock.t += 1.5
+    assert b.allow()
+    b.record_success()
+    got = [(x["event"], x["to"], x["level"]) for x in lines(captured) if x.get("breaker") == "logtest"]
+    assert got == [("breaker transition", "open", "warning"), ("breaker transition", "half_open", "info"),
+                   ("breaker transition", "closed", "info")]  # fmt: skip
+    assert all("timestamp" in x for x in lines(captured))
+
+
+def test_a_fallback_burst_is_two_lines_not_one_per_fallback(captured: io.StringIO) -> None:
+    """100 fallbacks in a burst: one line when it starts, one when it has been quiet for gap_s."""
+    clock = Clock()
+    bursts = obslog.FallbackBursts(gap_s=10, clock=clock)
+    for i in range(100):
+        bursts.record("model:timeout" if i % 2 else "model:unavailable", f"r{i}", "stable", "m:1", ["model:timeout"])
+        clock.t += 0.05
+    bursts.tick()
+    assert len(lines(captured)) == 1 and bursts.active
+    clock.t += 10
+    bursts.tick()
+    start, end = lines(captured)
+    assert start["event"] == "fallback burst started" and start["request_id"] == "r0" and start["arm"] == "stable"
+    assert start["model_version"] == "m:1" and start["level"] == "warning"
+    assert end["event"] == "fallback burst ended" and end["fallbacks"] == 100
+    assert end["reasons"] == {"model:timeout": 50, "model:unavailable": 50}
+    assert not bursts.active
+
+
+def test_text_format_carries_the_same_fields() -> None:
+    """CTR_LOG_FORMAT=text: key=value on one line."""
+    out = io.StringIO()
+    obslog.configure("text", "INFO", stream=out)
+    obslog.rollout_decision("10%", 0.1, "advance", "gates passed", auc_delta=0.001)
+    obslog.ejection("replica-1", True, "5 consecutive failures", 30.0)
+    obslog.configure("text", "INFO")
+    text = out.getvalue().splitlines()
+    assert len(text) == 2
+    assert "rollout decision" in text[0] and "decision=advance" in text[0] and "auc_delta=0.001" in text[0]
+    assert "replica ejected" in text[1] and "replica=replica-1" in text[1]
+
+
+def test_bad_log_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="json or text"):
+        obslog.configure("yaml", "INFO")  # type: ignore[arg-type]
+
+
+async def _features(user_id: str, ad_ids: list[str], context: dict, deadline: float) -> tuple[np.ndarray, list[str]]:
+    return np.zeros((len(ad_ids), 2), dtype=np.int64), ["features:user:default"]
+
+
+async def _model(x: np.ndarray) -> np.ndarray:
+    return np.full(len(x), 0.1, dtype=np.float32)
+
+
+def _predict(n: int) -> None:
+    gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0)
+
+    async def go() -> None:
+        for i in range(n):
+            await gw.predict(REQ, f"req-{i}")
+
+    asyncio.run(go())
+
+
+def test_no_line_per_request_at_info(captured: io.StringIO) -> None:
+    """At the default level the request path writes nothing for a normal request."""
+    _predict(20)
+    assert [x for x in lines(captured) if x.get("event") == "predict"] == []
+
+
+def test_debug_has_a_line_per_request_with_its_fields() -> None:
+    """At DEBUG each request's line has its id, arm, model version and degradation reasons."""
+    out = io.StringIO()
+    obslog.configure("json", "DEBUG", stream=out)
+    try:
+        _predict(3)
+    finally:
+        obslog.configure("text", "INFO")
+    reqs = [x for x in lines(out) if x.get("event") == "predict"]
+    assert [x["request_id"] for x in reqs] == ["req-0", "req-1", "req-2"]
+    assert reqs[0]["arm"] == "stable" and reqs[0]["model_version"] == "ctr_model:logtest"
+    assert reqs[0]["degraded"] == ["features:user:default"] and reqs[0]["level"] == "debug"
