@@ -128,7 +128,8 @@ class Gateway:
         return pred
 
     def observe(self, pred: Prediction, failed: str | None, elapsed_s: float) -> None:
-        """The request's SLIs (also of one answered at the edge, e.g. shed) (recorder and ctr_sli_* metrics), the fallback-burst log, and
+        """The request's SLIs (recorder and ctr_sli_* metrics; also of a request shed at the edge),
+        the fallback-burst log, and
         at DEBUG only its own log line."""
         if not self.sli.enabled:
             return
