@@ -23,8 +23,14 @@ from ctr.serving.canary.stats import (
 CFG = GateConfig()
 
 
-def arm(requests: int = 0, errors: int = 0, impressions: int = 0, clicks: int = 0, pred: float = 0.0,
-        latency_ms: float | None = None) -> ArmStats:  # fmt: skip
+def arm(
+    requests: int = 0,
+    errors: int = 0,
+    impressions: int = 0,
+    clicks: int = 0,
+    pred: float = 0.0,
+    latency_ms: float | None = None,
+) -> ArmStats:
     s = ArmStats(requests, errors, impressions, clicks, pred)
     if latency_ms is not None:
         s.latency[latency_bucket(latency_ms)] = requests

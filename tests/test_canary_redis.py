@@ -125,7 +125,12 @@ def test_rollout_survives_a_gateway_restart_and_a_redis_restart(redis_proc: Redi
         back = await store.load()
         assert gw.stale_since is None and back is not None
         assert (back.id, back.salt, back.phase, back.started_at, back.phase_started_at) == (
-            r.id, r.salt, 1, r.started_at, 61.0)  # fmt: skip
+            r.id,
+            r.salt,
+            1,
+            r.started_at,
+            61.0,
+        )
         counts = await store.counters(r.id)
         assert counts["canary"].requests == 4_000_001  # the snapshot plus what was buffered while down
         assert [gw.arm(u) for u in users] == split

@@ -27,8 +27,13 @@ def test_bucket_is_deterministic_and_in_unit_interval(user: str, salt: str) -> N
 def test_bucket_is_the_same_in_another_process() -> None:
     """Not Python's salted hash: a fresh interpreter computes the same bucket."""
     code = "from ctr.serving.canary.split import bucket; print(repr(bucket('u42', 'abc')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={
-        "PYTHONHASHSEED": "123", "PATH": ""}).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    ).stdout
     assert float(out) == bucket("u42", "abc")
 
 

@@ -42,12 +42,17 @@ from ctr.serving.canary.controller import Controller
 from ctr.serving.canary.plan import Plan, default_plan
 from ctr.serving.canary.split import bucket, bucket_ranges
 from ctr.serving.canary.state import Arm, Delta, MemoryStore
-from ctr.serving.canary.stats import LATENCY_EDGES_MS, N_LATENCY_BUCKETS, ArmStats, GateConfig
+from ctr.serving.canary.stats import DEFAULT_GATES, LATENCY_EDGES_MS, N_LATENCY_BUCKETS, ArmStats, GateConfig
 from models import data as clicklog
 
 BAD = ("shuffled", "tenth", "miscalibrated", "errors", "slow")
-EXPECTED_GATE = {"shuffled": "ctr", "tenth": "ctr", "miscalibrated": "calibration", "errors": "errors",
-                 "slow": "latency"}  # fmt: skip
+EXPECTED_GATE = {
+    "shuffled": "ctr",
+    "tenth": "ctr",
+    "miscalibrated": "calibration",
+    "errors": "errors",
+    "slow": "latency",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,9 @@ class WorldConfig:
     good_seed: int = 3
 
 
+DEFAULT_WORLD = WorldConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class Traffic:
     rps: float = 10_000.0
@@ -74,6 +82,9 @@ class Traffic:
     latency_median_ms: float = 3.0
     latency_sigma: float = 0.35
     id_sample: int = 20_000  # user ids hashed per seed to measure the realized share
+
+
+DEFAULT_TRAFFIC = Traffic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +130,14 @@ def _requests(cfg: WorldConfig, arrays: dict[str, np.ndarray], w: dict[str, np.n
     n = len(arrays["imp_label"])
     rows = rng.integers(int(n * 0.8), n, cfg.requests)
     k = cfg.candidates
-    req = {f"imp_{c}": np.repeat(arrays[f"imp_{c}"][rows], k) for c in ("user", "hour", "device", "site", "banner",
-                                                                         "conn")}  # fmt: skip
+    req = {
+        f"imp_{c}": np.repeat(arrays[f"imp_{c}"][rows], k) for c in ("user", "hour", "device", "site", "banner", "conn")
+    }
     req["imp_ad"] = rng.choice(cfg.ads, cfg.requests * k, p=w["a_w"])
     return req
 
 
-def build_world(cfg: WorldConfig = WorldConfig(), workdir: Path | None = None) -> World:
+def build_world(cfg: WorldConfig = DEFAULT_WORLD, workdir: Path | None = None) -> World:
     """Generate the log, train the models, score the fixed requests: the expensive part, once."""
     from models.train import TrainConfig, feature_matrix, predict, train
 
@@ -137,8 +149,17 @@ def build_world(cfg: WorldConfig = WorldConfig(), workdir: Path | None = None) -
     arrays, _, _ = clicklog.load(log_dir)
     w = clicklog.world(dcfg)
     req = _requests(cfg, arrays, w)
-    p_true = clicklog.true_p(w, dcfg.base_logit, req["imp_user"], req["imp_ad"], req["imp_hour"],
-                             req["imp_device"], req["imp_site"], req["imp_banner"], req["imp_conn"])  # fmt: skip
+    p_true = clicklog.true_p(
+        w,
+        dcfg.base_logit,
+        req["imp_user"],
+        req["imp_ad"],
+        req["imp_hour"],
+        req["imp_device"],
+        req["imp_site"],
+        req["imp_banner"],
+        req["imp_conn"],
+    )
     p_true = p_true.reshape(cfg.requests, cfg.candidates)
     tc = TrainConfig(max_epochs=cfg.max_epochs, batch_size=cfg.batch_size)
     runs = {
@@ -155,13 +176,17 @@ def build_world(cfg: WorldConfig = WorldConfig(), workdir: Path | None = None) -
         scores = predict(res.model, x).astype(np.float64).reshape(cfg.requests, cfg.candidates)
         variants = [(name, scores, 0.0, 0.0)]
         if name == "stable":
-            variants += [("miscalibrated", np.minimum(scores * 3, 1 - 1e-6), 0.0, 0.0),
-                         ("errors", scores, 0.01, 0.0), ("slow", scores, 0.0, 10.0)]  # fmt: skip
+            variants += [
+                ("miscalibrated", np.minimum(scores * 3, 1 - 1e-6), 0.0, 0.0),
+                ("errors", scores, 0.01, 0.0),
+                ("slow", scores, 0.0, 10.0),
+            ]
         for vname, s, err, slow in variants:
             shown = s.argmax(axis=1)
             pred = s[rows, shown]
-            world.arms[vname] = ArmProfile(vname, float(p_true[rows, shown].mean()), float(pred.mean()),
-                                           float(pred.var()), err, slow)  # fmt: skip
+            world.arms[vname] = ArmProfile(
+                vname, float(p_true[rows, shown].mean()), float(pred.mean()), float(pred.var()), err, slow
+            )
         world.metrics[name] = {"test_auc": res.metrics["test_auc"], "ctr_shown": world.arms[name].p_true}
     return world
 
@@ -169,8 +194,9 @@ def build_world(cfg: WorldConfig = WorldConfig(), workdir: Path | None = None) -
 def _latency_probs(t: Traffic, extra_ms: float) -> np.ndarray:
     """P(latency in each histogram bucket) for lognormal(median, sigma) + extra_ms."""
     edges = np.asarray(LATENCY_EDGES_MS) - extra_ms
-    z = np.where(edges > 0, (np.log(np.maximum(edges, 1e-12)) - math.log(t.latency_median_ms)) / t.latency_sigma,
-                 -np.inf)  # fmt: skip
+    z = np.where(
+        edges > 0, (np.log(np.maximum(edges, 1e-12)) - math.log(t.latency_median_ms)) / t.latency_sigma, -np.inf
+    )
     cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
     probs = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
     assert len(probs) == N_LATENCY_BUCKETS
@@ -213,8 +239,15 @@ class FakeClock:
         return self.t
 
 
-async def rollout(world: World, canary: str, seed: int, plan: Plan, traffic: Traffic = Traffic(),
-                  gates: GateConfig = GateConfig(), max_time_s: float | None = None) -> Outcome:  # fmt: skip
+async def rollout(
+    world: World,
+    canary: str,
+    seed: int,
+    plan: Plan,
+    traffic: Traffic = DEFAULT_TRAFFIC,
+    gates: GateConfig = DEFAULT_GATES,
+    max_time_s: float | None = None,
+) -> Outcome:
     """One whole rollout of `canary` against `stable`, stepped every plan interval."""
     rng = np.random.default_rng(seed)
     clock = FakeClock(1_000_000.0)
@@ -247,8 +280,18 @@ async def rollout(world: World, canary: str, seed: int, plan: Plan, traffic: Tra
         r = loaded
     last = r.history[-1] if r.history else {}
     gate = last.get("gate", {}).get("gate") if r.status in ("rolled_back", "held") else None
-    return Outcome(canary, seed, r.status, gate, r.phase, r.share, clock.t - start, served,
-                   int(top_share * traffic.population), r.reason)  # fmt: skip
+    return Outcome(
+        canary,
+        seed,
+        r.status,
+        gate,
+        r.phase,
+        r.share,
+        clock.t - start,
+        served,
+        int(top_share * traffic.population),
+        r.reason,
+    )
 
 
 def _horizon(plan: Plan) -> float:
@@ -274,27 +317,40 @@ class Report:
         yield "bad canaries:"
         for o in self.bad:
             ok = "right gate" if o.gate == EXPECTED_GATE[o.canary] and o.status == "rolled_back" else "WRONG"
-            yield (f"  {o.canary:13s} {o.status:11s} gate {o.gate!s:11s} phase {o.phase} share {o.share:.0%} after "
-                   f"{o.sim_time_s / 60:.0f} min, {o.canary_requests:,} canary requests, "
-                   f"{o.users_reached:,} users reached  [{ok}]")  # fmt: skip
+            yield (
+                f"  {o.canary:13s} {o.status:11s} gate {o.gate!s:11s} phase {o.phase} share {o.share:.0%} after "
+                f"{o.sim_time_s / 60:.0f} min, {o.canary_requests:,} canary requests, "
+                f"{o.users_reached:,} users reached  [{ok}]"
+            )
         for o in self.good:
-            yield (f"good canary ({self.world['good']['ctr_shown'] / self.world['stable']['ctr_shown'] - 1:+.2%} CTR): "
-                   f"{o.status} after {o.sim_time_s / 3600:.2f} h, phase {o.phase}, "
-                   f"{o.canary_requests:,} canary requests")  # fmt: skip
+            yield (
+                f"good canary ({self.world['good']['ctr_shown'] / self.world['stable']['ctr_shown'] - 1:+.2%} CTR): "
+                f"{o.status} after {o.sim_time_s / 3600:.2f} h, phase {o.phase}, "
+                f"{o.canary_requests:,} canary requests"
+            )
         n_rb = sum(o.status == "rolled_back" for o in self.aa)
-        yield (f"A/A: {n_rb} of {len(self.aa)} seeds rolled back (false-rollback rate "
-               f"{self.aa_false_rollback_rate:.1%}); promoted {sum(o.status == 'promoted' for o in self.aa)}")  # fmt: skip
+        yield (
+            f"A/A: {n_rb} of {len(self.aa)} seeds rolled back (false-rollback rate "
+            f"{self.aa_false_rollback_rate:.1%}); promoted {sum(o.status == 'promoted' for o in self.aa)}"
+        )
         promoted = sorted(o.sim_time_s for o in self.aa if o.status == "promoted")
         if promoted:
-            yield f"A/A time to promote: median {promoted[len(promoted) // 2] / 3600:.2f} h, max {promoted[-1] / 3600:.2f} h"
+            median_h, max_h = promoted[len(promoted) // 2] / 3600, promoted[-1] / 3600
+            yield f"A/A time to promote: median {median_h:.2f} h, max {max_h:.2f} h"
         for o in self.aa:
             if o.status != "promoted":
                 yield f"  A/A seed {o.seed}: {o.status} in phase {o.phase}: {o.reason}"
         yield f"({self.seconds:.1f} s of rollouts)"
 
 
-async def run_all(world: World, plan: Plan, aa_seeds: int, traffic: Traffic = Traffic(),
-                  gates: GateConfig = GateConfig(), seed: int = 0) -> Report:  # fmt: skip
+async def run_all(
+    world: World,
+    plan: Plan,
+    aa_seeds: int,
+    traffic: Traffic = DEFAULT_TRAFFIC,
+    gates: GateConfig = DEFAULT_GATES,
+    seed: int = 0,
+) -> Report:
     t0 = time.perf_counter()
     bad = [await rollout(world, name, seed + i, plan, traffic, gates) for i, name in enumerate(BAD)]
     good = [await rollout(world, "good", seed + 100, plan, traffic, gates)]
@@ -303,7 +359,12 @@ async def run_all(world: World, plan: Plan, aa_seeds: int, traffic: Traffic = Tr
     return Report(bad, good, aa, world.metrics, time.perf_counter() - t0)
 
 
-def simulate(aa_seeds: int = 100, plan: Plan | None = None, traffic: Traffic = Traffic(),
-             world_cfg: WorldConfig = WorldConfig(), workdir: Path | None = None) -> Report:  # fmt: skip
+def simulate(
+    aa_seeds: int = 100,
+    plan: Plan | None = None,
+    traffic: Traffic = DEFAULT_TRAFFIC,
+    world_cfg: WorldConfig = DEFAULT_WORLD,
+    workdir: Path | None = None,
+) -> Report:
     world = build_world(world_cfg, workdir)
     return asyncio.run(run_all(world, plan or default_plan(), aa_seeds, traffic))

@@ -18,7 +18,7 @@ from typing import Any
 
 from ctr.serving.canary.plan import Plan
 from ctr.serving.canary.state import Arm, Rollout, Store
-from ctr.serving.canary.stats import ArmStats, GateConfig, GateResult, evaluate
+from ctr.serving.canary.stats import DEFAULT_GATES, ArmStats, GateConfig, GateResult, evaluate
 
 Clock = Callable[[], float]
 MAX_HISTORY = 200
@@ -41,8 +41,12 @@ def decide(r: Rollout, gates: dict[str, GateResult], now: float) -> Decision:
     harmed = [g for g in gates.values() if g.verdict == "harm"]
     if harmed:
         g = harmed[0]
-        return Decision("rollback", f"{g.gate} gate: harm ({g.margin}): estimate {g.estimate:.4g}, "
-                        f"always-valid interval [{g.lo:.4g}, {g.hi:.4g}]", g)  # fmt: skip
+        return Decision(
+            "rollback",
+            f"{g.gate} gate: harm ({g.margin}): estimate {g.estimate:.4g}, "
+            f"always-valid interval [{g.lo:.4g}, {g.hi:.4g}]",
+            g,
+        )
     elapsed = now - r.phase_started_at
     min_s = plan.min_duration_s(r.phase)
     if elapsed < min_s:
@@ -53,14 +57,23 @@ def decide(r: Rollout, gates: dict[str, GateResult], now: float) -> Decision:
         return Decision("promote" if last else "advance", "every required gate shows non-inferiority")
     if elapsed >= min_s * plan.max_phase_factor and min_s > 0:
         g = pending[0]
-        why = (f"{g.gate} gate {g.verdict} after {elapsed:.0f} s (max {min_s * plan.max_phase_factor:.0f} s): "
-               f"estimate {g.estimate:.4g}, interval [{g.lo:.4g}, {g.hi:.4g}]")  # fmt: skip
+        why = (
+            f"{g.gate} gate {g.verdict} after {elapsed:.0f} s (max {min_s * plan.max_phase_factor:.0f} s): "
+            f"estimate {g.estimate:.4g}, interval [{g.lo:.4g}, {g.hi:.4g}]"
+        )
         return Decision("rollback" if plan.on_timeout == "rollback" else "hold", why, g)
     return Decision("wait", "waiting for evidence: " + ", ".join(f"{g.gate} {g.verdict}" for g in pending))
 
 
-def _entry(now: float, action: str, r: Rollout, by: str, reason: str, gate: GateResult | None = None,
-           gates: dict[str, GateResult] | None = None) -> dict[str, Any]:  # fmt: skip
+def _entry(
+    now: float,
+    action: str,
+    r: Rollout,
+    by: str,
+    reason: str,
+    gate: GateResult | None = None,
+    gates: dict[str, GateResult] | None = None,
+) -> dict[str, Any]:
     e: dict[str, Any] = {"at": now, "action": action, "phase": r.phase, "share": r.share, "by": by, "reason": reason}
     if gate is not None:
         e["gate"] = gate.to_dict()
@@ -74,8 +87,14 @@ def _log(r: Rollout, entry: dict[str, Any]) -> tuple[dict[str, Any], ...]:
 
 
 class Controller:
-    def __init__(self, store: Store, gates: GateConfig = GateConfig(), clock: Clock = time.time,
-                 owner: str | None = None, lease_s: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        gates: GateConfig = DEFAULT_GATES,
+        clock: Clock = time.time,
+        owner: str | None = None,
+        lease_s: float = 10.0,
+    ) -> None:
         self.store = store
         self.cfg = gates
         self.clock = clock
@@ -90,16 +109,27 @@ class Controller:
             if cur is not None and cur.active:
                 raise CanaryError(f"rollout {cur.id} is {cur.status}; promote or roll it back first")
             share = plan.share(0, 0.0, 0.0)
-            r = Rollout(uuid.uuid4().hex[:12], stable, canary, plan.to_dict(), secrets.token_hex(8), "running", 0,
-                        share, now, now)  # fmt: skip
+            r = Rollout(
+                uuid.uuid4().hex[:12],
+                stable,
+                canary,
+                plan.to_dict(),
+                secrets.token_hex(8),
+                "running",
+                0,
+                share,
+                now,
+                now,
+            )
             return r.with_(history=(_entry(now, "start", r, by, f"canary {canary.tag} against {stable.tag}"),))
 
         out = await self.store.transition(fn)
         assert out is not None
         return out
 
-    async def _manual(self, action: str, by: str, allowed: tuple[str, ...], change: Callable[[Rollout, float], Rollout],
-                      reason: str) -> Rollout:  # fmt: skip
+    async def _manual(
+        self, action: str, by: str, allowed: tuple[str, ...], change: Callable[[Rollout, float], Rollout], reason: str
+    ) -> Rollout:
         now = self.clock()
 
         def fn(cur: Rollout | None) -> Rollout:
@@ -114,8 +144,9 @@ class Controller:
         return out
 
     async def pause(self, by: str = "admin", reason: str = "paused by hand") -> Rollout:
-        return await self._manual("pause", by, ("running", "held"),
-                                  lambda r, now: r.with_(status="paused", paused_at=now), reason)  # fmt: skip
+        return await self._manual(
+            "pause", by, ("running", "held"), lambda r, now: r.with_(status="paused", paused_at=now), reason
+        )
 
     async def resume(self, by: str = "admin", reason: str = "resumed by hand") -> Rollout:
         def change(r: Rollout, now: float) -> Rollout:
@@ -128,8 +159,10 @@ class Controller:
         return await self._manual("promote", by, ("running", "paused", "held"), _promoted, reason)
 
     async def rollback(self, by: str = "admin", reason: str = "rolled back by hand") -> Rollout:
-        return await self._manual("rollback", by, ("running", "paused", "held"),
-                                  lambda r, now: r.with_(status="rolled_back", share=0.0, reason=reason), reason)  # fmt: skip
+        def change(r: Rollout, now: float) -> Rollout:
+            return r.with_(status="rolled_back", share=0.0, reason=reason)
+
+        return await self._manual("rollback", by, ("running", "paused", "held"), change, reason)
 
     # ---- the automatic step ----------------------------------------------------------
     async def gates(self, r: Rollout) -> tuple[dict[str, ArmStats], dict[str, GateResult]]:

@@ -91,8 +91,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        phases = tuple(Phase(float(p["share"]), float(p["duration_s"]), tuple(p.get("require", GATES)))
-                       for p in d.get("phases", []))  # fmt: skip
+        phases = tuple(
+            Phase(float(p["share"]), float(p["duration_s"]), tuple(p.get("require", GATES)))
+            for p in d.get("phases", [])
+        )
         keys = ("kind", "p0", "rate_per_s", "max_phase_factor", "on_timeout", "interval_s", "ramp_hold_share")
         return cls(phases, **{k: d[k] for k in keys if k in d})
 

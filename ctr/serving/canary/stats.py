@@ -96,9 +96,15 @@ class ArmStats:
         return sum(self.latency[first:])
 
     def to_dict(self) -> dict[str, object]:
-        return {"requests": self.requests, "errors": self.errors, "impressions": self.impressions,
-                "clicks": self.clicks, "pred_sum": self.pred_sum,
-                "p50_ms": self.quantile_ms(0.5), "p99_ms": self.quantile_ms(0.99)}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "impressions": self.impressions,
+            "clicks": self.clicks,
+            "pred_sum": self.pred_sum,
+            "p50_ms": self.quantile_ms(0.5),
+            "p99_ms": self.quantile_ms(0.99),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,9 @@ class GateConfig:
             raise ValueError("ctr_ratio must be in (0, 1) and calibration_ratio > 1")
 
 
+DEFAULT_GATES = GateConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class GateResult:
     gate: str
@@ -130,8 +139,14 @@ class GateResult:
     n: int  # canary sample behind it
 
     def to_dict(self) -> dict[str, object]:
-        return {"gate": self.gate, "verdict": self.verdict, "estimate": _finite(self.estimate),
-                "interval": [_finite(self.lo), _finite(self.hi)], "margin": self.margin, "n": self.n}  # fmt: skip
+        return {
+            "gate": self.gate,
+            "verdict": self.verdict,
+            "estimate": _finite(self.estimate),
+            "interval": [_finite(self.lo), _finite(self.hi)],
+            "margin": self.margin,
+            "n": self.n,
+        }
 
 
 def _finite(x: float) -> float | None:
@@ -151,8 +166,9 @@ def _smoothed(x: float, n: float) -> float:
     return (x + 1.0) / (n + 2.0)
 
 
-def _upper_bad(gate: str, est: float, var: float, margin: float, tau: float, alpha: float, n: int,
-               what: str) -> GateResult:  # fmt: skip
+def _upper_bad(
+    gate: str, est: float, var: float, margin: float, tau: float, alpha: float, n: int, what: str
+) -> GateResult:
     """Larger is worse: harm when lo > margin, ok when hi < margin."""
     h = halfwidth(var, tau, alpha)
     lo, hi = est - h, est + h
