@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.model",),
     ("ctr.api.contract",),
     ("ctr.serving",),
-    ("ctr.api.routes",),
+    ("ctr.api.routes", "ctr.api.canary"),
     ("ctr.bench", "ctr.ship", "ctr.cli"),
 ]
 SHELL = ("ctr.bench", "ctr.ship", "ctr.cli")

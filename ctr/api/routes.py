@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ctr import metrics
+from ctr.api import canary
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
@@ -83,5 +84,6 @@ def make_app() -> Starlette:
             Route("/predict", predict, methods=["POST"]),
             Route("/feedback", feedback, methods=["POST"]),
             Route("/admin/features", admin_features, methods=["POST"]),
+            *canary.routes(),
         ]
     )

@@ -1,6 +1,6 @@
 """The `ctr` command: one module per command group, as serving teams think of them.
 
-`setup` (data, train), `features`, `bench` (loadtest, capacity), `eval`, `ship`.
+`setup` (data, train), `features`, `bench` (loadtest, capacity), `eval`, `ship`, `canary`.
 The CLI is the outermost shell: it may import anything; nothing imports it.
 """
 
@@ -12,6 +12,7 @@ import os
 import click
 
 from ctr.cli.bench import bench, capacity, loadtest
+from ctr.cli.canary import canary
 from ctr.cli.eval import eval_
 from ctr.cli.features import features
 from ctr.cli.setup import data, setup, train
@@ -28,5 +29,5 @@ def main(verbose: bool) -> None:
     os.environ.setdefault("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))
 
 
-for command in (setup, data, train, features, bench, loadtest, capacity, eval_, ship):
+for command in (setup, data, train, features, bench, loadtest, capacity, eval_, ship, canary):
     main.add_command(command)

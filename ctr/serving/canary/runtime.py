@@ -91,10 +91,25 @@ class CanaryRuntime:
                     self.rollout = await self.store.load()
             self.stale_since, self.error = None, ""
         except STORE_ERRORS as exc:
-            if self.stale_since is None:
-                self.stale_since = self.clock()
-                log.warning("canary store unavailable; serving the last known split: %s", exc)
-            self.error = f"{type(exc).__name__}: {exc}"
+            self._unavailable(exc)
+
+    def _unavailable(self, exc: BaseException) -> None:
+        if self.stale_since is None:
+            self.stale_since = self.clock()
+            log.warning("canary store unavailable; serving the last known split: %s", exc)
+        self.error = f"{type(exc).__name__}: {exc}"
+
+    async def refresh(self) -> None:
+        """Reload the rollout and its counters (no decision): what GET /admin/canary shows."""
+        try:
+            loaded = await self.store.load()
+            if loaded is not None:
+                self.counters = await self.store.counters(loaded.id)
+                self.rollout = loaded
+            elif self.rollout is None or not self.rollout.active:
+                self.rollout = loaded  # a lost active rollout stays until sync() restores it
+        except STORE_ERRORS as exc:
+            self._unavailable(exc)
 
     async def _flush(self) -> None:
         r = self.rollout
