@@ -43,7 +43,7 @@ COMMON: dict[str, Any] = {
 }
 
 
-model_app = make_model_app()
+model_app = make_model_app(SETTINGS.model_delay_ms / 1000.0)
 
 
 @bentoml.asgi_app(model_app, path="/")
@@ -142,7 +142,8 @@ predict_app = make_app()
 @bentoml.asgi_app(predict_app, path="/")
 @bentoml.service(name="ctr_gateway", workers=1, **COMMON)
 class CTRGateway:
-    """The entry: /predict, features in-process, coalesced calls to CTRModel, fallback."""
+    """The entry: /predict, features in-process, the model pool (CTR_MODEL_URLS; else the
+    in-graph CTRModel as its one replica), fallback."""
 
     stored = MODEL
     model = bentoml.depends(CTRModel)
@@ -152,9 +153,11 @@ class CTRGateway:
     def __init__(self) -> None:
         self.art = modelstore.artifacts(str(self.stored.tag))
         self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop)
+        self.width = len(self.art.architecture["cardinalities"])
+        self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width)
         self.stack = feature_stack.features(SETTINGS)
         self.gateway = wiring.gateway(
-            SETTINGS, self.art, self.model_client, self.stack, self._remote_features, self._remote_fallback
+            SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback
         )
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer
@@ -166,17 +169,18 @@ class CTRGateway:
         if SETTINGS.warm and not SETTINGS.features_remote:
             await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
         wiring.settle_gc()
+        await self.pool.start()
         predict_app.state.gateway = self.gateway
         # BentoML's clients of dependencies only work once this server runs: warm the model
-        # in the background and keep /readyz at 503 until it is done.
-        width = len(self.art.architecture["cardinalities"])
-        self._model_warm = asyncio.create_task(wiring.warm_model(self.model_client, width, SETTINGS.deadline_ms / 1000))
+        # replicas in the background and keep /readyz at 503 until it is done.
+        self._model_warm = asyncio.create_task(wiring.warm_pool(self.pool, self.width, SETTINGS.deadline_ms / 1000))
 
     async def __is_ready__(self) -> bool:
         return self._model_warm.done()
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        await self.pool.close()
         await self.model_client.close()
         await feature_stack.close(self.stack)
 

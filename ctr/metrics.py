@@ -55,3 +55,26 @@ RETRY_BUDGET_EXHAUSTED = Counter(
     "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]
 )
 FEEDBACK = Counter("ctr_feedback", "Feedback on shown ads (online CTR = click / impression), by arm.", ["arm", "event"])
+
+# The model pool (ctr/serving/pool). `replica` is the replica's slot in its pool (0..N-1, reused when
+# a replica leaves), so the label set stays bounded however many pods come and go; the pool logs
+# which address holds which slot.
+REPLICA_REQUESTS = Counter("ctr_replica_requests", "Requests assigned to each model replica.", ["pool", "replica"])
+REPLICA_CALLS = Counter(
+    "ctr_replica_calls", "Coalesced calls to each model replica, by outcome (ok, error).",
+    ["pool", "replica", "outcome"],
+)  # fmt: skip
+REPLICA_LATENCY = Histogram(
+    "ctr_replica_latency_seconds", "Latency of one coalesced call to a model replica.", ["pool", "replica"],
+    buckets=_BUCKETS_S,
+)  # fmt: skip
+REPLICA_HEALTH = Gauge(
+    "ctr_replica_health", "Health of each model replica: 0 healthy, 1 ejected, 2 ejected and being probed back.",
+    ["pool", "replica"], multiprocess_mode="livemax",
+)  # fmt: skip
+REPLICA_EJECTIONS = Counter(
+    "ctr_replica_ejections",
+    "Ejections of a model replica, by reason (errors, p99, outlier, probe).",
+    ["pool", "replica", "reason"],
+)
+POOL_SIZE = Gauge("ctr_pool_replicas", "Model replicas known to each pool.", ["pool"], multiprocess_mode="livemax")

@@ -82,6 +82,55 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="CTRModel's torch device: auto (GPU when present), cpu, cuda, cuda:N.")
     torch_threads: int = Field(1, ge=1, description="Torch intra-op threads in CTRModel (1 is fastest on 2 cores).")
+    # --- the model pool (ctr/serving/pool) and services run alone (ctr serve)
+    model_urls: str = Field(
+        "",
+        description="CTRModel replicas, comma-separated http://host:port; a host name is re-resolved every "
+        "CTR_DNS_REFRESH_S to all its addresses (a headless Service). Empty: the in-graph CTRModel.",
+    )
+    lb_policy: Literal["round_robin", "least_conn", "weighted", "consistent_hash", "peak_ewma"] = Field(
+        "peak_ewma", description="How the gateway picks a model replica for a request."
+    )
+    model_weights: list[float] = Field(
+        default_factory=list,
+        description="JSON list, one weight per CTR_MODEL_URLS entry (weighted policy; missing ones are 1).",
+    )
+    hash_load_factor: float = Field(
+        1.25, gt=1, description="consistent_hash: no replica takes more than this times the mean outstanding load."
+    )
+    replica_p99_ms: float = Field(
+        40.0, gt=0, description="A replica is healthy while the p99 of its calls over the health window is under this."
+    )
+    replica_min_success: float = Field(
+        0.8, gt=0, lt=1, description="A replica is healthy while its success rate over the health window is above this."
+    )
+    outlier_factor: float = Field(
+        3.0, gt=1, description="A replica whose p99 exceeds this times the median p99 of the others is ejected."
+    )
+    outlier_min_ms: float = Field(
+        5.0, ge=0, description="...and exceeds that median by at least this much (sub-ms jitter is not an outlier)."
+    )
+    health_window_s: float = Field(5.0, gt=0, description="Sliding window of the passive health checks.")
+    health_min_calls: int = Field(20, ge=1, description="Calls a replica needs in the window before it is judged.")
+    max_ejected_percent: float = Field(
+        50.0, ge=0, le=100, description="Most of the pool ejected at once (at least one; never the last healthy one)."
+    )
+    ejection_base_s: float = Field(5.0, gt=0, description="First ejection time; the n-th ejection lasts n times it.")
+    ejection_max_s: float = Field(60.0, gt=0, description="Cap of the ejection time.")
+    probe_interval_s: float = Field(1.0, gt=0, description="Interval of the active /readyz probes of each replica.")
+    probe_timeout_ms: float = Field(500.0, gt=0, description="Budget of one /readyz probe.")
+    probe_passes: int = Field(2, ge=1, description="Passing probes in a row an ejected replica needs to come back.")
+    probe_failures: int = Field(3, ge=1, description="Failing probes in a row that eject a healthy replica.")
+    dns_refresh_s: float = Field(5.0, gt=0, description="How often host names in CTR_MODEL_URLS are re-resolved.")
+    features_url: str = Field(
+        "http://127.0.0.1:3001", description="FeatureService's URL for a gateway run alone (ctr serve)."
+    )
+    fallback_url: str = Field(
+        "http://127.0.0.1:3002", description="FallbackService's URL for a gateway run alone (ctr serve)."
+    )
+    model_delay_ms: float = Field(
+        0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -38,8 +38,9 @@ class Coalescer:
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, x: np.ndarray) -> np.ndarray:
-        """The model's output for the rows of `x`, computed in a shared call."""
+    async def submit(self, x: np.ndarray, key: str | None = None) -> np.ndarray:
+        """The model's output for the rows of `x`, computed in a shared call (`key`, a routing
+        hint for a pool, means nothing to one coalescer)."""
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending.append((x, fut))
         self._kick()

@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -21,7 +22,6 @@ from ctr import metrics
 from ctr.api.contract import PredictRequest
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
-from ctr.serving.coalesce import Coalescer
 from ctr.serving.fallback import Fallback
 from ctr.serving.features import FeatureProvider
 
@@ -41,6 +41,13 @@ class Prediction:
     degraded: list[str]
 
 
+class Model(Protocol):
+    """Where the gateway sends a request's matrix: the model pool (`ctr.serving.pool`), or one
+    coalescer; `key` (the user id) is the routing key of consistent hashing."""
+
+    async def submit(self, x: np.ndarray, key: str | None = None) -> np.ndarray: ...
+
+
 class ModelFailed(Exception):
     """The model gave no scores in time; `reason` names why (a `model:` degradation)."""
 
@@ -53,7 +60,7 @@ class Gateway:
     def __init__(
         self,
         features: FeatureProvider,
-        coalescer: Coalescer,
+        model: Model,
         fallback: Fallback,
         model_version: str,
         deadline_s: float,
@@ -61,21 +68,21 @@ class Gateway:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.features = features
-        self.coalescer = coalescer
+        self.model = model
         self.fallback = fallback
         self.model_version = model_version
         self.deadline_s = deadline_s
         self._inference_h = metrics.STAGE_LATENCY.labels("inference")
         self._request_h = metrics.STAGE_LATENCY.labels("request")
 
-    async def _infer(self, x: np.ndarray, deadline: float) -> list[float]:
+    async def _infer(self, x: np.ndarray, deadline: float, key: str | None = None) -> list[float]:
         """The model's scores for the rows of `x`, or ModelFailed."""
         t0 = time.perf_counter()
         if deadline - t0 < MIN_MODEL_BUDGET_S:
             raise ModelFailed("model:deadline")
         try:
             async with asyncio.timeout(deadline - t0):
-                y = await self.coalescer.submit(x)
+                y = await self.model.submit(x, key)
         except TimeoutError:
             raise ModelFailed("model:timeout") from None
         except BreakerOpen:
@@ -92,7 +99,7 @@ class Gateway:
         x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
         version, failed = self.model_version, None
         try:
-            scores = await self._infer(x, deadline)
+            scores = await self._infer(x, deadline, req.user_id)
         except ModelFailed as exc:
             failed = exc.reason
             metrics.FALLBACKS.labels(failed).inc()

@@ -10,19 +10,62 @@ from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
 from ctr.resilience.breaker import CircuitBreaker
-from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
+from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 from ctr.resilience.retry import Retrier, RetryBudget
-from ctr.serving.coalesce import Coalescer, ModelCall
+from ctr.serving.coalesce import ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
-from ctr.serving.gateway import Gateway
+from ctr.serving.gateway import Gateway, Model
+from ctr.serving.pool import (
+    CallReplica,
+    FixedSource,
+    HealthConfig,
+    HttpReplica,
+    ModelPool,
+    PoolConfig,
+    UrlSource,
+    parse_urls,
+)
+from ctr.serving.pool.replica import Replica
 from ctr.settings import Settings
+
+IN_GRAPH = "in-graph"
+
+
+def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int = 16, name: str = "model",
+               urls: str | None = None) -> ModelPool:  # fmt: skip
+    """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
+    empty, the in-graph CTRModel reached through `in_graph` as the pool's one replica."""
+    spec = settings.model_urls if urls is None else urls
+    source: UrlSource | FixedSource
+    if spec:
+        source = UrlSource(parse_urls(spec, settings.model_weights))
+    elif in_graph is not None:
+        source = FixedSource([IN_GRAPH])
+    else:
+        raise ValueError("no model replicas: set CTR_MODEL_URLS")
+
+    def factory(url: str) -> Replica:
+        if url == IN_GRAPH and in_graph is not None:
+            return CallReplica(IN_GRAPH, in_graph, width)
+        return HttpReplica(url)
+
+    config = PoolConfig(
+        policy=settings.lb_policy, deadline_s=settings.deadline_ms / 1000.0,
+        health=HealthConfig.from_settings(settings),
+        load_factor=settings.hash_load_factor, probe_interval_s=settings.probe_interval_s,
+        probe_timeout_s=settings.probe_timeout_ms / 1000.0, refresh_s=settings.dns_refresh_s,
+        max_inflight=settings.batch_max_inflight, max_rows=settings.batch_max_rows,
+        window_s=settings.batch_window_ms / 1000.0,
+    )  # fmt: skip
+    retrier = Retrier(name, REMOTE_ERRORS, RetryBudget(name, settings.retry_budget_ratio), settings.retry_attempts)
+    return ModelPool(name, source, factory, config, retrier, lambda n: CircuitBreaker.from_settings(settings, n))
 
 
 def gateway(
     settings: Settings,
     art: ModelArtifacts,
-    model_call: ModelCall,
+    model: Model,
     stack: FeatureStack,
     features_call: Callable[..., Awaitable[Any]] | None = None,
     fallback_call: RemoteFallback | None = None,
@@ -30,7 +73,8 @@ def gateway(
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
     from FallbackService through `fallback_call` with CTR_FALLBACK_REMOTE. Every remote call
-    is guarded by its breaker and a timeout; the model call's timeout is the deadline."""
+    is guarded by its breaker and a timeout; `model` (the pool, `model_pool`) does the same per
+    replica, with the deadline as the timeout."""
     transformer = Transformer(art.spec)
     provider: FeatureProvider = local_features(stack.lookup, transformer)
     if settings.features_remote and features_call is not None:
@@ -41,16 +85,15 @@ def gateway(
             fallback_call, CircuitBreaker.from_settings(settings, "fallback"), settings.fallback_timeout_ms / 1000.0
         )
     deadline_s = settings.deadline_ms / 1000.0
-    retrier = Retrier(
-        "model", REMOTE_ERRORS, RetryBudget("model", settings.retry_budget_ratio), settings.retry_attempts
-    )
-    coalescer = Coalescer(
-        retried(guarded(model_call, CircuitBreaker.from_settings(settings, "model"), deadline_s), retrier, deadline_s),
-        max_inflight=settings.batch_max_inflight,
-        max_rows=settings.batch_max_rows,
-        window_s=settings.batch_window_ms / 1000.0,
-    )
-    return Gateway(provider, coalescer, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+    return Gateway(provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+
+
+async def warm_pool(pool: ModelPool, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
+    """Warm every replica of the pool at once (`warm_model` each); returns the calls made."""
+    import asyncio
+
+    done = await asyncio.gather(*(warm_model(m.replica.infer, width, deadline_s, timeout_s) for m in pool.members))
+    return sum(done)
 
 
 async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
