@@ -141,3 +141,19 @@ def test_cli_drives_the_api(served: Served) -> None:
     assert out.exit_code != 0 and "401" in out.output
     out = run(main, ["canary", "promote", *base, "--reason", "looks fine"])
     assert out.exit_code == 0 and "promoted" in out.output
+
+
+def test_feedback_is_attributed_to_the_arm(served: Served) -> None:
+    """/feedback during a rollout lands in that arm's counters (impressions, clicks, predicted CTR)."""
+    with httpx.Client(base_url=served.url, headers=AUTH) as c:
+        assert c.post("/admin/canary/start", json=START).status_code == 200
+        for clicked in (True, False, False):
+            fb = {"request_id": "r1", "ad_id": "a7", "clicked": clicked, "arm": "canary", "score": 0.25}
+            assert c.post("/feedback", json=fb).status_code == 202
+        assert c.post("/feedback", json={"request_id": "r2", "ad_id": "a7", "clicked": True}).status_code == 202
+        bad = c.post("/feedback", json={"request_id": "r3", "ad_id": "a7", "clicked": True, "score": 3})
+        assert bad.status_code == 422
+    runtime = served.server.config.app.state.canary
+    canary, stable = runtime._delta.arms["canary"], runtime._delta.arms["stable"]
+    assert (canary.impressions, canary.clicks, canary.scored, canary.pred_sum) == (3, 1, 3, 0.75)
+    assert (stable.impressions, stable.clicks, stable.scored) == (1, 1, 0)

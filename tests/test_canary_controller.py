@@ -18,7 +18,7 @@ PLAN = Plan((Phase(0.01, 60, ("errors", "latency")), Phase(0.5, 120)), interval_
 
 
 def stats(n: int, error_rate: float = 0.0005, ctr: float = 0.05, calib: float = 1.0, lat_ms: float = 3.0) -> ArmStats:
-    s = ArmStats(n, int(n * error_rate), n, int(n * ctr), n * ctr / calib)
+    s = ArmStats(n, int(n * error_rate), n, int(n * ctr), n, int(n * ctr), n * ctr / calib)
     s.latency[latency_bucket(lat_ms)] = n
     return s
 

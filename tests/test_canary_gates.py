@@ -31,7 +31,7 @@ def arm(
     pred: float = 0.0,
     latency_ms: float | None = None,
 ) -> ArmStats:
-    s = ArmStats(requests, errors, impressions, clicks, pred)
+    s = ArmStats(requests, errors, impressions, clicks, impressions, clicks, pred)
     if latency_ms is not None:
         s.latency[latency_bucket(latency_ms)] = requests
     return s

@@ -29,7 +29,7 @@ def redis_proc() -> Iterator[RedisProcess]:
 
 
 def good(n: int) -> ArmStats:
-    s = ArmStats(n, n // 2000, n, n // 20, n / 20)
+    s = ArmStats(n, n // 2000, n, n // 20, n, n // 20, n / 20)
     s.latency[latency_bucket(3.0)] = n
     return s
 

@@ -36,7 +36,7 @@ def test_models_differ_as_intended(world: sim.World) -> None:
 def test_bad_canary_is_rolled_back_by_the_right_gate(world: sim.World, canary: str) -> None:
     o = asyncio.run(sim.rollout(world, canary, seed=3, plan=PLAN))
     assert (o.status, o.gate) == ("rolled_back", sim.EXPECTED_GATE[canary]), o.reason
-    assert o.share == 0.0 and o.phase == 0  # caught at 1 %, before it reached more users
+    assert o.phase == 0 and o.peak_share < 0.02  # caught at 1 %, before it reached more users
 
 
 def test_good_canary_is_promoted_through_every_phase(world: sim.World) -> None:

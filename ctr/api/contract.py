@@ -39,6 +39,7 @@ class Feedback(BaseModel):
     ad_id: EntityId
     clicked: bool
     arm: Literal["stable", "canary"] = "stable"
+    score: Annotated[float, Field(gt=0, lt=1)] | None = None  # the predicted CTR served for this ad (calibration)
 
 
 class BadRequest(Exception):

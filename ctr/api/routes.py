@@ -44,7 +44,8 @@ async def predict(request: Request) -> Response:
 
 
 async def feedback(request: Request) -> Response:
-    """POST {"request_id", "ad_id", "clicked", "arm"?}: counted for the online CTR."""
+    """POST {"request_id", "ad_id", "clicked", "arm"?, "score"?}: counted for the online CTR and,
+    during a rollout, in the arm's counters of the canary's gates."""
     try:
         fb = parse_feedback(await request.body())
     except BadRequest as exc:
@@ -52,6 +53,8 @@ async def feedback(request: Request) -> Response:
     metrics.FEEDBACK.labels(fb.arm, "impression").inc()
     if fb.clicked:
         metrics.FEEDBACK.labels(fb.arm, "click").inc()
+    if (canary_runtime := getattr(request.app.state, "canary", None)) is not None:
+        canary_runtime.record_feedback(fb.arm, fb.clicked, fb.score)  # the canary's CTR and calibration gates
     return _json({"accepted": True}, 202)
 
 

@@ -209,6 +209,7 @@ def _draw(rng: np.random.Generator, arm: ArmProfile, n: int, t: Traffic, lat: np
     s.errors = int(rng.binomial(n, min(1.0, t.base_error + arm.error_rate)))
     s.impressions = n - s.errors
     s.clicks = int(rng.binomial(s.impressions, arm.p_true))
+    s.scored, s.scored_clicks = s.impressions, s.clicks  # every feedback carries its score
     s.pred_sum = max(0.0, float(rng.normal(s.impressions * arm.pred_mean, math.sqrt(s.impressions * arm.pred_var))))
     s.latency = rng.multinomial(n, lat).tolist()
     return s
@@ -221,7 +222,7 @@ class Outcome:
     status: str  # promoted | rolled_back | held | running (out of time)
     gate: str | None
     phase: int
-    share: float
+    peak_share: float  # the largest share of users the canary had
     sim_time_s: float
     canary_requests: int
     users_reached: int
@@ -286,7 +287,7 @@ async def rollout(
         r.status,
         gate,
         r.phase,
-        r.share,
+        top_share,
         clock.t - start,
         served,
         int(top_share * traffic.population),
@@ -318,9 +319,9 @@ class Report:
         for o in self.bad:
             ok = "right gate" if o.gate == EXPECTED_GATE[o.canary] and o.status == "rolled_back" else "WRONG"
             yield (
-                f"  {o.canary:13s} {o.status:11s} gate {o.gate!s:11s} phase {o.phase} share {o.share:.0%} after "
-                f"{o.sim_time_s / 60:.0f} min, {o.canary_requests:,} canary requests, "
-                f"{o.users_reached:,} users reached  [{ok}]"
+                f"  {o.canary:13s} {o.status:11s} gate {o.gate!s:11s} phase {o.phase} "
+                f"(peak share {o.peak_share:.1%}) after {o.sim_time_s / 60:.0f} min, "
+                f"{o.canary_requests:,} canary requests, {o.users_reached:,} users reached  [{ok}]"
             )
         for o in self.good:
             yield (

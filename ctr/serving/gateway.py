@@ -48,6 +48,14 @@ class Model(Protocol):
     async def submit(self, x: np.ndarray, key: str | None = None) -> np.ndarray: ...
 
 
+class ArmRouter(Protocol):
+    """The canary's arms (`ctr.serving.canary.arms`): which pool and version serve a user, and
+    the per-arm counters the canary's gates read."""
+
+    def route(self, user_id: str) -> tuple[str, Model, str]: ...
+    def record(self, arm: str, latency_s: float, failed: bool) -> None: ...
+
+
 class ModelFailed(Exception):
     """The model gave no scores in time; `reason` names why (a `model:` degradation)."""
 
@@ -64,6 +72,7 @@ class Gateway:
         fallback: Fallback,
         model_version: str,
         deadline_s: float,
+        arms: ArmRouter | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
@@ -72,17 +81,20 @@ class Gateway:
         self.fallback = fallback
         self.model_version = model_version
         self.deadline_s = deadline_s
+        self.arms = arms
         self._inference_h = metrics.STAGE_LATENCY.labels("inference")
         self._request_h = metrics.STAGE_LATENCY.labels("request")
 
-    async def _infer(self, x: np.ndarray, deadline: float, key: str | None = None) -> list[float]:
+    async def _infer(
+        self, x: np.ndarray, deadline: float, key: str | None = None, model: Model | None = None
+    ) -> list[float]:
         """The model's scores for the rows of `x`, or ModelFailed."""
         t0 = time.perf_counter()
         if deadline - t0 < MIN_MODEL_BUDGET_S:
             raise ModelFailed("model:deadline")
         try:
             async with asyncio.timeout(deadline - t0):
-                y = await self.model.submit(x, key)
+                y = await (model or self.model).submit(x, key)
         except TimeoutError:
             raise ModelFailed("model:timeout") from None
         except BreakerOpen:
@@ -97,9 +109,10 @@ class Gateway:
         deadline = t0 + self.deadline_s
         context = req.context.model_dump()
         x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
-        version, failed = self.model_version, None
+        arm, model, version = self.arms.route(req.user_id) if self.arms else ("stable", self.model, self.model_version)
+        failed = None
         try:
-            scores = await self._infer(x, deadline, req.user_id)
+            scores = await self._infer(x, deadline, req.user_id, model)
         except ModelFailed as exc:
             failed = exc.reason
             metrics.FALLBACKS.labels(failed).inc()
@@ -111,4 +124,6 @@ class Gateway:
         self._request_h.observe(elapsed)
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
-        return Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", failed is not None, degraded)
+        if self.arms is not None:
+            self.arms.record(arm, elapsed, failed is not None)
+        return Prediction(request_id or uuid.uuid4().hex, scores, version, arm, failed is not None, degraded)

@@ -63,13 +63,17 @@ class CanaryRuntime:
         s.errors += int(error)
         s.latency[latency_bucket(latency_s * 1000.0)] += 1
 
-    def record_impressions(self, arm: str, impressions: int, clicks: int, pred_sum: float) -> None:
+    def record_feedback(self, arm: str, clicked: bool, score: float | None = None) -> None:
+        """One shown ad's outcome; `score` (the predicted CTR served for it) feeds the calibration gate."""
         if self.rollout is None or not self.rollout.active:
             return
         s = self._delta.arms[arm]
-        s.impressions += impressions
-        s.clicks += clicks
-        s.pred_sum += pred_sum
+        s.impressions += 1
+        s.clicks += int(clicked)
+        if score is not None:
+            s.scored += 1
+            s.scored_clicks += int(clicked)
+            s.pred_sum += score
 
     # ---- sync ---------------------------------------------------------------------------
     async def sync(self) -> None:

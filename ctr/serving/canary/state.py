@@ -154,7 +154,7 @@ class MemoryStore:
         return False
 
 
-_FIELDS = ("requests", "errors", "impressions", "clicks")
+_FIELDS = ("requests", "errors", "impressions", "clicks", "scored", "scored_clicks")
 
 # Renew the lease when this owner holds it, take it when nobody does: one atomic step.
 _LEASE = """

@@ -67,7 +67,9 @@ class ArmStats:
     errors: int = 0
     impressions: int = 0
     clicks: int = 0
-    pred_sum: float = 0.0
+    scored: int = 0  # impressions whose predicted CTR came back with the feedback
+    scored_clicks: int = 0
+    pred_sum: float = 0.0  # sum of the predicted CTR of the scored impressions
     latency: list[int] = field(default_factory=lambda: [0] * N_LATENCY_BUCKETS)
 
     def add(self, other: ArmStats) -> None:
@@ -75,6 +77,8 @@ class ArmStats:
         self.errors += other.errors
         self.impressions += other.impressions
         self.clicks += other.clicks
+        self.scored += other.scored
+        self.scored_clicks += other.scored_clicks
         self.pred_sum += other.pred_sum
         self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
 
@@ -101,6 +105,8 @@ class ArmStats:
             "errors": self.errors,
             "impressions": self.impressions,
             "clicks": self.clicks,
+            "scored": self.scored,
+            "scored_clicks": self.scored_clicks,
             "pred_sum": self.pred_sum,
             "p50_ms": self.quantile_ms(0.5),
             "p99_ms": self.quantile_ms(0.99),
@@ -218,16 +224,16 @@ def ctr_gate(c: ArmStats, s: ArmStats, cfg: GateConfig) -> GateResult:
 
 def calibration_gate(c: ArmStats, s: ArmStats, cfg: GateConfig) -> GateResult:
     what = f"|log((clicks/sum predicted) canary / stable)| > log {cfg.calibration_ratio:g}"
-    if c.clicks < cfg.min_clicks or s.clicks < cfg.min_clicks or c.pred_sum <= 0 or s.pred_sum <= 0:
-        return GateResult("calibration", "insufficient", math.nan, -math.inf, math.inf, what, c.impressions)
-    rc, rs = c.clicks / c.impressions, s.clicks / s.impressions
-    est = math.log((c.clicks / c.pred_sum) / (s.clicks / s.pred_sum))
-    var = _log_ratio_var(c.clicks, rc) + _log_ratio_var(s.clicks, rs)
+    if c.scored_clicks < cfg.min_clicks or s.scored_clicks < cfg.min_clicks or c.pred_sum <= 0 or s.pred_sum <= 0:
+        return GateResult("calibration", "insufficient", math.nan, -math.inf, math.inf, what, c.scored)
+    rc, rs = c.scored_clicks / c.scored, s.scored_clicks / s.scored
+    est = math.log((c.scored_clicks / c.pred_sum) / (s.scored_clicks / s.pred_sum))
+    var = _log_ratio_var(c.scored_clicks, rc) + _log_ratio_var(s.scored_clicks, rs)
     m = math.log(cfg.calibration_ratio)
     h = halfwidth(var, m, cfg.alpha)
     lo, hi = est - h, est + h
     verdict: Verdict = "harm" if lo > m or hi < -m else "ok" if -m < lo and hi < m else "inconclusive"
-    return GateResult("calibration", verdict, est, lo, hi, what, c.impressions)
+    return GateResult("calibration", verdict, est, lo, hi, what, c.scored)
 
 
 GATE_FUNCS = {"errors": errors_gate, "latency": latency_gate, "ctr": ctr_gate, "calibration": calibration_gate}
