@@ -134,3 +134,31 @@ def test_default_plan_and_ramp() -> None:
     assert ramp.share(0, 0, 100 * 3600) == 0.5 and ramp.share(1, 0, 0) == 1.0
     with pytest.raises(ValueError, match="rise strictly"):
         Plan((Phase(0.2, 1), Phase(0.1, 1)))
+
+
+def test_a_held_rollout_still_rolls_back_on_harm_and_resume_gives_a_new_window() -> None:
+    """Held (inconclusive past the maximum time) does not advance, but harm still rolls it back."""
+
+    async def go() -> None:
+        clock = FakeClock(0.0)
+        store = MemoryStore(clock)
+        ctl = Controller(store, clock=clock)
+        plan = Plan((Phase(0.01, 60),), interval_s=10, max_phase_factor=2)
+        r = await ctl.start(STABLE, CANARY, plan)
+        assert plan.on_timeout == "hold"
+        while r.status == "running":
+            await feed(store, r.id, stats(500), stats(50_000))
+            clock.t += 10
+            await ctl.step()
+            r = await store.load()
+        assert r.status == "held"
+        r = await ctl.resume()
+        assert (r.status, r.phase_started_at) == ("running", clock.t)
+        r = await ctl.pause()
+        r = await store.transition(lambda cur: cur.with_(status="held"))  # type: ignore[union-attr]
+        await feed(store, r.id, stats(50_000, error_rate=0.02), stats(50_000))
+        clock.t += 10
+        d = await ctl.step()
+        assert d is not None and d.action == "rollback" and (await store.load()).status == "rolled_back"
+
+    run(go())

@@ -332,15 +332,15 @@ class Report:
         n_rb = sum(o.status == "rolled_back" for o in self.aa)
         yield (
             f"A/A: {n_rb} of {len(self.aa)} seeds rolled back (false-rollback rate "
-            f"{self.aa_false_rollback_rate:.1%}); promoted {sum(o.status == 'promoted' for o in self.aa)}"
+            f"{self.aa_false_rollback_rate:.1%}); promoted {sum(o.status == 'promoted' for o in self.aa)}, "
+            f"held for a person {sum(o.status == 'held' for o in self.aa)}"
         )
         promoted = sorted(o.sim_time_s for o in self.aa if o.status == "promoted")
         if promoted:
             median_h, max_h = promoted[len(promoted) // 2] / 3600, promoted[-1] / 3600
             yield f"A/A time to promote: median {median_h:.2f} h, max {max_h:.2f} h"
-        for o in self.aa:
-            if o.status != "promoted":
-                yield f"  A/A seed {o.seed}: {o.status} in phase {o.phase}: {o.reason}"
+        for o in [o for o in self.aa if o.status != "promoted"][:5]:
+            yield f"  e.g. A/A seed {o.seed}: {o.status} in phase {o.phase}: {o.reason}"
         yield f"({self.seconds:.1f} s of rollouts)"
 
 

@@ -47,6 +47,8 @@ def decide(r: Rollout, gates: dict[str, GateResult], now: float) -> Decision:
             f"always-valid interval [{g.lo:.4g}, {g.hi:.4g}]",
             g,
         )
+    if r.status == "held":
+        return Decision("wait", f"held for a person: {r.reason}")
     elapsed = now - r.phase_started_at
     min_s = plan.min_duration_s(r.phase)
     if elapsed < min_s:
@@ -150,6 +152,8 @@ class Controller:
 
     async def resume(self, by: str = "admin", reason: str = "resumed by hand") -> Rollout:
         def change(r: Rollout, now: float) -> Rollout:
+            if r.status == "held":  # a person gives the phase another full window (its data still counts)
+                return r.with_(status="running", paused_at=None, phase_started_at=now)
             shift = now - r.paused_at if r.paused_at is not None else 0.0  # a pause stops the phase clock
             return r.with_(status="running", paused_at=None, phase_started_at=r.phase_started_at + shift)
 
@@ -170,9 +174,10 @@ class Controller:
         return counters, evaluate(counters["canary"], counters["stable"], self.cfg)
 
     async def step(self) -> Decision | None:
-        """Evaluate once, if this process holds the lease and a rollout is running."""
+        """Evaluate once, if this process holds the lease and a rollout is running (or held:
+        a held rollout does not advance, but harm still rolls it back)."""
         r = await self.store.load()
-        if r is None or r.status != "running" or not await self.store.lease(self.owner, self.lease_s):
+        if r is None or r.status not in ("running", "held") or not await self.store.lease(self.owner, self.lease_s):
             return None
         now = self.clock()
         _, gates = await self.gates(r)

@@ -4,7 +4,10 @@ non-inferiority before the phase may advance) or a linear ramp min(100 %, p0 + r
 Default: the reference design's 1 % for 1 h, 5 % for 2 h, 20 % for 4 h, 50 % for 8 h,
 then 100 % (promotion). A phase advances once its duration has passed AND the required
 gates show the canary is not worse than each threshold; past `max_phase_factor` x its
-duration without that evidence, `on_timeout` decides (roll back, or hold for a person).
+duration without that evidence, `on_timeout` decides: hold for a person (the default, as
+Argo Rollouts pauses on an inconclusive analysis; the harm tests keep running while held),
+or roll back (lack of evidence is then treated as failure: at low traffic that rolls back
+good canaries, see README "Canary releases").
 At 1 % the CTR gate cannot prove non-inferiority within a 1 % margin in an hour at any
 realistic traffic (notes/canary-statistics.md: ~1.5 M canary impressions), so the first
 phase requires only the cheap gates; every later phase, and so promotion, requires all.
@@ -45,7 +48,7 @@ class Plan:
     p0: float = 0.0
     rate_per_s: float = 0.0
     max_phase_factor: float = 2.0
-    on_timeout: Literal["rollback", "hold"] = "rollback"
+    on_timeout: Literal["rollback", "hold"] = "hold"
     interval_s: float = 60.0  # how often the controller evaluates the gates
     ramp_hold_share: float = 0.5  # a ramp waits here until every gate proves non-inferiority
 
