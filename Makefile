@@ -12,7 +12,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke canary-sim
+.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke canary-sim fuzz
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ servers:
 
 test: setup servers
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# A longer schemathesis run against a real `bentoml serve` (make test runs 100 examples an
+# operation and phase, about 1,300 requests).
+FUZZ_EXAMPLES ?= 1000
+fuzz: setup servers
+	CTR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -q tests/test_fuzz.py --timeout 1800
 
 # An immutable Bento: code, the exact model version, the feature database, pinned packages.
 # The tag goes to build/bento.tag. GPU=1 builds the GPU variant (PyPI's CUDA torch).

@@ -14,6 +14,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
+from ctr.api import request_id
 from ctr.api.contract import Context
 from ctr.api.routes import make_app
 from ctr.features import stack as feature_stack
@@ -166,6 +167,11 @@ class CTRGateway:
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer
         predict_app.state.admin_token = SETTINGS.admin_token
+        predict_app.state.max_body_bytes = SETTINGS.max_body_bytes
+        predict_app.state.model_info = wiring.model_info(self.art)
+        predict_app.state.request_id_key = request_id.resolve_key(
+            SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir
+        )
 
     @bentoml.on_startup
     async def warm_caches(self) -> None:
@@ -182,7 +188,8 @@ class CTRGateway:
         self._model_warm = asyncio.create_task(wiring.warm_pool(self.pool, self.width, SETTINGS.deadline_ms / 1000))
 
     async def __is_ready__(self) -> bool:
-        return self._model_warm.done()
+        """Ready once the model answered in time (wiring.warm_model logs why it has not)."""
+        return self._model_warm.done() and not self._model_warm.cancelled() and self._model_warm.exception() is None
 
     @bentoml.on_shutdown
     async def close(self) -> None:
@@ -203,10 +210,3 @@ class CTRGateway:
     async def _remote_fallback(self, ad_ids: list[str], context: dict[str, Any]) -> list[float]:
         out = await self.fallback_service.to_async.predict(ad_ids=ad_ids, context=context)
         return list(out["scores"])
-
-    @bentoml.api
-    async def model_info(self) -> dict[str, Any]:
-        """The served model's tag, test metrics, feature versions and data fingerprint."""
-        md = self.art.metadata
-        keys = ("metrics", "feature_versions", "data_fingerprint", "data_config")
-        return {"model_version": self.art.tag, **{k: md.get(k) for k in keys}}

@@ -78,3 +78,9 @@ REPLICA_EJECTIONS = Counter(
     ["pool", "replica", "reason"],
 )
 POOL_SIZE = Gauge("ctr_pool_replicas", "Model replicas known to each pool.", ["pool"], multiprocess_mode="livemax")
+WRITER_FAILURES = Counter(
+    "ctr_writer_failures", "Write-behind writer failures (each followed by a restart), by kind.", ["kind"]
+)
+DEAD_LETTERS = Counter(
+    "ctr_feature_writes_dead_lettered", "Write-behind stream entries that could not be committed, moved aside."
+)

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     warm: bool = Field(True, description="Warm the caches from the warm set before /readyz turns ready.")
     warm_top_users: int = Field(10_000, ge=0, description="K: how many of the most active users to warm.")
     admin_token: str = Field("", description="Bearer token of the admin endpoints; empty disables them.")
+    request_id_key: str = Field(
+        "",
+        description="Key signing the request ids /feedback accepts; default: derived from admin_token, else a "
+        "random key kept in <data_dir>/request-id.key (shared by the processes of one machine).",
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, description="Largest request body of /predict, /feedback and /admin/*; larger is a 413."
+    )
     model_tag: str = Field("ctr_model:latest", description="BentoML model served by CTRModel and read by the gateway.")
     max_ads: int = Field(1000, ge=1, description="Most candidate ads accepted in one /predict request.")
     deadline_ms: float = Field(50.0, gt=0, description="Budget of one /predict request; past it the fallback answers.")

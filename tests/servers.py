@@ -194,15 +194,16 @@ def _stop_postgres(d: str) -> None:
 class RedisProcess:
     """A private Redis that can be killed and started again on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra = extra  # e.g. "--appendonly", "yes": later options override the defaults
         self._dir = tempfile.TemporaryDirectory()
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = _redis_server(self.port, Path(self._dir.name))
+        self.proc = _redis_server(self.port, Path(self._dir.name), *self.extra)
 
     def kill(self) -> None:
         if self.proc is not None:

@@ -16,6 +16,7 @@ import uvicorn
 from click.testing import CliRunner
 from servers import free_port
 
+from ctr.api import request_id
 from ctr.api.routes import make_app
 from ctr.cli import main
 from ctr.serving.canary.controller import Controller
@@ -23,6 +24,7 @@ from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.state import Arm, RedisStore
 
 TOKEN = "s3cret-token"
+KEY = b"k" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -36,6 +38,7 @@ class Served:
             app.state.canary = CanaryRuntime(store, Controller(store))
         app.state.stable_arm = Arm("ctr_model:stable", ("http://model:3000",))
         app.state.admin_token = token
+        app.state.request_id_key = KEY
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -144,14 +147,21 @@ def test_cli_drives_the_api(served: Served) -> None:
 
 
 def test_feedback_is_attributed_to_the_arm(served: Served) -> None:
-    """/feedback during a rollout lands in that arm's counters (impressions, clicks, predicted CTR)."""
+    """/feedback during a rollout lands in the arm its signed request id carries (impressions,
+    clicks, predicted CTR); a forged id is refused and counted nowhere."""
     with httpx.Client(base_url=served.url, headers=AUTH) as c:
         assert c.post("/admin/canary/start", json=START).status_code == 200
+        canary_id = request_id.issue("canary", "ctr_model:canary", KEY, time.time())
+        stable_id = request_id.issue("stable", "ctr_model:stable", KEY, time.time())
         for clicked in (True, False, False):
-            fb = {"request_id": "r1", "ad_id": "a7", "clicked": clicked, "arm": "canary", "score": 0.25}
-            assert c.post("/feedback", json=fb).status_code == 202
-        assert c.post("/feedback", json={"request_id": "r2", "ad_id": "a7", "clicked": True}).status_code == 202
-        bad = c.post("/feedback", json={"request_id": "r3", "ad_id": "a7", "clicked": True, "score": 3})
+            fb = {"request_id": canary_id, "ad_id": "a7", "clicked": clicked, "score": 0.25}
+            assert c.post("/feedback", json=fb).json() == {"accepted": True, "arm": "canary"}
+        # the arm is the signed id's, not the body's
+        fb = {"request_id": stable_id, "ad_id": "a7", "clicked": True, "arm": "canary"}
+        assert c.post("/feedback", json=fb).status_code == 202
+        forged = request_id.issue("canary", "x", b"another key" * 3, time.time())
+        assert c.post("/feedback", json={"request_id": forged, "ad_id": "a7", "clicked": True}).status_code == 403
+        bad = c.post("/feedback", json={"request_id": canary_id, "ad_id": "a7", "clicked": True, "score": 3})
         assert bad.status_code == 422
     runtime = served.server.config.app.state.canary
     canary, stable = runtime._delta.arms["canary"], runtime._delta.arms["stable"]

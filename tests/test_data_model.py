@@ -125,3 +125,25 @@ def test_degradation_table_orders_the_substitutes(trained, log_dir: Path) -> Non
     assert full > rows["features: all stored features default"] > 0.5
     assert full > rows["fallback: segment blend (model:*)"] > 0.5
     assert "Reference design" in degradation.format_table(list(degradation.table(log_dir, modelstore.artifacts())))
+
+
+def test_infer_refuses_out_of_range_feature_indices(trained) -> None:  # type: ignore[no-untyped-def]
+    """CTRModel's /infer answers 400 for an index outside its column's vocabulary (on a GPU
+    it would be a device assert that kills the process; the old route passed it on)."""
+    from starlette.testclient import TestClient
+
+    from ctr.model.app import SHAPE, make_model_app
+    from ctr.model.runner import ModelRunner
+
+    runner = ModelRunner(modelstore.artifacts(modelstore.save(trained)), "cpu")
+    app = make_model_app()
+    app.state.runner = runner
+    client = TestClient(app)
+    x = np.zeros((3, runner.n_fields), dtype="<i8")
+    shape = {SHAPE: f"3,{runner.n_fields}"}
+    assert client.post("/infer", content=x.tobytes(), headers=shape).status_code == 200
+    for col, value in ((0, int(runner.cardinalities[0])), (5, -1), (runner.n_fields - 1, 2**40)):
+        bad = x.copy()
+        bad[1, col] = value
+        r = client.post("/infer", content=bad.tobytes(), headers=shape)
+        assert r.status_code == 400 and f"column(s) [{col}]" in r.text, r.text

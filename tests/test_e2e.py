@@ -25,10 +25,12 @@ def test_predict_returns_a_calibrated_score_per_ad(gateway: Server) -> None:
     assert body["request_id"]
 
 
-def test_request_id_is_echoed(gateway: Server) -> None:
-    """A caller's X-Request-ID is kept, so logs can be joined."""
+def test_request_id_is_signed_and_the_callers_is_echoed(gateway: Server) -> None:
+    """The body's request_id is the service's signed id; a caller's X-Request-ID comes back
+    as a header, so logs can be joined."""
     r = predict(gateway, {"user_id": "u1", "ad_ids": ["a1"], "context": CTX}, headers={"x-request-id": "abc-1"})
-    assert r.json()["request_id"] == "abc-1"
+    assert r.headers["x-request-id"] == "abc-1"
+    assert r.json()["request_id"] != "abc-1" and "." in r.json()["request_id"]
 
 
 def test_unknown_user_and_ads_get_defaults_and_say_so(gateway: Server) -> None:
@@ -168,9 +170,13 @@ def test_admin_write_makes_a_new_ad_known(gateway: Server) -> None:
 
 
 def test_feedback_is_counted_and_validated(gateway: Server) -> None:
-    """Feedback on a shown ad is accepted (202) and counted; a malformed one is a 422."""
-    ok = {"request_id": "r1", "ad_id": "a1", "clicked": True}
+    """Feedback on a shown ad is accepted (202) and counted; a malformed one is a 422, one
+    with an id the service did not issue a 403."""
+    rid = predict(gateway, {"user_id": "u1", "ad_ids": ["a1"], "context": CTX}).json()["request_id"]
+    ok = {"request_id": rid, "ad_id": "a1", "clicked": True}
     assert httpx.post(gateway.url + "/feedback", json=ok, timeout=10).status_code == 202
+    forged = httpx.post(gateway.url + "/feedback", json={**ok, "request_id": "r1"}, timeout=10)
+    assert forged.status_code == 403
     bad = httpx.post(gateway.url + "/feedback", json={**ok, "clicked": "maybe"}, timeout=10)
     assert bad.status_code == 422 and "clicked" in bad.json()["error"]
     text = httpx.get(gateway.url + "/metrics").text

@@ -5,11 +5,23 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from ctr.api import request_id
 from ctr.features import schema
 
-EntityId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+def _no_control_chars(value: str) -> str:
+    if schema.CONTROL_CHARS.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+EntityId = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=schema.MAX_ID_CHARS, description="1-128 characters, no control characters"),
+    AfterValidator(_no_control_chars),
+]
 
 
 class Context(BaseModel):
@@ -35,11 +47,29 @@ class Feedback(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    request_id: Annotated[
+        StrictStr,
+        Field(min_length=1, max_length=request_id.MAX_CHARS, description="the request_id of a /predict answer"),
+    ]
     ad_id: EntityId
-    clicked: bool
-    arm: Literal["stable", "canary"] = "stable"
-    score: Annotated[float, Field(gt=0, lt=1)] | None = None  # the predicted CTR served for this ad (calibration)
+    clicked: StrictBool
+    arm: Literal["stable", "canary"] | None = Field(
+        None, description="Ignored: the arm is the one the request id carries.", json_schema_extra={"deprecated": True}
+    )
+    score: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="The score /predict returned for this ad: feeds the canary's calibration gate."
+    )
+
+
+class Prediction(BaseModel):
+    """The /predict answer (documentation of the response; the gateway builds a dataclass)."""
+
+    request_id: str = Field(description="Signed by this service; /feedback accepts only these.")
+    scores: list[Annotated[float, Field(gt=0, lt=1)]]
+    model_version: str
+    arm: Literal["stable", "canary"]
+    fallback: bool
+    degraded: list[str]
 
 
 class BadRequest(Exception):

@@ -18,6 +18,9 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ctr.features.tiers import NEGATIVE
 
@@ -35,8 +38,16 @@ def decode(raw: bytes | None) -> Any | None:
 
 
 def connect(url: str, timeout_s: float = 0.05) -> Redis | RedisCluster:
-    """A client for `redis://…` or, for a cluster, `redis+cluster://host:port` (any node)."""
-    opts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    """A client for `redis://…` or, for a cluster, `redis+cluster://host:port` (any node).
+
+    After a connection error a command is retried once, at once, on a fresh connection:
+    a restarted Redis leaves every pooled connection stale, and without the retry the
+    next commands failed. Timeouts are not retried (the caller's budget is spent)."""
+    opts: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
     if url.startswith(CLUSTER_SCHEME):
         return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **opts)
     return Redis.from_url(url, **opts)

@@ -6,6 +6,7 @@ and the model lives here, so a change in one place is a change everywhere.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -24,6 +25,18 @@ SITE_CATEGORIES: tuple[str, ...] = (
 CONN_TYPES: tuple[str, ...] = ("wifi", "4g", "5g", "3g", "ethernet")
 HOURS = 24
 BANNER_POSITIONS = 8
+
+# --- entity ids: what reaches the stores -----------------------------------------------
+MAX_ID_CHARS = 128
+# No control characters (C0, DEL, C1): PostgreSQL refuses NUL, and a failed query would
+# count against the L3 breaker that every request shares.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def valid_id(value: object) -> bool:
+    """A string of 1-MAX_ID_CHARS characters, none of them a control character."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and CONTROL_CHARS.search(value) is None
+
 
 # --- raw attribute vocabularies ---------------------------------------------------------
 GENDERS: tuple[str, ...] = ("m", "f", "u")

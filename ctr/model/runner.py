@@ -16,6 +16,18 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def check_indices(x: np.ndarray, cardinalities: np.ndarray) -> None:
+    """ValueError unless every column j of `x` lies in [0, cardinalities[j]): on a GPU an
+    embedding index out of range is a device-side assert that kills the process."""
+    if len(x) == 0:
+        return
+    bad = (x.min(axis=0) < 0) | (x.max(axis=0) >= cardinalities)
+    if bad.any():
+        cols = [int(j) for j in np.flatnonzero(bad)]
+        limits = [int(c) for c in cardinalities]
+        raise ValueError(f"feature index out of range in column(s) {cols}; column j must lie in [0, {limits}[j])")
+
+
 class ModelRunner:
     def __init__(self, art: ModelArtifacts, device: str = "auto", threads: int = 1) -> None:
         torch.set_num_threads(threads)
@@ -23,10 +35,12 @@ class ModelRunner:
         self.tag = art.tag
         self.model = modelstore.load_module(art, self.device)
         self.n_fields = len(art.architecture["cardinalities"])
+        self.cardinalities = np.asarray(art.architecture["cardinalities"], dtype=np.int64)
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 2 or x.shape[1] != self.n_fields:
             raise ValueError(f"expected a [n, {self.n_fields}] matrix, got shape {list(x.shape)}")
+        check_indices(x, self.cardinalities)
         t = torch.from_numpy(np.require(x, dtype=np.int64, requirements=["C", "W"])).to(self.device, non_blocking=True)
         return torch.sigmoid(self.model(t)).float().cpu().numpy()

@@ -22,6 +22,18 @@ from ctr import metrics
 ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
+class ModelError(Exception):
+    """A model call failed in a way the gateway answers with the fallback; `reason` is the
+    `model:` degradation it reports."""
+
+    reason = "model:error"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
 class Coalescer:
     def __init__(self, call: ModelCall, max_inflight: int = 2, max_rows: int = 8192, window_s: float = 0.0) -> None:
         if max_inflight < 1:
@@ -64,6 +76,7 @@ class Coalescer:
         return batch
 
     async def _flush(self) -> None:
+        batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         try:
             if self.window_s > 0 and sum(len(x) for x, _ in self._pending) < self.max_rows:
                 await asyncio.sleep(self.window_s)
@@ -75,16 +88,26 @@ class Coalescer:
             metrics.BATCH_REQUESTS.observe(len(batch))
             try:
                 y = await self._call(x)
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception as exc:  # the model call's own error, as it is
+                _fail(batch, exc)
                 return
             start = 0
             for xi, fut in batch:
                 if not fut.done():
                     fut.set_result(y[start : start + len(xi)])
                 start += len(xi)
+        except asyncio.CancelledError:
+            _fail(batch, ModelError("the model call was cancelled", "model:cancelled"))
+            raise
+        except Exception as exc:  # a batch that could not be made or split (mismatched rows)
+            _fail(batch, ModelError(f"the coalesced call failed: {type(exc).__name__}: {exc}", "model:batch_failed"))
         finally:
+            _fail(batch, ModelError("the model call ended without an answer"))  # a no-op when all are resolved
             self._inflight -= 1
             self._kick()
+
+
+def _fail(batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]], exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -22,6 +22,7 @@ from ctr import metrics
 from ctr.api.contract import PredictRequest
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
+from ctr.serving.coalesce import ModelError
 from ctr.serving.fallback import Fallback
 from ctr.serving.features import FeatureProvider
 
@@ -101,6 +102,8 @@ class Gateway:
             raise ModelFailed("model:breaker_open") from None
         except REMOTE_ERRORS:
             raise ModelFailed("model:unavailable") from None
+        except ModelError as exc:  # an invalid answer, a batch that failed in the coalescer
+            raise ModelFailed(exc.reason) from None
         self._inference_h.observe(time.perf_counter() - t0)
         return np.clip(y.astype(np.float64), 1e-6, 1 - 1e-6).tolist()
 

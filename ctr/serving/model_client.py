@@ -17,6 +17,29 @@ import aiohttp
 import numpy as np
 
 from ctr.model.app import SHAPE
+from ctr.serving.coalesce import ModelCall, ModelError
+
+
+class InvalidAnswer(ModelError):
+    """The model answered, but not one finite score per row."""
+
+    reason = "model:invalid_answer"
+
+
+def checked(call: ModelCall) -> ModelCall:
+    """`call` whose answer is verified: exactly one finite score per input row, else
+    InvalidAnswer (the gateway answers from the fallback). Wraps any model client."""
+
+    async def run(x: np.ndarray) -> np.ndarray:
+        y = await call(x)
+        if not isinstance(y, np.ndarray) or y.ndim != 1 or len(y) != len(x):
+            shape = list(y.shape) if isinstance(y, np.ndarray) else type(y).__name__
+            raise InvalidAnswer(f"the model answered {shape} for {len(x)} rows; want one score per row")
+        if not np.isfinite(y).all():
+            raise InvalidAnswer(f"the model answered {int((~np.isfinite(y)).sum())} non-finite scores")
+        return y
+
+    return run
 
 
 class BinaryModelClient:

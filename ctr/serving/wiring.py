@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import numpy as np
 
 from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
@@ -21,6 +26,7 @@ from ctr.serving.coalesce import ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway, Model
+from ctr.serving.model_client import checked
 from ctr.serving.pool import (
     CallReplica,
     FixedSource,
@@ -34,6 +40,7 @@ from ctr.serving.pool import (
 from ctr.serving.pool.replica import Replica
 from ctr.settings import Settings
 
+log = logging.getLogger(__name__)
 IN_GRAPH = "in-graph"
 
 
@@ -52,7 +59,7 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
 
     def factory(url: str) -> Replica:
         if url == IN_GRAPH and in_graph is not None:
-            return CallReplica(IN_GRAPH, in_graph, width)
+            return CallReplica(IN_GRAPH, checked(in_graph), width)
         return HttpReplica(url)
 
     config = PoolConfig(
@@ -114,39 +121,66 @@ def canary_arms(settings: Settings, stable: ModelPool, stable_version: str, widt
 
 
 async def warm_pool(pool: ModelPool, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
-    """Warm every replica of the pool at once (`warm_model` each); returns the calls made."""
-    import asyncio
+    """Warm every replica of the pool at once (`keep_warming` each, until each is ready)."""
+    round_s = timeout_s
+    await asyncio.gather(*(keep_warming(m.replica.infer, width, deadline_s, round_s) for m in pool.members))
+    return len(pool.members)
 
-    done = await asyncio.gather(*(warm_model(m.replica.infer, width, deadline_s, timeout_s) for m in pool.members))
-    return sum(done)
 
-
-async def warm_model(call: ModelCall, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:
-    """Call the model until it answers 20 bursts in a row within the deadline; returns calls made.
+async def warm_model(
+    call: ModelCall,
+    width: int,
+    deadline_s: float,
+    timeout_s: float = 180.0,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> bool:
+    """Call the model until it answers 20 bursts in a row within the deadline: True; False
+    (and a log line saying why) when `timeout_s` passes first.
 
     Right after start-up CTRModel is slow (torch's first passes, BentoML's batcher training
     its latency model on the first requests): measured, without this the first seconds of
     traffic timed out, opened the model breaker and were answered by the fallback.
-    The gateway's /readyz stays 503 until this is done.
+    The gateway's /readyz stays 503 until this returned True (see `keep_warming`).
     """
-    import asyncio
-    import time
-
-    import numpy as np
-
     x = np.zeros((100, width), dtype=np.int64)
-    end, streak, calls = time.monotonic() + timeout_s, 0, 0
-    while streak < 20 and time.monotonic() < end:
-        t0 = time.perf_counter()
+    start = clock()
+    end, streak, calls, why = start + timeout_s, 0, 0, "no answer yet"
+    while streak < 20 and clock() < end:
+        t0 = clock()
         try:
             async with asyncio.timeout(2.0):
-                await asyncio.gather(*(call(x) for _ in range(4)))
-            streak = streak + 1 if time.perf_counter() - t0 < deadline_s else 0
-        except (*REMOTE_ERRORS, AttributeError):  # AttributeError: BentoML's client not set up yet
-            streak = 0
-            await asyncio.sleep(0.2)
+                answers = await asyncio.gather(*(call(x) for _ in range(4)))
+            took = clock() - t0
+            if any(len(y) != len(x) or not np.isfinite(y).all() for y in answers):
+                streak, why = 0, "the model answered without one finite score per row"
+            elif took < deadline_s:
+                streak += 1
+            else:
+                streak, why = 0, f"a burst took {took * 1000:.1f} ms, over the {deadline_s * 1000:.1f} ms deadline"
+        except (*REMOTE_ERRORS, AttributeError) as exc:  # AttributeError: BentoML's client not set up yet
+            streak, why = 0, f"the model call failed: {type(exc).__name__}: {exc}"
+            await sleep(0.2)
         calls += 4
-    return calls
+    if streak >= 20:
+        log.info("model warm after %d calls in %.1f s", calls, clock() - start)
+        return True
+    log.warning("model not ready after %.0f s and %d calls (stays not ready): %s", timeout_s, calls, why)
+    return False
+
+
+async def keep_warming(call: ModelCall, width: int, deadline_s: float, round_s: float = 180.0) -> None:
+    """Warm the model in rounds of `round_s` until it is ready (each failed round logs why)."""
+    while not await warm_model(call, width, deadline_s, round_s):
+        pass
+
+
+def model_info(art: ModelArtifacts) -> dict[str, Any]:
+    """What /model_info answers: the served model's tag, test metrics, feature versions and
+    data fingerprint."""
+    md = art.metadata
+    keys = ("metrics", "feature_versions", "data_fingerprint", "data_config")
+    return {"model_version": art.tag, **{k: md.get(k) for k in keys}}
 
 
 def settle_gc() -> None:

@@ -1,0 +1,102 @@
+"""Signed request ids: the gateway issues one with every /predict answer, and /feedback
+accepts only ids it issued.
+
+An id is `<payload>.<tag>`, both URL-safe base64 without padding: the payload is the
+compact JSON `[arm, model_version, issued_at, nonce]`, the tag the first 16 bytes of
+HMAC-SHA256(key, payload). The arm travels in the id, so feedback is attributed to the
+arm that answered without a lookup, and with several gateway processes any of them can
+verify an id another issued, as long as they share the key (`request_id_key`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger(__name__)
+TAG_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 allows down to half the output)
+NONCE_BYTES = 8  # two requests in the same millisecond get different ids
+MAX_CHARS = 512
+KEY_FILE = "request-id.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    arm: str
+    model_version: str
+    issued_at: float  # unix seconds
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _tag(key: bytes, payload: str) -> bytes:
+    return hmac.new(key, payload.encode(), hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def issue(arm: str, model_version: str, key: bytes, now: float) -> str:
+    """A request id carrying `arm`, `model_version` and `now` (unix seconds), signed with `key`."""
+    nonce = _b64(os.urandom(NONCE_BYTES))
+    payload = _b64(orjson.dumps([arm, model_version, round(now, 3), nonce]))
+    return f"{payload}.{_b64(_tag(key, payload))}"
+
+
+def verify(request_id: str, key: bytes) -> Claims | None:
+    """The claims of an id signed with `key`; None for anything else (forged, altered, malformed)."""
+    if not isinstance(request_id, str) or len(request_id) > MAX_CHARS or request_id.count(".") != 1:
+        return None
+    payload, tag = request_id.split(".")
+    try:
+        if not hmac.compare_digest(_unb64(tag), _tag(key, payload)):
+            return None
+        arm, version, issued_at, _ = orjson.loads(_unb64(payload))
+    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
+        return None
+    if not (isinstance(arm, str) and isinstance(version, str) and isinstance(issued_at, int | float)):
+        return None
+    if not math.isfinite(issued_at):
+        return None
+    return Claims(arm, version, float(issued_at))
+
+
+def resolve_key(explicit: str, admin_token: str, data_dir: Path) -> bytes:
+    """The signing key: CTR_REQUEST_ID_KEY when set; else derived from CTR_ADMIN_TOKEN (every
+    process and replica given the token agrees); else a random key kept in
+    `<data_dir>/request-id.key`, made once and shared by the processes of one machine."""
+    if explicit:
+        return explicit.encode()
+    if admin_token:
+        return hmac.new(admin_token.encode(), b"ctr-serve request id key v1", hashlib.sha256).digest()
+    path = data_dir / KEY_FILE
+    if not path.exists():
+        # written aside, then linked into place: a process never reads a half-written key
+        tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_bytes(32).hex())
+        try:
+            os.link(tmp, path)
+            log.info("made a request id signing key in %s (set CTR_REQUEST_ID_KEY to share one across machines)", path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            tmp.unlink()
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < 16:
+        raise ValueError(f"{path} holds a key of {len(key)} bytes; delete it to make a new one")
+    return key
