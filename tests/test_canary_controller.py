@@ -162,3 +162,25 @@ def test_a_held_rollout_still_rolls_back_on_harm_and_resume_gives_a_new_window()
         assert d is not None and d.action == "rollback" and (await store.load()).status == "rolled_back"
 
     run(go())
+
+
+def test_a_ramp_grows_linearly_then_promotes_on_evidence() -> None:
+    """Traffic(t) = min(hold share, p0 + r t) while ramping; promotion once the gates pass."""
+
+    async def go() -> list[float]:
+        clock = FakeClock(0.0)
+        store = MemoryStore(clock)
+        ctl = Controller(store, clock=clock)
+        r = await ctl.start(STABLE, CANARY, ramp_plan(0.1, 0.2 * 60, interval_s=60))  # +20 pp a minute
+        shares = [r.share]
+        while r.status == "running":
+            await feed(store, r.id, stats(4_000_000), stats(40_000_000))
+            clock.t += 60
+            await ctl.step()
+            r = await store.load()
+            shares.append(r.share)
+        assert r.status == "promoted"
+        return shares
+
+    shares = run(go())
+    assert shares == [0.1, pytest.approx(0.3), 1.0]  # at 120 s it would reach its 50 % hold: the gates pass

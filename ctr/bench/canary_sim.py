@@ -261,7 +261,7 @@ async def rollout(
     lat = {a.name: _latency_probs(traffic, a.extra_latency_ms) for a in (stable_arm, canary_arm)}
     horizon = max_time_s or _horizon(plan)
     start, dt, served, top_share = clock.t, plan.interval_s, 0, 0.0
-    while r.active and clock.t - start < horizon:
+    while r.status == "running" and clock.t - start < horizon:  # held: a person decides from here
         mask = np.zeros(len(buckets), bool)
         for lo, hi in bucket_ranges(r.share):
             mask |= (buckets >= lo) & (buckets < hi)
