@@ -89,6 +89,8 @@ def test_start_status_pause_resume_rollback(served: Served) -> None:
         assert c.get("/admin/canary").json()["status"] == "none"
         bad = c.post("/admin/canary/start", json={"urls": ["x"]})
         assert bad.status_code == 422 and "model_tag" in bad.json()["error"]
+        bad = c.post("/admin/canary/start", json={"model_tag": "ctr_model:c"})
+        assert bad.status_code == 422 and "CTR_CANARY_URLS" in bad.json()["error"]
         assert c.post("/admin/canary/start", content=b"{not json").status_code == 400
         r = c.post("/admin/canary/start", json=START).json()
         assert (r["status"], r["share"], r["canary"]["urls"]) == ("running", 0.01, ["http://canary:3000"])

@@ -111,7 +111,12 @@ async def _status(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> 
 
 async def _start(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> Rollout:
     stable: Arm = request.app.state.stable_arm
-    return await rt.controller.start(stable, _canary_arm(body), _plan(body), by="admin")
+    canary = _canary_arm(body)
+    if not canary.urls:
+        if not rt.canary_urls:
+            raise ValueError("no canary replicas: give urls, or set CTR_CANARY_URLS on the gateway")
+        canary = Arm(canary.tag, rt.canary_urls)
+    return await rt.controller.start(stable, canary, _plan(body), by="admin")
 
 
 def _manual(name: str) -> Handler:

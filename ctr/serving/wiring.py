@@ -110,14 +110,14 @@ def canary_arms(settings: Settings, stable: ModelPool, stable_version: str, widt
     import redis.asyncio as aioredis
 
     store = RedisStore(aioredis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2))
-    runtime = CanaryRuntime(
-        store, Controller(store, GateConfig(alpha=settings.canary_alpha)), sync_s=settings.canary_sync_s
-    )
+    urls = tuple(u for u in settings.canary_urls.split(",") if u)
+    controller = Controller(store, GateConfig(alpha=settings.canary_alpha))
+    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls)
 
     def make_pool(urls: tuple[str, ...]) -> ModelPool:
         return model_pool(settings, width=width, name="canary", urls=",".join(urls))
 
-    return Arms(runtime, stable, stable_version, make_pool, tuple(u for u in settings.canary_urls.split(",") if u))
+    return Arms(runtime, stable, stable_version, make_pool)
 
 
 async def warm_pool(pool: ModelPool, width: int, deadline_s: float, timeout_s: float = 180.0) -> int:

@@ -40,19 +40,17 @@ class Arms:
         stable: Pool,
         stable_version: str,
         make_pool: PoolFactory,
-        default_urls: tuple[str, ...] = (),
     ) -> None:
         self.runtime = runtime
         self.stable = stable
         self.stable_version = stable_version
         self.make_pool = make_pool
-        self.default_urls = default_urls
         self.canary: Pool | None = None
         self._canary_key: tuple[str, tuple[str, ...]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def urls(self, r: Rollout) -> tuple[str, ...]:
-        return r.canary.urls or self.default_urls
+        return r.canary.urls or self.runtime.canary_urls
 
     def route(self, user_id: str) -> tuple[str, Pool, str]:
         """(arm, pool, model version) for this user's request."""

@@ -34,8 +34,16 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.Ti
 
 
 class CanaryRuntime:
-    def __init__(self, store: Store, controller: Controller, clock: Clock = time.time, sync_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        controller: Controller,
+        clock: Clock = time.time,
+        sync_s: float = 1.0,
+        canary_urls: tuple[str, ...] = (),
+    ) -> None:
         self.store = store
+        self.canary_urls = canary_urls  # CTR_CANARY_URLS: for a rollout started with a model tag only
         self.controller = controller
         self.clock = clock
         self.sync_s = sync_s
