@@ -92,6 +92,9 @@ def test_start_status_pause_resume_rollback(served: Served) -> None:
         bad = c.post("/admin/canary/start", json={"model_tag": "ctr_model:c"})
         assert bad.status_code == 422 and "CTR_CANARY_URLS" in bad.json()["error"]
         assert c.post("/admin/canary/start", content=b"{not json").status_code == 400
+        for plan in ({"phases": [{"share": 0.1}]}, {"phases": [{"share": 2, "duration_s": 1}]}, {"phases": 3}, []):
+            bad = c.post("/admin/canary/start", json={**START, "plan": plan})
+            assert bad.status_code == 422 and ("plan" in bad.json()["error"] or "share" in bad.json()["error"])
         r = c.post("/admin/canary/start", json=START).json()
         assert (r["status"], r["share"], r["canary"]["urls"]) == ("running", 0.01, ["http://canary:3000"])
         assert r["stable"]["tag"] == "ctr_model:stable" and r["plan"]["phases"][0]["duration_s"] == 36.0

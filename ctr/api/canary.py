@@ -59,7 +59,10 @@ def _plan(body: dict[str, Any]) -> Plan:
     if "plan" in body:
         if not isinstance(body["plan"], dict):
             raise ValueError("plan must be a JSON object (see GET /admin/canary for the shape)")
-        return Plan.from_dict(body["plan"])
+        try:
+            return Plan.from_dict(body["plan"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"plan: {type(exc).__name__}: {exc} (phases need share and duration_s)") from None
     scale = body.get("plan_scale", 1.0)
     if not isinstance(scale, int | float) or scale <= 0:
         raise ValueError("plan_scale must be a number > 0 (1 = the default 1 h / 2 h / 4 h / 8 h phases)")
