@@ -253,7 +253,8 @@ async def rollout(
     rng = np.random.default_rng(seed)
     clock = FakeClock(1_000_000.0)
     store = MemoryStore(clock)
-    ctl = Controller(store, gates, clock=clock, owner=f"sim-{seed}")
+    counter = iter(range(1_000_000))
+    ctl = Controller(store, gates, clock=clock, owner=f"sim-{seed}", new_id=lambda: f"sim{seed}-{next(counter)}")
     r = await ctl.start(Arm("stable"), Arm(canary), plan, by="simulator")
     ids = [f"u{seed}-{i}" for i in range(traffic.id_sample)]
     buckets = np.fromiter((bucket(u, r.salt) for u in ids), float, len(ids))
@@ -319,14 +320,15 @@ class Report:
         for o in self.bad:
             ok = "right gate" if o.gate == EXPECTED_GATE[o.canary] and o.status == "rolled_back" else "WRONG"
             yield (
-                f"  {o.canary:13s} {o.status:11s} gate {o.gate!s:11s} phase {o.phase} "
+                f"  {o.canary:13s} {o.status:11s} gate {o.gate!s:11s} phase {o.phase + 1} "
                 f"(peak share {o.peak_share:.1%}) after {o.sim_time_s / 60:.0f} min, "
                 f"{o.canary_requests:,} canary requests, {o.users_reached:,} users reached  [{ok}]"
             )
         for o in self.good:
+            lift = self.world["good"]["ctr_shown"] / self.world["stable"]["ctr_shown"] - 1
+            where = f"through {o.phase} phases" if o.status == "promoted" else f"in phase {o.phase + 1}: {o.reason}"
             yield (
-                f"good canary ({self.world['good']['ctr_shown'] / self.world['stable']['ctr_shown'] - 1:+.2%} CTR): "
-                f"{o.status} after {o.sim_time_s / 3600:.2f} h, phase {o.phase}, "
+                f"good canary ({lift:+.2%} CTR): {o.status} after {o.sim_time_s / 3600:.2f} h {where}, "
                 f"{o.canary_requests:,} canary requests"
             )
         n_rb = sum(o.status == "rolled_back" for o in self.aa)
@@ -340,7 +342,7 @@ class Report:
             median_h, max_h = promoted[len(promoted) // 2] / 3600, promoted[-1] / 3600
             yield f"A/A time to promote: median {median_h:.2f} h, max {max_h:.2f} h"
         for o in [o for o in self.aa if o.status != "promoted"][:5]:
-            yield f"  e.g. A/A seed {o.seed}: {o.status} in phase {o.phase}: {o.reason}"
+            yield f"  e.g. A/A seed {o.seed}: {o.status} in phase {o.phase + 1}: {o.reason}"
         yield f"({self.seconds:.1f} s of rollouts)"
 
 

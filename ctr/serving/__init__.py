@@ -3,7 +3,9 @@
 Owns: `gateway` (the request path and its deadline), `features` (in-process or remote
 feature providers), `coalesce` (one model call per batch of concurrent requests),
 `model_client` (the raw /infer hop or BentoML's client), `fallback` (segment table,
-remote FallbackService, global CTR), `wiring` (builds it all from the settings).
+remote FallbackService, global CTR), `pool/` (model replicas behind one submit), `canary/`
+(the sticky split, rollout plans, gates, shared state and the two arms), `wiring` (builds it
+all from the settings).
 May import: `ctr.api.contract`, `ctr.features`, `ctr.model` (never its torch runner),
 `ctr.resilience`, `ctr.metrics`, `ctr.settings`. Never `ctr.bench`, `ctr.ship`, `ctr.cli`.
 """

@@ -96,12 +96,14 @@ class Controller:
         clock: Clock = time.time,
         owner: str | None = None,
         lease_s: float = 10.0,
+        new_id: Callable[[], str] = lambda: secrets.token_hex(8),
     ) -> None:
         self.store = store
         self.cfg = gates
         self.clock = clock
         self.owner = owner or uuid.uuid4().hex[:12]
         self.lease_s = lease_s
+        self.new_id = new_id  # a rollout's id and salt (injected: the simulator's runs repeat exactly)
 
     # ---- manual actions -------------------------------------------------------------
     async def start(self, stable: Arm, canary: Arm, plan: Plan, by: str = "admin") -> Rollout:
@@ -112,11 +114,11 @@ class Controller:
                 raise CanaryError(f"rollout {cur.id} is {cur.status}; promote or roll it back first")
             share = plan.share(0, 0.0, 0.0)
             r = Rollout(
-                uuid.uuid4().hex[:12],
+                self.new_id()[:12],
                 stable,
                 canary,
                 plan.to_dict(),
-                secrets.token_hex(8),
+                self.new_id(),
                 "running",
                 0,
                 share,
