@@ -129,6 +129,13 @@ for _name, _doc in (
 @click.option("--interval-s", type=float, default=60.0, show_default=True, help="How often the gates are evaluated.")
 @click.option("--impressions", type=int, default=60_000, show_default=True, help="Size of the generated training log.")
 @click.option(
+    "--on-timeout",
+    type=click.Choice(["hold", "rollback"]),
+    default="hold",
+    show_default=True,
+    help="What an inconclusive phase does past its maximum time.",
+)
+@click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -138,7 +145,13 @@ for _name, _doc in (
     "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Every outcome as JSON."
 )
 def simulate(
-    aa_seeds: int, rps: float, interval_s: float, impressions: int, workdir: Path | None, json_out: Path | None
+    aa_seeds: int,
+    rps: float,
+    interval_s: float,
+    impressions: int,
+    on_timeout: str,
+    workdir: Path | None,
+    json_out: Path | None,
 ) -> None:
     """Whole rollouts under a fake clock with real trained models: bad canaries, a good one, A/A seeds."""
     import dataclasses
@@ -146,7 +159,7 @@ def simulate(
     from ctr.bench import canary_sim as sim
     from ctr.serving.canary.plan import default_plan
 
-    plan = dataclasses.replace(default_plan(), interval_s=interval_s)
+    plan = dataclasses.replace(default_plan(), interval_s=interval_s, on_timeout=on_timeout)
     world_cfg = dataclasses.replace(sim.DEFAULT_WORLD, impressions=impressions)
     report = sim.simulate(aa_seeds, plan, sim.Traffic(rps=rps), world_cfg, workdir)
     for line in report.lines():
