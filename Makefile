@@ -12,7 +12,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke canary-sim fuzz
+.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke canary-sim fuzz cluster cluster-stop
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,3 +79,12 @@ canary-sim: install
 
 clean:
 	rm -rf $(VENV) data bentoml_home reports build
+
+# The local topology: gateway, FeatureService, FallbackService and REPLICAS CTRModel replicas,
+# each a process of its own on loopback (as deploy/k8s runs them); Ctrl-C or `make cluster-stop`.
+REPLICAS ?= 3
+cluster: setup
+	$(BIN)/ctr cluster --replicas $(REPLICAS) --port $(PORT)
+
+cluster-stop:
+	$(BIN)/ctr cluster stop

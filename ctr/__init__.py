@@ -12,6 +12,7 @@ from ctr.features.transform import Transformer, TransformSpec
 from ctr.model.segments import SegmentTable
 from ctr.serving.coalesce import Coalescer
 from ctr.serving.gateway import Gateway, Prediction
+from ctr.serving.pool import ModelPool
 from ctr.settings import Settings
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Coalescer",
     "Context",
     "Gateway",
+    "ModelPool",
     "PredictRequest",
     "Prediction",
     "SegmentTable",

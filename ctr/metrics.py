@@ -77,6 +77,11 @@ REPLICA_EJECTIONS = Counter(
     "Ejections of a model replica, by reason (errors, p99, outlier, probe).",
     ["pool", "replica", "reason"],
 )
+REPLICA_PROBE_FAILURES = Counter(
+    "ctr_replica_probe_failures", "Active /readyz probes of a model replica that failed or timed out.",
+    ["pool", "replica"],
+)  # fmt: skip
+HEDGES = Counter("ctr_pool_hedges", "Coalesced calls hedged to a second replica (CTR_HEDGE).", ["pool"])
 POOL_SIZE = Gauge("ctr_pool_replicas", "Model replicas known to each pool.", ["pool"], multiprocess_mode="livemax")
 WRITER_FAILURES = Counter(
     "ctr_writer_failures", "Write-behind writer failures (each followed by a restart), by kind.", ["kind"]

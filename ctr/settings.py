@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     probe_timeout_ms: float = Field(500.0, gt=0, description="Budget of one /readyz probe.")
     probe_passes: int = Field(2, ge=1, description="Passing probes in a row an ejected replica needs to come back.")
     probe_failures: int = Field(3, ge=1, description="Failing probes in a row that eject a healthy replica.")
+    hedge: bool = Field(
+        False,
+        description="Send a coalesced call to a second replica too when the first has not answered by its recent "
+        "p95 (within the retry budget); the first answer wins.",
+    )
     dns_refresh_s: float = Field(5.0, gt=0, description="How often host names in CTR_MODEL_URLS are re-resolved.")
     features_url: str = Field(
         "http://127.0.0.1:3001", description="FeatureService's URL for a gateway run alone (ctr serve)."

@@ -146,7 +146,7 @@ def test_model_process_killed(rig: tuple[Server, RedisProcess, PostgresProcess])
     """The CTRModel process is SIGKILLed: fallback answers until BentoML has restarted it."""
     server, _, _ = rig
     flags = {"model:unavailable", "model:timeout", "model:breaker_open"}
-    run_fault(server, "model", flags, lambda: model_process(server).kill(), lambda: None)
+    run_fault(server, "model:0", flags, lambda: model_process(server).kill(), lambda: None)  # the pool's one replica
 
 
 def test_model_frozen_past_the_deadline(rig: tuple[Server, RedisProcess, PostgresProcess]) -> None:
@@ -154,7 +154,7 @@ def test_model_frozen_past_the_deadline(rig: tuple[Server, RedisProcess, Postgre
     server, _, _ = rig
     proc = model_process(server)
     try:
-        run_fault(server, "model", {"model:timeout", "model:breaker_open"}, lambda: os.kill(proc.pid, signal.SIGSTOP),
+        run_fault(server, "model:0", {"model:timeout", "model:breaker_open"}, lambda: os.kill(proc.pid, signal.SIGSTOP),
                   lambda: os.kill(proc.pid, signal.SIGCONT))  # fmt: skip
     finally:
         os.kill(proc.pid, signal.SIGCONT)

@@ -60,12 +60,20 @@ def test_old_calls_leave_the_window() -> None:
 
 
 def test_p99_over_the_threshold_ejects() -> None:
-    """p99 above CTR_REPLICA_P99_MS (40 ms) ejects for p99, even when every replica is slow."""
+    """p99 above CTR_REPLICA_P99_MS (40 ms) and above its peers' ejects for p99 (60 ms is under
+    3x the others' 30 ms, so this is not the outlier rule)."""
+    hs = pool(3)
+    for h, lat in zip(hs, (0.060, 0.030, 0.030), strict=True):
+        feed(h, 0.0, 30, latency_s=lat)
+    assert evaluate(1.0, hs)[1] == [(0, "p99")]
+
+
+def test_every_replica_slow_ejects_none() -> None:
+    """All three over the p99 threshold alike: the load is the problem, no replica is ejected."""
     hs = pool(3)
     for h in hs:
         feed(h, 0.0, 30, latency_s=0.060)
-    _, ejected = evaluate(1.0, hs)
-    assert ejected == [(0, "p99")]  # the cap (50 % of 3 = 1) stops the other two
+    assert evaluate(1.0, hs)[1] == []
 
 
 @pytest.mark.parametrize(("slow_s", "ejected"), [(0.012, True), (0.006, False), (0.0045, False)])

@@ -249,3 +249,55 @@ def test_dns_failure_keeps_the_known_addresses() -> None:
 def test_bad_urls_are_clear_errors(spec: str, weights: list[float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_urls(spec, weights)
+
+
+def test_hedging_sends_a_late_call_to_a_second_replica() -> None:
+    """CTR_HEDGE: a call not answered by its replica's recent p95 (1 ms here) goes to another
+    replica too; the second answer wins, the stuck call is cancelled, one budget token is spent."""
+
+    async def go() -> None:
+        budget = RetryBudget("model", 0.0, min_tokens=3)
+        pool, reps, clock = make_pool(["a", "b"], budget=budget)
+        pool.config = PoolConfig(policy="round_robin", health=HEALTH, deadline_s=1.0, hedge=True)
+        await pool.start(background=False)
+        for _ in range(10):
+            pool.members[0].health.record(clock(), True, 0.001)
+        pool.evaluate()
+        assert pool.members[0].health.p95_s == pytest.approx(0.001)
+        stuck = asyncio.Event()
+
+        async def hang(x: np.ndarray) -> np.ndarray:
+            await stuck.wait()
+            raise AssertionError("never answers")
+
+        reps["a"].infer = hang  # type: ignore[method-assign]
+        member = pool.members[0]
+        y = await member.coalescer.submit(rows(2, 7))
+        assert list(y) == [7.0, 7.0] and reps["b"].calls == [2]
+        assert budget.tokens == 2
+        assert (pool.members[1].slot.picks, pool.members[1].slot.outstanding) == (1, 0)  # the hedge's lease, released
+
+    asyncio.run(go())
+
+
+def test_a_second_pool_is_built_from_its_own_urls() -> None:
+    """wiring.model_pool with `urls` (a canary arm) ignores CTR_MODEL_URLS and its weights."""
+    from ctr.serving import wiring
+    from ctr.settings import Settings
+
+    s = Settings(model_urls="http://10.0.0.1:3000,http://10.0.0.2:3000", model_weights=[3.0, 1.0],
+                 lb_policy="weighted")  # fmt: skip
+
+    async def go() -> None:
+        stable = wiring.model_pool(s)
+        canary = wiring.model_pool(s, urls="http://10.0.1.1:3000", name="model-canary")
+        await stable.start(background=False)
+        await canary.start(background=False)
+        assert [(m.url, m.slot.weight) for m in stable.members] == [("http://10.0.0.1:3000", 3.0),
+                                                                    ("http://10.0.0.2:3000", 1.0)]  # fmt: skip
+        assert [m.url for m in canary.members] == ["http://10.0.1.1:3000"]
+        assert canary.members[0].breaker.name == "model-canary:0"
+        await stable.close()
+        await canary.close()
+
+    asyncio.run(go())

@@ -1,6 +1,7 @@
 """The `ctr` command: one module per command group, as serving teams think of them.
 
-`setup` (data, train), `features`, `bench` (loadtest, capacity), `eval`, `ship`, `canary`.
+`setup` (data, train), `features`, `serve` (one service alone; `cluster`), `bench` (loadtest,
+capacity), `eval`, `ship`, `canary`.
 The CLI is the outermost shell: it may import anything; nothing imports it.
 """
 
@@ -15,6 +16,7 @@ from ctr.cli.bench import bench, capacity, loadtest
 from ctr.cli.canary import canary
 from ctr.cli.eval import eval_
 from ctr.cli.features import features
+from ctr.cli.serve import cluster, serve
 from ctr.cli.setup import data, setup, train
 from ctr.cli.ship import ship
 from ctr.settings import PROJECT_ROOT
@@ -29,5 +31,5 @@ def main(verbose: bool) -> None:
     os.environ.setdefault("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))
 
 
-for command in (setup, data, train, features, bench, loadtest, capacity, eval_, ship, canary):
+for command in (setup, data, train, features, serve, cluster, bench, loadtest, capacity, eval_, ship, canary):
     main.add_command(command)

@@ -100,6 +100,25 @@ def bench_features(n: int, cluster_url: str | None) -> None:
     click.echo(bf.main(n=n, cluster_url=cluster_url))
 
 
+@bench.command("pool")
+@click.option("--policies", default=",".join(("round_robin", "least_conn", "weighted", "consistent_hash", "peak_ewma")),
+              show_default=True, help="Comma-separated CTR_LB_POLICY values.")  # fmt: skip
+@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--duration", type=float, default=8.0, show_default=True, help="Seconds per policy.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option("--delay-ms", type=float, default=10.0, show_default=True, help="Added to every call of replica 2.")
+@click.option("--weights", default="2,2,1", show_default=True, help="CTR_MODEL_WEIGHTS for the weighted policy.")
+@click.option("--ejection", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
+              help="Health ejection on (default settings), off (CTR_MAX_EJECTED_PERCENT=0), or both.")  # fmt: skip
+def bench_pool(policies: str, concurrency: int, duration: float, n_ads: int, delay_ms: float, weights: str,
+               ejection: str) -> None:  # fmt: skip
+    """Per policy, three replicas (one slowed): client p50/p99, fallback share, each replica's share."""
+    from ctr.bench import pool
+
+    modes = {"on": [True], "off": [False], "both": [True, False]}[ejection]
+    click.echo(pool.run(_settings(), policies.split(","), concurrency, duration, n_ads, delay_ms, weights, modes))
+
+
 @bench.command("batching")
 @click.option("--requests", "n", type=int, default=300, show_default=True, help="Calls per batch size.")
 @click.option("--budget-ms", type=float, default=3.0, show_default=True, help="Inference budget for B*.")

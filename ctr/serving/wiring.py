@@ -49,9 +49,10 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
     """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
     empty, the in-graph CTRModel reached through `in_graph` as the pool's one replica."""
     spec = settings.model_urls if urls is None else urls
+    weights = settings.model_weights if urls is None else []  # CTR_MODEL_WEIGHTS belong to CTR_MODEL_URLS
     source: UrlSource | FixedSource
     if spec:
-        source = UrlSource(parse_urls(spec, settings.model_weights))
+        source = UrlSource(parse_urls(spec, weights))
     elif in_graph is not None:
         source = FixedSource([IN_GRAPH])
     else:
@@ -68,7 +69,7 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
         load_factor=settings.hash_load_factor, probe_interval_s=settings.probe_interval_s,
         probe_timeout_s=settings.probe_timeout_ms / 1000.0, refresh_s=settings.dns_refresh_s,
         max_inflight=settings.batch_max_inflight, max_rows=settings.batch_max_rows,
-        window_s=settings.batch_window_ms / 1000.0,
+        window_s=settings.batch_window_ms / 1000.0, hedge=settings.hedge,
     )  # fmt: skip
     retrier = Retrier(name, REMOTE_ERRORS, RetryBudget(name, settings.retry_budget_ratio), settings.retry_attempts)
     return ModelPool(name, source, factory, config, retrier, lambda n: CircuitBreaker.from_settings(settings, n))

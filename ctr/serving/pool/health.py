@@ -4,7 +4,8 @@ ejection has been an open wish since envoyproxy/envoy#288).
 
 A replica is healthy while, over the last `window_s` (once it made `min_calls` calls):
 - its success rate is above `min_success`;
-- the p99 of its call latency is under `p99_s`;
+- the p99 of its call latency is under `p99_s` (or not above the others' median p99: when
+  every replica is slow, ejecting one only piles its share onto the rest);
 - its p99 is not an outlier: at most `outlier_factor` x the median p99 of the other judged
   replicas, or within `outlier_min_s` of it (sub-millisecond jitter is not an outlier);
 - and its last `probe_failures` active probes did not all fail.
@@ -80,6 +81,7 @@ class WindowStats:
     calls: int
     success_rate: float
     p99_s: float
+    p95_s: float = 0.0
 
 
 class ReplicaHealth:
@@ -93,6 +95,7 @@ class ReplicaHealth:
         self.healthy_since = 0.0
         self.probe_streak = 0  # HEALTHY: failed probes in a row; PROBING: passed probes in a row
         self.reason = ""
+        self.p95_s = 0.0  # of the window, as last judged (0 until it holds min_calls): the hedging delay
         self._calls: deque[tuple[float, bool, float]] = deque()  # (time, ok, latency_s)
 
     def record(self, now: float, ok: bool, latency_s: float) -> None:
@@ -114,8 +117,9 @@ class ReplicaHealth:
         if n == 0:
             return WindowStats(0, 1.0, 0.0)
         ok = sum(1 for _, good, _ in self._calls if good)
-        p99 = float(np.percentile(np.fromiter((lat for _, _, lat in self._calls), float, n), 99))
-        return WindowStats(n, ok / n, p99)
+        p95, p99 = np.percentile(np.fromiter((lat for _, _, lat in self._calls), float, n), [95, 99])
+        self.p95_s = float(p95) if n >= self.config.min_calls else 0.0
+        return WindowStats(n, ok / n, float(p99), float(p95))
 
     def eject(self, now: float, reason: str) -> float:
         """Out of traffic for the next ejection time; returns it."""
@@ -149,12 +153,13 @@ def _verdict(h: ReplicaHealth, st: WindowStats, others_p99: list[float]) -> str:
         return ""
     if st.success_rate <= c.min_success:
         return "errors"
-    if st.p99_s > c.p99_s:
+    median = float(np.median(others_p99)) if others_p99 else 0.0
+    # over the threshold AND slower than its peers: when every replica is slow, the load (not a
+    # replica) is the problem, and ejecting one would only pile its share onto the others
+    if st.p99_s > c.p99_s and st.p99_s > median:
         return "p99"
-    if others_p99:
-        median = float(np.median(others_p99))
-        if st.p99_s > c.outlier_factor * median and st.p99_s - median > c.outlier_min_s:
-            return "outlier"
+    if others_p99 and st.p99_s > c.outlier_factor * median and st.p99_s - median > c.outlier_min_s:
+        return "outlier"
     return ""
 
 

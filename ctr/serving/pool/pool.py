@@ -14,11 +14,10 @@ pool (a canary arm) is just another instance with another name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +59,7 @@ class PoolConfig:
     max_inflight: int = 2
     max_rows: int = 8192
     window_s: float = 0.0
+    hedge: bool = False
 
 
 @dataclass(eq=False)
@@ -142,10 +142,16 @@ class ModelPool:
                 await asyncio.sleep(0.05)
             await m.replica.close()
 
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to drain
-            task = asyncio.get_running_loop().create_task(drain())
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        self._background(drain())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no running loop (set up outside one): nothing to wait for
+            coro.close()
+            return
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------------ the request path
     def candidates(self, exclude: tuple[Member, ...] = ()) -> list[Member]:
@@ -181,20 +187,57 @@ class ModelPool:
             async def once() -> np.ndarray:
                 m = self._admit(member if not tried else None, tuple(tried), len(x))
                 tried.append(m)
-                if m is member:
-                    return await self._call(m, x)
-                lease = self.balancer.lease(m.slot, len(x))  # a retry elsewhere is load there too
-                try:
-                    y = await self._call(m, x)
-                except BaseException:
-                    lease.failure()
-                    raise
-                lease.success(self.clock() - lease.t0)
-                return y
+                if m is not member:
+                    return await self._elsewhere(m, x)
+                if self.config.hedge and m.health.p95_s > 0:
+                    return await self._hedged(m, x, tried)
+                return await self._call(m, x)
 
             return await self.retrier.call(once, time.perf_counter() + self.config.deadline_s)
 
         return call
+
+    async def _elsewhere(self, m: Member, x: np.ndarray) -> np.ndarray:
+        """A call on a replica the batch was not assigned to (a retry, a hedge): load there too."""
+        lease = self.balancer.lease(m.slot, len(x))
+        try:
+            y = await self._call(m, x)
+        except BaseException:
+            lease.failure()
+            raise
+        lease.success(self.clock() - lease.t0)
+        return y
+
+    async def _hedged(self, m: Member, x: np.ndarray, tried: list[Member]) -> np.ndarray:
+        """The call on `m`; if it has not answered by m's recent p95, the same call on another
+        replica too, paid from the retry budget (Dean and Barroso, "The Tail at Scale"): the
+        first answer wins, the other call is cancelled."""
+        first = asyncio.ensure_future(self._call(m, x))
+        done, _ = await asyncio.wait({first}, timeout=m.health.p95_s)
+        if done:
+            return first.result()
+        try:
+            other = self._admit(None, tuple(tried), len(x))
+        except NoReplica:
+            return await first
+        if not self.retrier.budget.withdraw():
+            return await first
+        tried.append(other)
+        metrics.HEDGES.labels(self.name).inc()
+        second = asyncio.ensure_future(self._elsewhere(other, x))
+        pending = {first, second}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                ok = [t for t in done if t.exception() is None]
+                if ok:
+                    return ok[0].result()
+                if not pending:
+                    return done.pop().result()  # both failed: raises the error
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            for task in pending:
+                task.cancel()
 
     def _admit(self, preferred: Member | None, tried: tuple[Member, ...], rows: int) -> Member:
         """The member a try goes to: the preferred one while it can take it, else another the
@@ -237,8 +280,13 @@ class ModelPool:
             try:
                 async with asyncio.timeout(self.config.probe_timeout_s):
                     ok = await m.replica.ready()
-            except (*REMOTE_ERRORS, ValueError):
+            # AttributeError: BentoML's client of the in-graph model before its server runs;
+            # RuntimeError: aiohttp's "Session is closed" when an ejection dropped it mid-probe
+            except (*REMOTE_ERRORS, ValueError, AttributeError, RuntimeError) as exc:
+                log.debug("pool %s: probe of replica %d failed: %r", self.name, m.slot.index, exc)
                 ok = False
+            if not ok:
+                metrics.REPLICA_PROBE_FAILURES.labels(*m.labels).inc()
             m.health.probe(ok)
 
         await asyncio.gather(*(one(m) for m in list(self.members)))
@@ -251,6 +299,8 @@ class ModelPool:
             log.info("pool %s: replica %d (%s) is back", self.name, members[i].slot.index, members[i].slot.name)
         for i, reason in ejected:
             m = members[i]
+            # its pooled connections may be dead (a restarted process): start afresh when it returns
+            self._background(m.replica.close())
             metrics.REPLICA_EJECTIONS.labels(*m.labels, reason).inc()
             log.warning("pool %s: replica %d (%s) ejected (%s) until +%.1f s", self.name, m.slot.index,
                         m.slot.name, reason, m.health.ejected_until - self.clock())  # fmt: skip
@@ -260,16 +310,22 @@ class ModelPool:
     async def _health_loop(self) -> None:
         next_probe = 0.0
         while True:
-            if self.clock() >= next_probe:
-                next_probe = self.clock() + self.config.probe_interval_s
-                await self.probe_all()
-            self.evaluate()
+            try:
+                if self.clock() >= next_probe:
+                    next_probe = self.clock() + self.config.probe_interval_s
+                    await self.probe_all()
+                self.evaluate()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("pool %s: health round failed", self.name)
             await asyncio.sleep(min(EVALUATE_EVERY_S, self.config.probe_interval_s))
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bad answer must not stop discovery for good
+                log.exception("pool %s: refreshing the replicas failed", self.name)
 
     async def start(self, background: bool = True) -> None:
         """Resolve the replicas; with `background`, run the health (and DNS) loops."""

@@ -26,7 +26,9 @@ class Replica(Protocol):
         """One active probe (the pool bounds it with a timeout)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Drop connections; a later call or probe opens new ones (the pool closes an ejected replica)."""
+        ...
 
 
 class HttpReplica:
