@@ -185,7 +185,9 @@ class CTRGateway:
         predict_app.state.gateway = self.gateway
         # BentoML's clients of dependencies only work once this server runs: warm the model
         # replicas in the background and keep /readyz at 503 until it is done.
-        self._model_warm = asyncio.create_task(wiring.warm_pool(self.pool, self.width, SETTINGS.deadline_ms / 1000))
+        self._model_warm = asyncio.create_task(
+            wiring.warm_pool(self.pool, self.width, SETTINGS.deadline_ms / 1000, SETTINGS.warm_model_round_s)
+        )
 
     async def __is_ready__(self) -> bool:
         """Ready once the model answered in time (wiring.warm_model logs why it has not)."""

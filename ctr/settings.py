@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         description="Write mode per feature group, JSON (behind needs L2 Redis; without it writes go through).",
     )  # fmt: skip
     warm: bool = Field(True, description="Warm the caches from the warm set before /readyz turns ready.")
+    warm_model_round_s: float = Field(
+        180.0, gt=0, description="/readyz waits for the model to answer in time; each round this long logs why not."
+    )
     warm_top_users: int = Field(10_000, ge=0, description="K: how many of the most active users to warm.")
     admin_token: str = Field("", description="Bearer token of the admin endpoints; empty disables them.")
     request_id_key: str = Field(

@@ -18,9 +18,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.resilience",),
     ("ctr.features",),
     ("ctr.model",),
-    ("ctr.api.contract", "ctr.api.request_id"),
+    ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi"),
     ("ctr.serving",),
-    ("ctr.api.routes", "ctr.api.canary", "ctr.api.openapi"),
+    ("ctr.api.routes", "ctr.api.canary"),
     ("ctr.bench", "ctr.ship", "ctr.cli"),
 ]
 SHELL = ("ctr.bench", "ctr.ship", "ctr.cli")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from conftest import Server
 
 from ctr.serving.wiring import warm_model
 
@@ -57,3 +61,26 @@ def test_a_model_that_never_answers_in_time_is_not_ready(
     assert ready is False
     assert clock.t >= 180
     assert any("model not ready" in r.message and why in r.message for r in caplog.records), caplog.text
+
+
+def test_the_served_gateway_stays_unready_while_the_model_misses_the_deadline(small_setup: dict[str, str]) -> None:
+    """Under `bentoml serve`, a deadline the model can never meet: /readyz stays 503 while
+    the gateway answers, and the log says why, round after round (the old gateway turned
+    ready after 180 s regardless)."""
+    env = {**small_setup, "CTR_DEADLINE_MS": "0.001", "CTR_WARM_MODEL_ROUND_S": "1", "CTR_WARM": "false"}
+    server = Server("service:CTRGateway", env, wait=False)
+    try:
+
+        def seen() -> bool:  # rounds before CTRModel is up fail on the call instead
+            log = Path(server.log.name).read_text()
+            return log.count("model not ready after 1 s") >= 2 and "over the 0.0 ms deadline" in log
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not seen():
+            assert server.proc.poll() is None, Path(server.log.name).read_text()[-3000:]
+            time.sleep(0.2)
+        assert seen(), Path(server.log.name).read_text()[-3000:]
+        assert httpx.get(server.url + "/livez", timeout=5).status_code == 200
+        assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
+    finally:
+        server.stop()

@@ -33,6 +33,14 @@ from ctr.features.writes import (
 )
 from ctr.settings import Settings
 
+
+@pytest.fixture
+def redis_url(redis_url: str) -> str:
+    """A database of the session's Redis that no served FeatureService's writer consumes
+    (theirs, on database 0, would take the stream's entries into their own L3)."""
+    return redis_url.rsplit("/", 1)[0] + "/7"
+
+
 G = schema.AD_STATS
 
 

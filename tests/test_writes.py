@@ -21,6 +21,13 @@ from ctr.features.tiers import MemoryTier, feature_key, l1_key
 from ctr.features.writes import GROUP, STREAM, FeatureWriter, _commit, ensure_group, run_writer, validate_rows
 
 
+@pytest.fixture
+def redis_url(redis_url: str) -> str:
+    """A database of the session's Redis that no served FeatureService's writer consumes
+    (theirs, on database 0, would take the stream's entries into their own L3)."""
+    return redis_url.rsplit("/", 1)[0] + "/7"
+
+
 @pytest.mark.parametrize(
     ("group", "rows", "needle"),
     [

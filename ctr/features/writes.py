@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["through", "behind"]
 STREAM = "ctr:feature-writes"
 DEAD_STREAM = "ctr:feature-writes:dead"
+DEAD_MAXLEN = 100_000  # the dead-letter stream keeps about the last this many entries
 GROUP = "ctr-writers"
 BLOCK_MS = 200  # the writer's blocking read; the stream's client must time out later
 STREAM_TIMEOUT_S = 2.0
@@ -181,7 +182,8 @@ async def _commit(
     pipe = redis.pipeline(transaction=True)
     for entry_id, data, reason in dead:
         log.error("feature write %s dead-lettered to %s: %s", entry_id.decode(), DEAD_STREAM, reason)
-        pipe.xadd(DEAD_STREAM, {**(data or {}), b"entry_id": entry_id, b"reason": reason.encode()})
+        fields = {**(data or {}), b"entry_id": entry_id, b"reason": reason.encode()}
+        pipe.xadd(DEAD_STREAM, fields, maxlen=DEAD_MAXLEN, approximate=True)  # type: ignore[arg-type]
     ids = [entry_id for entry_id, _ in entries]
     await pipe.xack(STREAM, GROUP, *ids).xdel(STREAM, *ids).execute()
     if dead:

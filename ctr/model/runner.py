@@ -18,14 +18,14 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def check_indices(x: np.ndarray, cardinalities: np.ndarray) -> None:
     """ValueError unless every column j of `x` lies in [0, cardinalities[j]): on a GPU an
-    embedding index out of range is a device-side assert that kills the process."""
-    if len(x) == 0:
-        return
-    bad = (x.min(axis=0) < 0) | (x.max(axis=0) >= cardinalities)
-    if bad.any():
-        cols = [int(j) for j in np.flatnonzero(bad)]
-        limits = [int(c) for c in cardinalities]
-        raise ValueError(f"feature index out of range in column(s) {cols}; column j must lie in [0, {limits}[j])")
+    embedding index out of range is a device-side assert that kills the process. One
+    unsigned comparison (a negative index reads as a huge one); columns found on failure."""
+    limits = cardinalities.astype(np.uint64)
+    bad_cells = np.ascontiguousarray(x, dtype=np.int64).view(np.uint64) >= limits
+    if bad_cells.any():
+        cols = [int(j) for j in np.flatnonzero(bad_cells.any(axis=0))]
+        shown = [int(c) for c in cardinalities]
+        raise ValueError(f"feature index out of range in column(s) {cols}; column j must lie in [0, {shown}[j])")
 
 
 class ModelRunner:

@@ -102,7 +102,8 @@ class Coalescer:
         except Exception as exc:  # a batch that could not be made or split (mismatched rows)
             _fail(batch, ModelError(f"the coalesced call failed: {type(exc).__name__}: {exc}", "model:batch_failed"))
         finally:
-            _fail(batch, ModelError("the model call ended without an answer"))  # a no-op when all are resolved
+            if any(not fut.done() for _, fut in batch):  # cannot happen; if it does, no waiter hangs
+                _fail(batch, ModelError("the model call ended without an answer"))
             self._inflight -= 1
             self._kick()
 
