@@ -12,7 +12,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak
+.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak canary-sim
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -82,6 +82,11 @@ $(VENV)/.load-installed: $(VENV)/.installed
 
 loadtest: setup $(VENV)/.load-installed
 	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
+
+# Whole canary rollouts under a fake clock with real trained models (README "Canary releases"):
+# five bad canaries, a good one and 200 A/A seeds under the default plan at 10,000 requests/s.
+canary-sim: install
+	$(BIN)/ctr canary simulate --aa-seeds 200 --workdir build/canary-sim --json-out build/canary-sim/outcomes.json
 
 clean:
 	rm -rf $(VENV) data bentoml_home reports build

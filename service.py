@@ -24,6 +24,7 @@ from ctr.features.writes import run_writer
 from ctr.model import store as modelstore
 from ctr.model.app import make_model_app
 from ctr.serving import wiring
+from ctr.serving.canary.state import Arm
 from ctr.serving.model_client import ModelClient
 from ctr.settings import Settings
 
@@ -166,9 +167,14 @@ class CTRGateway:
         self.width = len(self.art.architecture["cardinalities"])
         self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS)
         self.stack = feature_stack.features(SETTINGS)
+        self.arms = wiring.canary_arms(
+            SETTINGS, self.pool, self.art.tag, self.width, INTERNAL_HEADERS
+        )  # None without Redis
         self.gateway = wiring.gateway(
-            SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback
+            SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback, self.arms
         )
+        predict_app.state.canary = self.arms.runtime if self.arms else None
+        predict_app.state.stable_arm = Arm(self.art.tag, tuple(u for u in SETTINGS.model_urls.split(",") if u))
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer
         predict_app.state.admin_token = SETTINGS.admin_token
@@ -186,6 +192,8 @@ class CTRGateway:
             await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
         wiring.settle_gc()
         await self.pool.start()
+        if self.arms is not None:
+            self.arms.start()
         predict_app.state.gateway = wiring.admission(SETTINGS, self.gateway)
         predict_app.state.status = self.status
         self._ticker = wiring.start_ticker(self.status)
@@ -202,6 +210,8 @@ class CTRGateway:
     @bentoml.on_shutdown
     async def close(self) -> None:
         self._ticker.cancel()
+        if self.arms is not None:
+            await self.arms.close()
         await self.pool.close()
         await self.model_client.close()
         await feature_stack.close(self.stack)

@@ -198,6 +198,23 @@ class Settings(BaseSettings):
     fallback_url: str = Field(
         "http://127.0.0.1:3002", description="FallbackService's URL for a gateway run alone (ctr serve)."
     )
+    # --- canary releases (ctr/serving/canary)
+    canary_redis_url: str = Field(
+        "",
+        description="Redis holding the canary's rollout state and counters (redis://…); empty: CTR_REDIS_URL "
+        "when it is a plain redis:// URL. No Redis: no canary (every request is stable).",
+    )
+    canary_urls: str = Field(
+        "",
+        description="Canary CTRModel replicas used when a rollout is started with a model tag and no URLs "
+        "(comma-separated, e.g. http://ctr-model-canary:3000).",
+    )
+    canary_sync_s: float = Field(
+        1.0, gt=0, description="How often a gateway syncs the rollout and flushes its counters."
+    )
+    canary_alpha: float = Field(
+        0.0125, gt=0, lt=1, description="Error probability of each canary gate over a whole rollout (4 gates: <= 5 %)."
+    )
     model_delay_ms: float = Field(
         0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
     )

@@ -58,10 +58,9 @@ def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(w / w.sum())
 
 
-def generate(cfg: DataConfig) -> dict[str, np.ndarray]:
-    """All arrays of the click log: per-user, per-ad and per-impression columns."""
-    rng = np.random.default_rng(cfg.seed)
-    U, A, N = cfg.n_users, cfg.n_ads, cfg.n_impressions
+def _world(cfg: DataConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Users, ads and every latent effect: the first draws from the seed's generator."""
+    U, A = cfg.n_users, cfg.n_ads
     # users
     u_w = _zipf_weights(U, cfg.zipf_exponent, rng)
     u_age = rng.integers(18, 76, U)
@@ -84,19 +83,58 @@ def generate(cfg: DataConfig) -> dict[str, np.ndarray]:
     a_impr = rng.poisson(2000 + 200_000 * a_w)
     a_clicks = rng.binomial(a_impr, _sigmoid(cfg.base_logit + 0.2 + a_bias))
     # effects
-    affinity = 0.9 * np.eye(schema.N_TOPICS) + rng.normal(0.0, 0.25, (schema.N_TOPICS, schema.N_TOPICS))
-    creative_eff = np.array([0.0, 0.0, 0.2, -0.3, 0.1])
-    age_eff = rng.normal(0.0, 0.15, len(schema.AGE_EDGES) + 2)
-    dev_eff = np.array([0.1, 0.0, -0.1])
-    site_eff = rng.normal(0.0, 0.3, len(schema.SITE_CATEGORIES))
-    dev_site = rng.normal(0.0, 0.15, (len(schema.DEVICE_TYPES), len(schema.SITE_CATEGORIES)))
     hours = np.arange(schema.HOURS)
-    hour_eff = 0.25 * np.sin(2 * np.pi * (hours - 14) / 24)
-    banner_eff = -0.12 * np.arange(schema.BANNER_POSITIONS)
-    conn_eff = np.array([0.05, 0.0, 0.03, -0.1, 0.0])
+    return dict(
+        u_w=u_w, u_age=u_age, u_gender=u_gender, u_region=u_region, u_interest=u_interest, u_bias=u_bias,
+        u_impr=u_impr, u_clicks=u_clicks, a_w=a_w, a_adv=a_adv, a_cat=a_cat, a_creative=a_creative, a_bias=a_bias,
+        a_impr=a_impr, a_clicks=a_clicks,
+        affinity=0.9 * np.eye(schema.N_TOPICS) + rng.normal(0.0, 0.25, (schema.N_TOPICS, schema.N_TOPICS)),
+        creative_eff=np.array([0.0, 0.0, 0.2, -0.3, 0.1]),
+        age_eff=rng.normal(0.0, 0.15, len(schema.AGE_EDGES) + 2),
+        dev_eff=np.array([0.1, 0.0, -0.1]),
+        site_eff=rng.normal(0.0, 0.3, len(schema.SITE_CATEGORIES)),
+        dev_site=rng.normal(0.0, 0.15, (len(schema.DEVICE_TYPES), len(schema.SITE_CATEGORIES))),
+        hour_eff=0.25 * np.sin(2 * np.pi * (hours - 14) / 24),
+        banner_eff=-0.12 * np.arange(schema.BANNER_POSITIONS),
+        conn_eff=np.array([0.05, 0.0, 0.03, -0.1, 0.0]),
+        age_bucket=np.digitize(u_age, schema.AGE_EDGES) + 1,
+    )  # fmt: skip
+
+
+def world(cfg: DataConfig) -> dict[str, np.ndarray]:
+    """The seed's users, ads and latent effects (what `true_p` needs), without the impressions."""
+    return _world(cfg, np.random.default_rng(cfg.seed))
+
+
+def true_p(w: dict[str, np.ndarray], base_logit: float, user: np.ndarray, ad: np.ndarray, hour: np.ndarray,
+           device: np.ndarray, site: np.ndarray, banner: np.ndarray, conn: np.ndarray) -> np.ndarray:  # fmt: skip
+    """The true click probability of showing `ad` to `user` in a context (any pairs, not only logged ones)."""
+    logit = (
+        base_logit
+        + w["u_bias"][user]
+        + w["a_bias"][ad]
+        + w["affinity"][w["u_interest"][user], w["a_cat"][ad]]
+        + w["creative_eff"][w["a_creative"][ad]]
+        + w["age_eff"][w["age_bucket"][user]]
+        + w["dev_eff"][device]
+        + w["site_eff"][site]
+        + w["dev_site"][device, site]
+        + w["hour_eff"][hour]
+        + w["banner_eff"][banner]
+        + w["conn_eff"][conn]
+    )
+    return _sigmoid(logit)
+
+
+def generate(cfg: DataConfig) -> dict[str, np.ndarray]:
+    """All arrays of the click log: per-user, per-ad and per-impression columns."""
+    rng = np.random.default_rng(cfg.seed)
+    w = _world(cfg, rng)
+    N = cfg.n_impressions
+    hours = np.arange(schema.HOURS)
     # impressions
-    user = rng.choice(U, N, p=u_w)
-    ad = rng.choice(A, N, p=a_w)
+    user = rng.choice(cfg.n_users, N, p=w["u_w"])
+    ad = rng.choice(cfg.n_ads, N, p=w["a_w"])
     diurnal = 1.0 + 0.6 * np.sin(2 * np.pi * (hours - 14) / 24)
     hour = rng.choice(schema.HOURS, N, p=diurnal / diurnal.sum())
     t = rng.integers(0, cfg.days, N) * 86400 + hour * 3600 + rng.integers(0, 3600, N)
@@ -106,31 +144,16 @@ def generate(cfg: DataConfig) -> dict[str, np.ndarray]:
     banner_p = 0.6 ** np.arange(schema.BANNER_POSITIONS)
     banner = rng.choice(schema.BANNER_POSITIONS, N, p=banner_p / banner_p.sum())
     conn = rng.choice(len(schema.CONN_TYPES), N, p=[0.5, 0.25, 0.12, 0.05, 0.08])
-    age_bucket = np.digitize(u_age, schema.AGE_EDGES) + 1
-    logit = (
-        cfg.base_logit
-        + u_bias[user]
-        + a_bias[ad]
-        + affinity[u_interest[user], a_cat[ad]]
-        + creative_eff[a_creative[ad]]
-        + age_eff[age_bucket[user]]
-        + dev_eff[device]
-        + site_eff[site]
-        + dev_site[device, site]
-        + hour_eff[hour]
-        + banner_eff[banner]
-        + conn_eff[conn]
-    )
-    p = _sigmoid(logit)
+    p = true_p(w, cfg.base_logit, user, ad, hour, device, site, banner, conn)
     label = (rng.random(N) < p).astype(np.int8)
     order = np.argsort(t, kind="stable")
     imp = dict(user=user, ad=ad, t=t, hour=hour, device=device, site=site, banner=banner, conn=conn, p=p, label=label)
     out = {f"imp_{k}": v[order] for k, v in imp.items()}
     out.update(
-        user_age=u_age, user_gender=u_gender, user_region=u_region, user_interest=u_interest,
-        user_impr=u_impr, user_clicks=u_clicks, user_weight=u_w,
-        ad_advertiser=a_adv, ad_category=a_cat, ad_creative=a_creative,
-        ad_impr=a_impr, ad_clicks=a_clicks, ad_weight=a_w,
+        user_age=w["u_age"], user_gender=w["u_gender"], user_region=w["u_region"], user_interest=w["u_interest"],
+        user_impr=w["u_impr"], user_clicks=w["u_clicks"], user_weight=w["u_w"],
+        ad_advertiser=w["a_adv"], ad_category=w["a_cat"], ad_creative=w["a_creative"],
+        ad_impr=w["a_impr"], ad_clicks=w["a_clicks"], ad_weight=w["a_w"],
     )  # fmt: skip
     return out
 

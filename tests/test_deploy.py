@@ -261,3 +261,19 @@ def test_wheelhouse_requirements_keep_cpu_and_cuda_torch_apart() -> None:
     text = "# c\n--extra-index-url https://x\ntorch==2.13.0+cpu\nnumpy==2.4.6  # n\n"
     assert image.wheelhouse_requirements(text) == ["torch==2.13.0+cpu", "numpy===2.4.6"]
     assert image.wheelhouse_requirements("torch==2.13.0\n") == ["torch===2.13.0"]
+
+
+def test_gateway_canary_arm_points_at_the_canary_service() -> None:
+    """CTR_CANARY_URLS names the canary model Service's port; that Service selects the canary track only."""
+    (cm,) = docs("ConfigMap")
+    services = {d["metadata"]["name"]: d for d in docs("Service")}
+    deployments = {d["metadata"]["name"]: d for d in docs("Deployment")}
+    for url in cm["data"]["CTR_CANARY_URLS"].split(","):
+        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", url).groups()  # type: ignore[union-attr]
+        svc = services[host]
+        assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+        assert svc["spec"]["selector"]["ctr.track"] == "canary"
+        pods = deployments[host]["spec"]["template"]["metadata"]["labels"]
+        assert all(pods[k] == v for k, v in svc["spec"]["selector"].items())
+        assert flag(container(deployments[host]), "service-name") == ["ctr_model"]
+    assert cm["data"]["CTR_CANARY_REDIS_URL"].startswith("redis://")  # transitions need one node

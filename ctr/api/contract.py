@@ -56,6 +56,9 @@ class Feedback(BaseModel):
     arm: Literal["stable", "canary"] | None = Field(
         None, description="Ignored: the arm is the one the request id carries.", json_schema_extra={"deprecated": True}
     )
+    score: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="The score /predict returned for this ad: feeds the canary's calibration gate."
+    )
 
 
 class Prediction(BaseModel):

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ctr import metrics
-from ctr.api import openapi, request_id, status
+from ctr.api import canary, openapi, request_id, status
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
@@ -88,7 +88,8 @@ async def predict(request: Request) -> Response:
 
 
 async def feedback(request: Request) -> Response:
-    """POST {"request_id", "ad_id", "clicked"}: counted for the online CTR of the id's arm."""
+    """POST {"request_id", "ad_id", "clicked", "score"?}: counted for the online CTR of the id's arm and,
+    during a rollout, in that arm's counters for the canary's gates."""
     try:
         fb = parse_feedback(await read_body(request))
     except BadRequest as exc:
@@ -100,6 +101,8 @@ async def feedback(request: Request) -> Response:
     metrics.FEEDBACK.labels(claims.arm, "impression").inc()
     if fb.clicked:
         metrics.FEEDBACK.labels(claims.arm, "click").inc()
+    if (canary_runtime := getattr(request.app.state, "canary", None)) is not None:
+        canary_runtime.record_feedback(claims.arm, fb.clicked, fb.score)  # the canary's CTR and calibration gates
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 
@@ -157,5 +160,6 @@ def make_app() -> Starlette:
             Route("/model_info", model_info, methods=["GET", "POST"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             *status.ROUTES,
+            *canary.routes(),
         ]
     )

@@ -13,6 +13,7 @@ import os
 import click
 
 from ctr.cli.bench import bench, capacity, loadtest
+from ctr.cli.canary import canary
 from ctr.cli.eval import eval_
 from ctr.cli.features import features
 from ctr.cli.help import SectionedGroup
@@ -37,5 +38,5 @@ def main(verbose: bool, traceback: bool) -> None:
     os.environ.setdefault("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))
 
 
-for command in (setup, data, train, features, serve, cluster, status, bench, loadtest, capacity, eval_, ship):
+for command in (setup, data, train, features, serve, cluster, status, bench, loadtest, capacity, eval_, ship, canary):
     main.add_command(command)

@@ -3,8 +3,10 @@
 Owns: `gateway` (the request path and its deadline), `features` (in-process or remote
 feature providers), `coalesce` (one model call per batch of concurrent requests),
 `model_client` (the raw /infer hop or BentoML's client), `fallback` (segment table,
-remote FallbackService, global CTR), `status` (the status document from panel providers),
-`wiring` (builds it all from the settings).
+remote FallbackService, global CTR), `pool/` (model replicas behind one submit), `canary/`
+(the sticky split, rollout plans, gates, shared state and the two arms), `status` (the
+status document from panel providers), `overload` (admission at the edge), `wiring` (builds
+it all from the settings).
 May import: `ctr.api.contract`, `ctr.features`, `ctr.model` (never its torch runner),
 `ctr.resilience`, `ctr.observe`, `ctr.metrics`, `ctr.settings`. Never `ctr.bench`, `ctr.ship`, `ctr.cli`.
 """

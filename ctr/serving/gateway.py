@@ -14,7 +14,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,6 +51,14 @@ class Model(Protocol):
     async def submit(self, x: np.ndarray, key: str | None = None) -> np.ndarray: ...
 
 
+class ArmRouter(Protocol):
+    """The canary's arms (`ctr.serving.canary.arms`): which pool and version serve a user, and
+    the per-arm counters the canary's gates read."""
+
+    def route(self, user_id: str) -> tuple[str, Model, str]: ...
+    def record(self, arm: str, latency_s: float, failed: bool) -> None: ...
+
+
 class ModelFailed(Exception):
     """The model gave no scores in time; `reason` names why (a `model:` degradation)."""
 
@@ -67,6 +75,7 @@ class Gateway:
         fallback: Fallback,
         model_version: str,
         deadline_s: float,
+        arms: ArmRouter | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
@@ -75,6 +84,7 @@ class Gateway:
         self.fallback = fallback
         self.model_version = model_version
         self.deadline_s = deadline_s
+        self.arms = arms
         self._inference_h = sli.stage("inference")
         self._request_h = sli.stage("request")
         self.sli = sli.RECORDER  # SLIs of this process (the status page reads them)
@@ -85,14 +95,21 @@ class Gateway:
         """The model pool, when the model is one (its status() feeds the status page)."""
         return self.model if hasattr(self.model, "status") else None
 
-    async def _infer(self, x: np.ndarray, deadline: float, key: str | None = None) -> list[float]:
+    @property
+    def canary(self) -> Any:
+        """The canary's runtime when there are two arms (its status() feeds the status page)."""
+        return None if self.arms is None else getattr(self.arms, "runtime", None)
+
+    async def _infer(
+        self, x: np.ndarray, deadline: float, key: str | None = None, model: Model | None = None
+    ) -> list[float]:
         """The model's scores for the rows of `x`, or ModelFailed."""
         t0 = time.perf_counter()
         if deadline - t0 < MIN_MODEL_BUDGET_S:
             raise ModelFailed("model:deadline")
         try:
             async with asyncio.timeout(deadline - t0):
-                y = await self.model.submit(x, key)
+                y = await (model or self.model).submit(x, key)
         except TimeoutError:
             raise ModelFailed("model:timeout") from None
         except BreakerOpen:
@@ -109,9 +126,10 @@ class Gateway:
         deadline = t0 + self.deadline_s
         context = req.context.model_dump()
         x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
-        version, failed = self.model_version, None
+        arm, model, version = self.arms.route(req.user_id) if self.arms else ("stable", self.model, self.model_version)
+        failed = None
         try:
-            scores = await self._infer(x, deadline, req.user_id)
+            scores = await self._infer(x, deadline, req.user_id, model)
         except ModelFailed as exc:
             failed = exc.reason
             metrics.FALLBACKS.labels(failed).inc()
@@ -123,7 +141,9 @@ class Gateway:
         self._request_h.observe(elapsed)
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
-        pred = Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", failed is not None, degraded)
+        if self.arms is not None:
+            self.arms.record(arm, elapsed, failed is not None)
+        pred = Prediction(request_id or uuid.uuid4().hex, scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed)
         return pred
 

@@ -20,6 +20,11 @@ from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 from ctr.resilience.limit import AimdLimit
 from ctr.resilience.retry import Retrier, RetryBudget
+from ctr.serving.canary.arms import Arms
+from ctr.serving.canary.controller import Controller
+from ctr.serving.canary.runtime import CanaryRuntime
+from ctr.serving.canary.state import RedisStore
+from ctr.serving.canary.stats import GateConfig
 from ctr.serving.coalesce import ModelCall
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
@@ -85,6 +90,7 @@ def gateway(
     stack: FeatureStack,
     features_call: Callable[..., Awaitable[Any]] | None = None,
     fallback_call: RemoteFallback | None = None,
+    arms: Arms | None = None,
 ) -> Gateway:
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
@@ -147,6 +153,27 @@ def start_ticker(board: StatusBoard) -> asyncio.Task[None]:
     gw = board.sources.gateway
     bursts = getattr(gw, "bursts", obslog.BURSTS)
     return asyncio.create_task(sli.run_ticker(board.sources.recorder, board.tick, bursts.tick))
+
+
+def canary_arms(
+    settings: Settings, stable: ModelPool, stable_version: str, width: int = 16, headers: dict[str, str] | None = None
+) -> Arms | None:
+    """The canary's two arms over `stable` and a pool per rollout, with the rollout state in
+    Redis (CTR_CANARY_REDIS_URL, else a plain CTR_REDIS_URL); None without a Redis."""
+    url = settings.canary_redis_url or (settings.redis_url if settings.redis_url.startswith("redis://") else "")
+    if not url:
+        return None
+    import redis.asyncio as aioredis
+
+    store = RedisStore(aioredis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2))
+    urls = tuple(u for u in settings.canary_urls.split(",") if u)
+    controller = Controller(store, GateConfig(alpha=settings.canary_alpha))
+    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls)
+
+    def make_pool(urls: tuple[str, ...]) -> ModelPool:
+        return model_pool(settings, width=width, name="canary", urls=",".join(urls), headers=headers)
+
+    return Arms(runtime, stable, stable_version, make_pool)
 
 
 async def warm_model(

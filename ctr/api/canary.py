@@ -1,0 +1,143 @@
+"""The canary's admin API, mounted by `ctr.api.routes.make_app`.
+
+GET /admin/canary (phase, share, per-arm counts, gate estimates with their intervals,
+decision history, whether Redis answers); POST /admin/canary/start
+({"model_tag": ..., "urls": [...], "plan": {...} | "plan_scale": x}), /pause, /resume,
+/promote, /rollback ({"reason": ...} optional). Every endpoint needs
+`Authorization: Bearer $CTR_ADMIN_TOKEN` (constant-time compare): missing or wrong is 401
+and changes nothing; no token configured is 403 (admin endpoints disabled).
+
+`app.state.canary` is the process's CanaryRuntime (None: no Redis, 503) and
+`app.state.stable_arm` the Arm this gateway serves as stable.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ctr.serving.canary.controller import CanaryError
+from ctr.serving.canary.plan import Plan, default_plan
+from ctr.serving.canary.runtime import STORE_ERRORS, CanaryRuntime
+from ctr.serving.canary.state import Arm, Rollout
+
+JSON = "application/json"
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status, media_type=JSON)
+
+
+def authorized(request: Request) -> Response | None:
+    """None when the bearer token matches CTR_ADMIN_TOKEN; else the 401/403 to send."""
+    token: str = getattr(request.app.state, "admin_token", "")
+    if not token:
+        return _json({"error": "admin endpoints are disabled; set CTR_ADMIN_TOKEN to enable them"}, 403)
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return _json({"error": "missing or wrong bearer token (Authorization: Bearer $CTR_ADMIN_TOKEN)"}, 401)
+    return None
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    body = orjson.loads(raw)
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
+def _plan(body: dict[str, Any]) -> Plan:
+    if "plan" in body:
+        if not isinstance(body["plan"], dict):
+            raise ValueError("plan must be a JSON object (see GET /admin/canary for the shape)")
+        try:
+            return Plan.from_dict(body["plan"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"plan: {type(exc).__name__}: {exc} (phases need share and duration_s)") from None
+    scale = body.get("plan_scale", 1.0)
+    if not isinstance(scale, int | float) or scale <= 0:
+        raise ValueError("plan_scale must be a number > 0 (1 = the default 1 h / 2 h / 4 h / 8 h phases)")
+    return default_plan(float(scale))
+
+
+def _canary_arm(body: dict[str, Any]) -> Arm:
+    tag, urls = body.get("model_tag"), body.get("urls", [])
+    if not isinstance(tag, str) or not tag:
+        raise ValueError("model_tag (the canary's BentoML model tag) is required")
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u.startswith("http") for u in urls):
+        raise ValueError("urls must be a list of http(s) URLs of the canary's CTRModel replicas")
+    return Arm(tag, tuple(urls))
+
+
+Handler = Callable[[CanaryRuntime, Request, dict[str, Any]], Awaitable[Rollout | dict[str, Any]]]
+
+
+def _endpoint(action: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Auth, body parsing, the runtime's presence and the store's failures, once for all."""
+
+    async def endpoint(request: Request) -> Response:
+        denied = authorized(request)
+        if denied is not None:
+            return denied
+        runtime: CanaryRuntime | None = getattr(request.app.state, "canary", None)
+        if runtime is None:
+            return _json({"error": "canary releases need the shared state in Redis; set CTR_REDIS_URL"}, 503)
+        try:
+            body = await _body(request) if request.method == "POST" else {}
+            out = await action(runtime, request, body)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            status = 409 if isinstance(exc, CanaryError) else 400 if isinstance(exc, orjson.JSONDecodeError) else 422
+            return _json({"error": str(exc)}, status)
+        except STORE_ERRORS as exc:
+            return _json({"error": f"the canary state store is unavailable: {type(exc).__name__}: {exc}"}, 503)
+        if isinstance(out, Rollout):
+            runtime.rollout = out
+            return _json(orjson.loads(out.to_json()))
+        return _json(out)
+
+    return endpoint
+
+
+async def _status(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    await rt.refresh()  # when the store is down, status() says so and shows the last known split
+    return rt.status()
+
+
+async def _start(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> Rollout:
+    stable: Arm = request.app.state.stable_arm
+    canary = _canary_arm(body)
+    if not canary.urls:
+        if not rt.canary_urls:
+            raise ValueError("no canary replicas: give urls, or set CTR_CANARY_URLS on the gateway")
+        canary = Arm(canary.tag, rt.canary_urls)
+    return await rt.controller.start(stable, canary, _plan(body), by="admin")
+
+
+def _manual(name: str) -> Handler:
+    async def act(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> Rollout:
+        reason = body.get("reason", f"{name} by hand")
+        if not isinstance(reason, str):
+            raise ValueError("reason must be a string")
+        return await getattr(rt.controller, name)(by="admin", reason=reason)
+
+    return act
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/admin/canary", _endpoint(_status), methods=["GET"]),
+        Route("/admin/canary/start", _endpoint(_start), methods=["POST"]),
+        *(
+            Route(f"/admin/canary/{a}", _endpoint(_manual(a)), methods=["POST"])
+            for a in ("pause", "resume", "promote", "rollback")
+        ),
+    ]

@@ -1,0 +1,169 @@
+"""`ctr canary status|start|pause|resume|promote|rollback`: the gateway's admin API over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+_url = click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The gateway.")
+_token = click.option(
+    "--token", default=lambda: os.environ.get("CTR_ADMIN_TOKEN", ""), help="Bearer token [default: $CTR_ADMIN_TOKEN]."
+)
+
+
+def call(url: str, token: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One admin call; a non-2xx answer becomes a ClickException with the server's message."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.read().decode(errors='replace')}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+
+
+def _summary(s: dict[str, Any]) -> str:
+    if s.get("status") == "none":
+        return "no rollout" + ("" if s.get("store") == "ok" else f" (store {s.get('store')})")
+    lines = [
+        f"rollout {s['id']}: {s['status']}, phase {s['phase']}, canary share {s['share']:.1%}",
+        f"  stable {s['stable']['tag']}  canary {s['canary']['tag']} {' '.join(s['canary']['urls'])}",
+    ]
+    if s.get("store") != "ok":
+        lines.append(f"  store unavailable ({s.get('store_error')}): serving the last known split")
+    for arm, a in s.get("arms", {}).items():
+        lines.append(
+            f"  {arm:6s} requests {a['requests']:,} errors {a['errors']:,} impressions {a['impressions']:,} "
+            f"clicks {a['clicks']:,} p99 {a['p99_ms']} ms"
+        )
+    for g in s.get("gates", {}).values():
+        lines.append(f"  gate {g['gate']:11s} {g['verdict']:12s} estimate {g['estimate']} interval {g['interval']}")
+    if s.get("reason"):
+        lines.append(f"  reason: {s['reason']}")
+    for h in s.get("history", [])[-5:]:
+        lines.append(
+            f"  {h['at']:.0f} {h['action']} (phase {h['phase']}, {h['share']:.1%}) by {h['by']}: {h['reason']}"
+        )
+    return "\n".join(lines)
+
+
+@click.group()
+def canary() -> None:
+    """Canary releases: a second model pool takes a sticky share of users, gated on evidence."""
+
+
+@canary.command("status")
+@_url
+@_token
+@click.option("--json", "as_json", is_flag=True, help="The raw GET /admin/canary answer.")
+def status(url: str, token: str, as_json: bool) -> None:
+    """Phase, share, per-arm counts, gate estimates with intervals, decision history."""
+    s = call(url, token, "/admin/canary")
+    click.echo(json.dumps(s, indent=2) if as_json else _summary(s))
+
+
+@canary.command("start")
+@_url
+@_token
+@click.option("--model-tag", required=True, help="The canary's BentoML model tag (ctr_model:...).")
+@click.option("--canary-url", "urls", multiple=True, help="A canary CTRModel replica URL (repeat).")
+@click.option(
+    "--plan-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiplies the default phase durations (1 h, 2 h, 4 h, 8 h); 0.0167 = minutes.",
+)
+@click.option(
+    "--plan-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A plan as JSON (phases or a ramp; see README).",
+)
+def start(
+    url: str, token: str, model_tag: str, urls: tuple[str, ...], plan_scale: float, plan_file: Path | None
+) -> None:
+    """Start a rollout of MODEL_TAG at the plan's first share."""
+    body: dict[str, Any] = {"model_tag": model_tag, "urls": list(urls), "plan_scale": plan_scale}
+    if plan_file is not None:
+        body["plan"] = json.loads(plan_file.read_text())
+    click.echo(_summary(call(url, token, "/admin/canary/start", body)))
+
+
+def _action(name: str, doc: str) -> click.Command:
+    @_url
+    @_token
+    @click.option("--reason", default=None, help="Recorded in the decision history.")
+    def cmd(url: str, token: str, reason: str | None) -> None:
+        body = {} if reason is None else {"reason": reason}
+        click.echo(_summary(call(url, token, f"/admin/canary/{name}", body)))
+
+    cmd.__doc__ = doc
+    return click.command(name)(cmd)
+
+
+for _name, _doc in (
+    ("pause", "Freeze the split and the phase clock."),
+    ("resume", "Continue a paused or held rollout."),
+    ("promote", "Make the canary the new stable now."),
+    ("rollback", "Send every user back to stable now."),
+):
+    canary.add_command(_action(_name, _doc))
+
+
+@canary.command("simulate")
+@click.option("--aa-seeds", type=int, default=100, show_default=True, help="A/A rollouts (canary = stable's model).")
+@click.option("--rps", type=float, default=10_000.0, show_default=True, help="Assumed requests/s (one shown ad each).")
+@click.option("--interval-s", type=float, default=60.0, show_default=True, help="How often the gates are evaluated.")
+@click.option("--impressions", type=int, default=60_000, show_default=True, help="Size of the generated training log.")
+@click.option(
+    "--on-timeout",
+    type=click.Choice(["hold", "rollback"]),
+    default="hold",
+    show_default=True,
+    help="What an inconclusive phase does past its maximum time.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the generated log here (reused when present).",
+)
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Every outcome as JSON."
+)
+def simulate(
+    aa_seeds: int,
+    rps: float,
+    interval_s: float,
+    impressions: int,
+    on_timeout: str,
+    workdir: Path | None,
+    json_out: Path | None,
+) -> None:
+    """Whole rollouts under a fake clock with real trained models: bad canaries, a good one, A/A seeds."""
+    import dataclasses
+
+    from ctr.bench import canary_sim as sim
+    from ctr.serving.canary.plan import default_plan
+
+    plan = dataclasses.replace(default_plan(), interval_s=interval_s, on_timeout=on_timeout)
+    world_cfg = dataclasses.replace(sim.DEFAULT_WORLD, impressions=impressions)
+    report = sim.simulate(aa_seeds, plan, sim.Traffic(rps=rps), world_cfg, workdir)
+    for line in report.lines():
+        click.echo(line)
+    if json_out is not None:
+        outs = {k: [o.to_dict() for o in getattr(report, k)] for k in ("bad", "good", "aa")}
+        json_out.write_text(json.dumps({**outs, "world": report.world}, indent=2))

@@ -1,0 +1,263 @@
+"""Rollout state and per-arm counters, shared by every gateway process through Redis.
+
+Keys (prefix `ctr:canary:`): `state` (the rollout, JSON, with a version number),
+`arm:<rollout id>:<arm>` (a hash of counters: requests, errors, impressions, clicks,
+pred_sum, l<i> per latency bucket) and `lease` (who may decide now).
+
+Decisions are made once: a controller acquires the lease (SET NX PX) before it evaluates,
+and every change of the state is a compare-and-set on its version (WATCH/MULTI/EXEC), so
+a manual action and an automatic decision racing each other cannot both apply. Timestamps
+are wall-clock seconds (`time.time` by default, injected): they are compared across
+processes and machines, which monotonic clocks cannot be.
+
+`MemoryStore` keeps the same state in one process (the simulator and unit tests whose
+subject is not Redis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from ctr.serving.canary.stats import N_LATENCY_BUCKETS, ArmStats
+
+Status = Literal["running", "paused", "held", "promoted", "rolled_back"]
+ACTIVE: tuple[str, ...] = ("running", "paused", "held")
+ARMS = ("stable", "canary")
+PREFIX = "ctr:canary:"
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    tag: str
+    urls: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag, "urls": list(self.urls)}
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """One release: the state every gateway process reads to split its traffic."""
+
+    id: str
+    stable: Arm
+    canary: Arm
+    plan: dict[str, Any]
+    salt: str
+    status: Status
+    phase: int
+    share: float
+    started_at: float
+    phase_started_at: float
+    paused_at: float | None = None
+    reason: str = ""
+    history: tuple[dict[str, Any], ...] = ()
+    version: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def with_(self, **changes: Any) -> Rollout:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["stable"], d["canary"] = self.stable.to_dict(), self.canary.to_dict()
+        d["history"] = list(self.history)
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Rollout:
+        d = orjson.loads(raw)
+        d["stable"] = Arm(d["stable"]["tag"], tuple(d["stable"]["urls"]))
+        d["canary"] = Arm(d["canary"]["tag"], tuple(d["canary"]["urls"]))
+        d["history"] = tuple(d["history"])
+        return cls(**d)
+
+
+@dataclass(slots=True)
+class Delta:
+    """Counter increments not yet written (one per arm, merged between flushes)."""
+
+    arms: dict[str, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
+
+    def empty(self) -> bool:
+        return all(s.requests == 0 and s.impressions == 0 and s.clicks == 0 for s in self.arms.values())
+
+
+class Transition(Protocol):
+    def __call__(self, current: Rollout | None) -> Rollout | None: ...
+
+
+class Store(Protocol):
+    """Where the rollout and its counters live."""
+
+    async def load(self) -> Rollout | None: ...
+    async def transition(self, fn: Transition) -> Rollout | None: ...
+    async def counters(self, rollout_id: str) -> dict[str, ArmStats]: ...
+    async def add(self, rollout_id: str, delta: Delta) -> None: ...
+    async def restore(self, rollout: Rollout, counters: dict[str, ArmStats]) -> bool: ...
+    async def lease(self, owner: str, ttl_s: float) -> bool: ...
+
+
+class MemoryStore:
+    """The Store in one process (no sharing); same semantics as RedisStore."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.rollout: Rollout | None = None
+        self.arms: dict[tuple[str, str], ArmStats] = {}
+        self._lease: tuple[str, float] | None = None
+        self._clock = clock
+
+    async def load(self) -> Rollout | None:
+        return self.rollout
+
+    async def transition(self, fn: Transition) -> Rollout | None:
+        new = fn(self.rollout)
+        if new is not None:
+            self.rollout = new.with_(version=(self.rollout.version if self.rollout else 0) + 1)
+        return self.rollout if new is not None else None
+
+    async def counters(self, rollout_id: str) -> dict[str, ArmStats]:
+        out = {}
+        for a in ARMS:
+            s = ArmStats()
+            s.add(self.arms.get((rollout_id, a), ArmStats()))
+            out[a] = s
+        return out
+
+    async def add(self, rollout_id: str, delta: Delta) -> None:
+        for a, s in delta.arms.items():
+            self.arms.setdefault((rollout_id, a), ArmStats()).add(s)
+
+    async def restore(self, rollout: Rollout, counters: dict[str, ArmStats]) -> bool:
+        if self.rollout is not None:
+            return False
+        self.rollout = rollout
+        for a, s in counters.items():
+            self.arms[(rollout.id, a)] = s
+        return True
+
+    async def lease(self, owner: str, ttl_s: float) -> bool:
+        now = self._clock() if self._clock else 0.0
+        if self._lease is None or self._lease[0] == owner or self._lease[1] <= now:
+            self._lease = (owner, now + ttl_s)
+            return True
+        return False
+
+
+_FIELDS = ("requests", "errors", "impressions", "clicks", "scored", "scored_clicks")
+
+# Renew the lease when this owner holds it, take it when nobody does: one atomic step.
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class RedisStore:
+    """The Store in Redis (redis-py asyncio): shared by every gateway process and replica."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = PREFIX) -> None:
+        self.r = client
+        self.key = prefix + "state"
+        self.lease_key = prefix + "lease"
+        self.prefix = prefix
+        self._lease = client.register_script(_LEASE)
+
+    def _arm_key(self, rollout_id: str, arm: str) -> str:
+        return f"{self.prefix}arm:{rollout_id}:{arm}"
+
+    async def load(self) -> Rollout | None:
+        raw = await self.r.get(self.key)
+        return Rollout.from_json(raw) if raw else None
+
+    async def transition(self, fn: Transition) -> Rollout | None:
+        """Apply fn to the current state atomically (optimistic: retried when another writer won)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.key)
+                    raw = await pipe.get(self.key)
+                    current = Rollout.from_json(raw) if raw else None
+                    new = fn(current)
+                    if new is None:
+                        await pipe.reset()
+                        return None
+                    new = new.with_(version=(current.version if current else 0) + 1)
+                    pipe.multi()
+                    pipe.set(self.key, new.to_json())
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+
+    async def counters(self, rollout_id: str) -> dict[str, ArmStats]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a in ARMS:
+                pipe.hgetall(self._arm_key(rollout_id, a))
+            raws = await pipe.execute()
+        return {a: _parse(raw) for a, raw in zip(ARMS, raws, strict=True)}
+
+    async def add(self, rollout_id: str, delta: Delta) -> None:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for a, s in delta.arms.items():
+                key = self._arm_key(rollout_id, a)
+                for f in _FIELDS:
+                    if getattr(s, f):
+                        pipe.hincrby(key, f, getattr(s, f))
+                if s.pred_sum:
+                    pipe.hincrbyfloat(key, "pred_sum", s.pred_sum)
+                for i, c in enumerate(s.latency):
+                    if c:
+                        pipe.hincrby(key, f"l{i}", c)
+            await pipe.execute()
+
+    async def restore(self, rollout: Rollout, counters: dict[str, ArmStats]) -> bool:
+        """Put back a rollout (and its counters) that Redis lost, unless one is there (SET NX)."""
+        if not await self.r.set(self.key, rollout.to_json(), nx=True):
+            return False
+        async with self.r.pipeline(transaction=True) as pipe:
+            for a, s in counters.items():
+                key = self._arm_key(rollout.id, a)
+                pipe.delete(key)
+                pipe.hset(key, mapping=_mapping(s))
+            await pipe.execute()
+        return True
+
+    async def lease(self, owner: str, ttl_s: float) -> bool:
+        return bool(await self._lease(keys=[self.lease_key], args=[owner, int(ttl_s * 1000)]))
+
+
+def _mapping(s: ArmStats) -> dict[str, Any]:
+    m: dict[str, Any] = {f: getattr(s, f) for f in _FIELDS}
+    m["pred_sum"] = repr(s.pred_sum)
+    m.update({f"l{i}": c for i, c in enumerate(s.latency) if c})
+    return m
+
+
+def _parse(raw: dict[bytes, bytes]) -> ArmStats:
+    s = ArmStats()
+    lat = [0] * N_LATENCY_BUCKETS
+    for k, v in raw.items():
+        name = k.decode()
+        if name == "pred_sum":
+            s.pred_sum = float(v)
+        elif name.startswith("l"):
+            lat[int(name[1:])] = int(v)
+        elif name in _FIELDS:
+            setattr(s, name, int(v))
+    s.latency = lat
+    return s
