@@ -76,6 +76,7 @@ async def predict(request: Request) -> Response:
     try:
         result = await gateway.predict(req)
     except Overloaded as exc:
+        gateway.failed(time.perf_counter() - t0)  # a 503 counts against availability
         body = orjson.dumps({"error": str(exc)})
         return Response(body, 503, {"retry-after": str(exc.retry_after_s)}, media_type=JSON)
     except Exception:  # answered 500 by Starlette; counted against availability first

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -79,10 +80,12 @@ class Cluster:
     """Processes started by `start`; `stop` ends them all (each its own process group)."""
 
     procs: list[Proc] = field(default_factory=list)
+    # One internal token for every process (each would draw its own, and refuse the others').
+    token: str = field(default_factory=lambda: os.environ.get("CTR_INTERNAL_TOKEN") or secrets.token_urlsafe(32))
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ctr-cluster-")))
 
     def start(self, name: str, port: int, env: Mapping[str, str] | None = None, host: str = "127.0.0.1") -> Proc:
-        env = {**os.environ, **(env or {})}
+        env = {**os.environ, "CTR_INTERNAL_TOKEN": self.token, **(env or {})}
         label = f"{service_name(name)}-{port}"
         home = self.base / label
         home.mkdir(parents=True, exist_ok=True)

@@ -447,11 +447,15 @@ async def run_ticker(rec: SliRecorder, *also: Callable[[float], None], every_s: 
     """Export the gauges every `every_s` (and call each of `also` with the clock's time)
     until cancelled, so they follow the windows when traffic stops."""
     import asyncio
+    import logging
 
     while True:
-        export(rec)
-        for fn in also:
-            fn(rec.clock())
+        try:
+            export(rec)
+            for fn in also:
+                fn(rec.clock())
+        except Exception:  # one bad round must not freeze the gauges for good
+            logging.getLogger(__name__).exception("SLI ticker round failed")
         await asyncio.sleep(every_s)
 
 

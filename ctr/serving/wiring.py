@@ -107,7 +107,7 @@ def gateway(
             fallback_call, CircuitBreaker.from_settings(settings, "fallback"), settings.fallback_timeout_ms / 1000.0
         )
     deadline_s = settings.deadline_ms / 1000.0
-    return Gateway(provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s)
+    return Gateway(provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s, arms)
 
 
 async def warm_pool(pool: ModelPool, width: int, deadline_s: float, round_s: float = 180.0) -> None:
@@ -207,7 +207,8 @@ async def warm_model(
                 streak += 1
             else:
                 streak, why = 0, f"a burst took {took * 1000:.1f} ms, over the {deadline_s * 1000:.1f} ms deadline"
-        except (*REMOTE_ERRORS, AttributeError) as exc:  # AttributeError: BentoML's client not set up yet
+        # AttributeError: BentoML's client not set up yet; ValueError: a malformed answer body
+        except (*REMOTE_ERRORS, AttributeError, ValueError) as exc:
             streak, why = 0, f"the model call failed: {type(exc).__name__}: {exc}"
             await sleep(0.2)
         calls += 4

@@ -92,6 +92,8 @@ class Arms:
                 await self.sync()
             except ValueError as exc:  # a pool that cannot be built from the rollout's URLs
                 log.warning("canary arm not built: %s", exc)
+            except Exception:  # the loop must outlive any one bad round (corrupt state, a bug)
+                log.exception("canary arm sync failed; keeping the last split")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.runtime.sync_s)
 
