@@ -79,7 +79,7 @@ def test_status_json_has_the_panels_and_counts_the_traffic(served: Server) -> No
     assert ids >= PANELS
     traffic = lookup(doc, "traffic")
     assert traffic["requests"] >= 60 and traffic["availability"] == 1.0 and traffic["p99_ms"] > 0
-    assert {r["name"] for r in lookup(doc, "breakers")["rows"]} >= {"model", "l2", "l3"}
+    assert {r["name"] for r in lookup(doc, "breakers")["rows"]} >= {"model:0", "l2", "l3"}  # <pool>:<replica>
     assert lookup(doc, "write_behind")["state"] == "ok"
     assert doc["scope"]["kind"] == "process" and str(doc["scope"]["pid"]) in doc["scope"]["text"]
 

@@ -274,19 +274,10 @@ class ModelPool:
         return y
 
     def status(self) -> dict[str, Any]:
-        """For the status page's "Model replicas" panel: each replica's health, window and breaker."""
-        now = self.clock()
-        rows = []
-        for m in self.members:
-            w = m.health.stats(now)
-            rows.append({
-                "replica": m.slot.index, "address": m.slot.name, "health": m.health.status.name.lower(),
-                "reason": m.health.reason, "ejections": m.health.ejections, "calls": w.calls,
-                "success_rate": round(w.success_rate, 4), "p99_ms": round(w.p99_s * 1000, 2),
-                "breaker": m.breaker.state.name.lower(),
-            })  # fmt: skip
-        healthy = sum(m.available for m in self.members)
-        return {"pool": self.name, "policy": self.config.policy, "healthy": healthy, "replicas": rows}
+        """For the status page's "Model replicas" panel: the pool and each replica's snapshot."""
+        rows = [{**r, "reason": r["reason"] or "-"} for r in self.snapshot()]
+        return {"pool": self.name, "policy": self.config.policy, "healthy": sum(m.available for m in self.members),
+                "replicas": rows}  # fmt: skip
 
     # ------------------------------------------------------------------ health
     async def probe_all(self) -> None:
