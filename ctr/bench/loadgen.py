@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -158,6 +159,19 @@ class _Tally:
                            stage_ms=stage_ms)  # fmt: skip
 
 
+async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], Awaitable[None]]) -> None:
+    """Send request i at its scheduled time t0 + i / rate (perf_counter seconds), whatever the
+    earlier ones are doing, and wait for them all: `one(i, scheduled)` sends and records it,
+    latency counted from `scheduled`, so a slow server cannot slow the arrivals."""
+    tasks = []
+    for i in range(n):
+        scheduled = t0 + i / rate
+        if (wait := scheduled - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks)
+
+
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
     try:
         async with session.post(url + "/predict", data=body) as r:
@@ -209,13 +223,7 @@ async def open_level(
 
         before = await _stages(session, url)
         t0 = time.perf_counter()
-        tasks = []
-        for i in range(n):
-            scheduled = t0 + i / rate
-            if (wait := scheduled - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(i, scheduled)))
-        await asyncio.gather(*tasks)
+        await open_loop(n, rate, t0, one)
         elapsed = max(time.perf_counter() - t0, n / rate)
         stage_ms = _stage_means(before, await _stages(session, url))
     return tally.result("open", max_conns, rate, elapsed, stage_ms)

@@ -54,10 +54,16 @@ class Monolith:
         return self.runner(x).astype(float).tolist()
 
 
-def _answer(mono: Monolith, scores: list[float]) -> bytes:
-    body = {"request_id": "", "scores": scores, "model_version": mono.tag, "arm": "stable", "fallback": False,
-            "degraded": []}  # fmt: skip
-    return orjson.dumps(body)
+async def _respond(mono: Monolith, body: bytes, max_ads: int) -> Response:
+    """One /predict of either peer: parse, fetch + transform + forward, answer."""
+    try:
+        req = parse_predict(body, max_ads)
+    except BadRequest as exc:
+        return Response(exc.body(), exc.status, media_type="application/json")
+    scores = await mono.predict(req.user_id, req.ad_ids, req.context.model_dump())
+    answer = {"request_id": "", "scores": scores, "model_version": mono.tag, "arm": "stable", "fallback": False,
+              "degraded": []}  # fmt: skip
+    return Response(orjson.dumps(answer), media_type="application/json")
 
 
 def make_starlette_app(settings: Settings | None = None) -> Starlette:
@@ -72,12 +78,7 @@ def make_starlette_app(settings: Settings | None = None) -> Starlette:
         await mono["m"].redis.aclose()
 
     async def predict(request: StarletteRequest) -> Response:
-        try:
-            req = parse_predict(await request.body(), s.max_ads)
-        except BadRequest as exc:
-            return Response(exc.body(), exc.status, media_type="application/json")
-        scores = await mono["m"].predict(req.user_id, req.ad_ids, req.context.model_dump())
-        return Response(_answer(mono["m"], scores), media_type="application/json")
+        return await _respond(mono["m"], await request.body(), s.max_ads)
 
     async def readyz(request: StarletteRequest) -> Response:
         return Response(b"ok")
@@ -97,12 +98,7 @@ def make_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        try:
-            req = parse_predict(await request.body(), s.max_ads)
-        except BadRequest as exc:
-            return Response(exc.body(), exc.status, media_type="application/json")
-        scores = await mono["m"].predict(req.user_id, req.ad_ids, req.context.model_dump())
-        return Response(_answer(mono["m"], scores), media_type="application/json")
+        return await _respond(mono["m"], await request.body(), s.max_ads)
 
     @app.get("/readyz")
     async def readyz() -> Response:

@@ -21,7 +21,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from ctr.bench.loadgen import _post, _session
+from ctr.bench.loadgen import _post, _session, open_loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +67,7 @@ async def _predicts(url: str, rate: float, duration_s: float, bodies: list[bytes
                 outcome = "shed" if b"overload:shed" in body else "fallback"
             out.samples.append(Sample(scheduled - t0, time.perf_counter() - scheduled, outcome, status))
 
-        tasks = []
-        for i in range(n):
-            scheduled = t0 + i / rate
-            if (wait := scheduled - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(i, scheduled)))
-        await asyncio.gather(*tasks)
+        await open_loop(n, rate, t0, one)
 
 
 async def _writes(url: str, token: str, group: str, every_s: float, duration_s: float, prefix: str,
