@@ -33,3 +33,37 @@ def test_format_summary_gives_shares_and_busy_fraction() -> None:
     assert "| torch | 50.0% |" in text
     assert text.index("torch") < text.index("ctr (ours)") < text.index("opentelemetry")
     assert format_summary("idle", 0, summarize([])[1], rate=100, duration_s=1.0).startswith("idle: 0 samples")
+
+
+def test_steady_reads_the_gateways_own_account_of_a_window() -> None:
+    """`ctr bench steady` turns two /metrics scrapes into fallbacks by reason, the loop's lag
+    quantiles (bucket upper bounds) and GC pauses by generation, over the window only."""
+    from ctr.bench.steady import window_stats
+
+    lag = "ctr_event_loop_lag_seconds_bucket"
+    before = {(lag, 'le="0.001"'): 10.0, (lag, 'le="0.01"'): 10.0, (lag, 'le="+Inf"'): 10.0,
+              ("ctr_fallbacks_total", 'reason="model:timeout"'): 3.0,
+              ("ctr_gc_pause_seconds_count", 'generation="0"'): 5.0,
+              ("ctr_gc_pause_seconds_sum", 'generation="0"'): 0.5}  # fmt: skip
+    after = {(lag, 'le="0.001"'): 108.0, (lag, 'le="0.01"'): 110.0, (lag, 'le="+Inf"'): 110.0,
+             ("ctr_fallbacks_total", 'reason="model:timeout"'): 3.0,
+             ("ctr_fallbacks_total", 'reason="overload:shed"'): 2.0,
+             ("ctr_gc_pause_seconds_count", 'generation="0"'): 7.0,
+             ("ctr_gc_pause_seconds_sum", 'generation="0"'): 0.53}  # fmt: skip
+    w = window_stats(before, after)
+    assert w["fallbacks"] == {"overload:shed": 2}  # the timeouts were before the window
+    assert (w["lag_p99_ms"], w["lag_max_ms"]) == (10.0, 10.0)  # 2 of 100 samples in (1, 10] ms
+    gen0 = w["gc"]["0"]  # type: ignore[index]
+    assert gen0[0] == 2 and abs(gen0[1] - 15.0) < 1e-6
+
+
+def test_the_pool_table_reads_the_load_generators_result() -> None:
+    """`ctr bench pool`'s table is built from loadgen's LevelResult (it read a `rps` field
+    that result does not have, so the command failed after its whole run)."""
+    from ctr.bench.loadgen import LevelResult
+    from ctr.bench.pool import PolicyRow, format_rows
+
+    res = LevelResult("closed", 4, 0.0, 100.0, 800, 792, 8, 0, 3, 0, 99.0, 1.0, 5.0, 20.0, 30.0, 41.0, {})
+    text = format_rows([PolicyRow("peak_ewma", True, res, [0.45, 0.45, 0.10], [0.0, 0.0, 2.0])], 4, 8, 100, 10, "2,2,1")
+    row = text.splitlines()[-1]
+    assert row.startswith("| peak_ewma | on | 99 | 5.00 | 20.00 | 30.00 | 41.00 | 1.00% | 45.0% |"), row

@@ -30,10 +30,19 @@ def _fill_l2(settings: Settings) -> None:
     asyncio.run(go())
 
 
-def _peer_levels(settings: Settings, levels: list[int], duration: float, n_ads: int) -> list[loadgen.LevelResult]:
+# The two monolith peers: (label, uvicorn factory).
+PEERS = (
+    ("FastAPI", "ctr.bench.peer:make_app"),
+    ("Starlette", "ctr.bench.peer:make_starlette_app"),
+)
+
+
+def _peer_levels(
+    settings: Settings, levels: list[int], duration: float, n_ads: int, factory: str
+) -> list[loadgen.LevelResult]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "uvicorn", "ctr.bench.peer:make_app", "--factory", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port",
            str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
            "--log-level", "warning"]  # fmt: skip
     with serving(url, timeout_s=60, cmd=cmd):
@@ -92,13 +101,13 @@ def run(
             rates = open_rates(rows) if rates is None else rates
             open_rows = loadgen.run_rates(url, rates, duration, n_ads, settings.data_dir) if rates else []
         peak = rss.peak if rss is not None else None
-    lines += [f"ctr-serve (BentoML, 4 services), 1 user x {n_ads} ads, closed loop (c workers):",
+    lines += [f"ctr-serve (BentoML), 1 user x {n_ads} ads, closed loop (c workers):",
               loadgen.format_table(rows), "", _stages_line(rows)]  # fmt: skip
     if open_rows:
         lines += ["", "open loop (fixed arrival rate; latency from the scheduled send time):",
                   loadgen.format_table(open_rows, stages=False)]  # fmt: skip
     if peak is not None:
-        lines.append(f"\npeak RSS of the whole service graph (4 services): {peak / 2**20:.0f} MiB")
+        lines.append(f"\npeak RSS of the whole service graph: {peak / 2**20:.0f} MiB")
     result: dict[str, object] = {"n_ads": n_ads, "levels": [asdict(r) for r in rows],
                                  "open_levels": [asdict(r) for r in open_rows], "peak_rss_bytes": peak}  # fmt: skip
     best = best_rps([asdict(r) for r in rows])
@@ -107,18 +116,26 @@ def run(
     if peers and settings.redis_url:
         from ctr.bench.peer import run_inprocess
 
-        peer_rows = _peer_levels(settings, levels, duration, n_ads)
+        c1 = rows[0] if rows else None
+        for label, factory in PEERS:
+            peer_rows = _peer_levels(settings, levels, duration, n_ads, factory)
+            best_peer = best_rps([asdict(r) for r in peer_rows])
+            ratio = best / best_peer if best_peer else float("nan")
+            p1 = peer_rows[0] if peer_rows else None
+            lines += ["", f"monolith peer ({label} + uvicorn, one MGET, model per request), closed loop:",
+                      loadgen.format_table(peer_rows), "",
+                      f"best model-scored throughput at p99 <= 50 ms (closed loop): ctr-serve {best:.0f} rps, "
+                      f"{label} peer {best_peer:.0f} rps, ratio {ratio:.2f}"]  # fmt: skip
+            if c1 is not None and p1 is not None:
+                lines.append(f"c={c1.concurrency} p50 / p99: ctr-serve {c1.p50_ms:.2f} / {c1.p99_ms:.2f} ms, "
+                             f"{label} peer {p1.p50_ms:.2f} / {p1.p99_ms:.2f} ms")  # fmt: skip
+            result[f"peer_{label.lower()}"] = [asdict(r) for r in peer_rows]
         bodies = loadgen.Traffic(settings.data_dir, n_ads).bodies(2000)
         limit_rps, limit_p99 = run_inprocess(settings, bodies, duration)
-        best_peer = best_rps([asdict(r) for r in peer_rows])
-        lines += ["", "monolith peer (FastAPI + uvicorn, one MGET, model per request), closed loop:",
-                  loadgen.format_table(peer_rows), "",
-                  f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "
-                  f"({limit_rps * n_ads:,.0f} candidates/s), p99 {limit_p99:.2f} ms", "",
-                  f"best model-scored throughput at p99 <= 50 ms (closed loop): ctr-serve {best:.0f} rps, "
-                  f"peer {best_peer:.0f} rps, ratio {best / best_peer if best_peer else float('nan'):.2f}",
+        lines += ["", f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "
+                  f"({limit_rps * n_ads:,.0f} candidates/s), p99 {limit_p99:.2f} ms",
                   f"model-scored candidates/s at p99 <= 50 ms / in-process limit: {best / limit_rps:.0%}"]  # fmt: skip
-        result.update(peer=[asdict(r) for r in peer_rows], inprocess_rps=limit_rps)
+        result.update(inprocess_rps=limit_rps)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return "\n".join(lines)

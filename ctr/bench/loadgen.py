@@ -54,6 +54,7 @@ class LevelResult:
     model_scored: int  # 200 with fallback false: the only answers counted as throughput
     fallback: int  # 200 with fallback true
     shed: int  # of the fallbacks, those shed at the concurrency limit (degraded overload:shed)
+    deadline: int  # of the fallbacks, those past the deadline (degraded model:timeout or model:deadline)
     non_200: int  # other statuses and connection errors
     model_rps: float
     fallback_rps: float
@@ -133,7 +134,7 @@ class _Tally:
 
     def __init__(self) -> None:
         self.lat: list[float] = []
-        self.model = self.fallback = self.shed = self.errors = 0
+        self.model = self.fallback = self.shed = self.deadline = self.errors = 0
 
     def add(self, latency_s: float, status: int, body: bytes) -> None:
         self.lat.append(latency_s)
@@ -142,6 +143,7 @@ class _Tally:
         elif b'"fallback":true' in body:
             self.fallback += 1
             self.shed += b"overload:shed" in body
+            self.deadline += b'"model:timeout"' in body or b'"model:deadline"' in body
         else:
             self.model += 1
 
@@ -153,7 +155,8 @@ class _Tally:
 
         n = len(self.lat)
         return LevelResult(mode=mode, concurrency=c, offered_rps=offered, sent_rps=n / elapsed, requests=n,
-                           model_scored=self.model, fallback=self.fallback, shed=self.shed, non_200=self.errors,
+                           model_scored=self.model, fallback=self.fallback, shed=self.shed, deadline=self.deadline,
+                           non_200=self.errors,
                            model_rps=self.model / elapsed, fallback_rps=self.fallback / elapsed, p50_ms=pct(50),
                            p99_ms=pct(99), p999_ms=pct(99.9), max_ms=float(arr.max()) if n else float("nan"),
                            stage_ms=stage_ms)  # fmt: skip
@@ -258,15 +261,17 @@ def run_rates(url: str, rates: list[float], duration_s: float, n_ads: int, data_
 def format_table(rows: list[LevelResult], stages: bool = True) -> str:
     """One row per level: model-scored and fallback answers apart, p50/p99/p99.9/max."""
     names = ("features", "transform", "inference", "request") if stages else ()
-    head = ("| load | requests | model-scored rps | fallback rps | fallback share | of which shed | non-200 | p50 ms "
+    head = ("| load | requests | model-scored rps | fallback rps | fallback share | of which shed | past deadline "
+            "| non-200 | p50 ms "
             "| p99 ms | p99.9 ms | max ms |")  # fmt: skip
     head += "".join(f" {s} ms (mean) |" for s in names)
-    lines = [head, "|---" * (11 + len(names)) + "|"]
+    lines = [head, "|---" * (12 + len(names)) + "|"]
     for r in rows:
         load = f"c={r.concurrency}" if r.mode == "closed" else f"{r.offered_rps:.0f}/s (sent {r.sent_rps:.0f}/s)"
         means = "".join(f" {r.stage_ms.get(s, float('nan')):.2f} |" for s in names)
         lines.append(
             f"| {load} | {r.requests} | {r.model_rps:.0f} | {r.fallback_rps:.0f} | {r.fallback_share:.1%} "
-            f"| {r.shed} | {r.non_200} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p999_ms:.2f} | {r.max_ms:.2f} |{means}"
+            f"| {r.shed} | {r.deadline} | {r.non_200} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p999_ms:.2f} "
+            f"| {r.max_ms:.2f} |{means}"
         )
     return "\n".join(lines)

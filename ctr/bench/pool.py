@@ -70,12 +70,13 @@ def run(settings: Settings, policies: list[str], concurrency: int, duration_s: f
 def format_rows(rows: list[PolicyRow], c: int, duration_s: float, n_ads: int, delay_ms: float, weights: str) -> str:
     lines = [f"3 CTRModel replicas, replica 2 slowed by {delay_ms:g} ms; closed loop c={c}, {duration_s:g} s a "
              f"policy, 1 user x {n_ads} ads (weighted: weights [{weights}])", "",
-             "| policy | ejection | ok rps | p50 ms | p99 ms | fallback | replica 0 | replica 1 | replica 2 (slow) "
-             "| ejections of 2 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| policy | ejection | model-scored rps | p50 ms | p99 ms | p99.9 ms | max ms | fallback | replica 0 "
+             "| replica 1 | replica 2 (slow) | ejections of 2 |", "|---" * 12 + "|"]  # fmt: skip
     for r in rows:
         res = r.result
         fb = res.fallback / res.requests if res.requests else float("nan")
         shares = " | ".join(f"{s:.1%}" for s in r.shares)
-        lines.append(f"| {r.policy} | {'on' if r.ejection else 'off'} | {res.rps:.0f} | {res.p50_ms:.2f} | "
-                     f"{res.p99_ms:.2f} | {fb:.2%} | {shares} | {r.ejections[2]:.0f} |")  # fmt: skip
+        lines.append(f"| {r.policy} | {'on' if r.ejection else 'off'} | {res.model_rps:.0f} | {res.p50_ms:.2f} | "
+                     f"{res.p99_ms:.2f} | {res.p999_ms:.2f} | {res.max_ms:.2f} | {fb:.2%} | {shares} "
+                     f"| {r.ejections[2]:.0f} |")  # fmt: skip
     return "\n".join(lines)

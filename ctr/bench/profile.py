@@ -1,6 +1,7 @@
 """`ctr bench profile`: where each service process spends its CPU under load, by py-spy.
 
-py-spy samples every BentoML worker process (gateway, model, features, fallback) while
+py-spy samples every BentoML worker process (each gateway process, the model when it runs
+apart, features, fallback) while
 the load generator drives `/predict` at one concurrency level; the raw stacks are kept
 under `--out` and each process's busy samples are summed by the package of the frame
 that was running (ours, torch, uvicorn, opentelemetry, ...). It found BentoML's
@@ -77,15 +78,18 @@ def format_summary(name: str, total: int, by_package: Counter[str], rate: int, d
 
 
 def service_workers(root_pid: int) -> dict[str, int]:
-    """BentoML worker processes under the `bentoml serve` process, by service name."""
-    out = {}
-    for child in psutil.Process(root_pid).children(recursive=True):
+    """BentoML worker processes under the `bentoml serve` process, by service name; a service's
+    second and later processes (CTR_GATEWAY_WORKERS > 1) as `name#2`, `name#3`, ..."""
+    out: dict[str, int] = {}
+    for child in sorted(psutil.Process(root_pid).children(recursive=True), key=lambda p: p.pid):
         try:
             cmd = child.cmdline()
         except psutil.Error:  # gone, or a zombie not reaped yet (a worker that was just killed)
             continue
         if "--service-name" in cmd:
-            out[cmd[cmd.index("--service-name") + 1]] = child.pid
+            name = cmd[cmd.index("--service-name") + 1]
+            n = sum(1 for k in out if k == name or k.startswith(name + "#"))
+            out[name if n == 0 else f"{name}#{n + 1}"] = child.pid
     return out
 
 

@@ -49,6 +49,31 @@ def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bo
     click.echo(e2e.run(_settings(), url, levels, duration, n_ads, peers, out, open_rates))
 
 
+@bench.command("stages")
+@click.option("--requests", "n", type=int, default=3000, show_default=True, help="Calls per stage.")
+def bench_stages(n: int) -> None:
+    """The gateway's own CPU per request of 1 user x 100 ads, stage by stage, in this process
+    (every feature in L1, no HTTP): parse, lookup, transform, bookkeeping, response."""
+    from ctr.bench import stages
+
+    click.echo(stages.run(_settings(), n))
+
+
+@bench.command("steady")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
+@click.option("--share", type=float, default=0.5, show_default=True, help="Offered rate, as a share of saturation.")
+@click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds per run.")
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--saturation", type=float, default=None, help="Model-scored rps at saturation (default: measure it).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_steady.md"), show_default=True)
+def bench_steady(url: str, share: float, duration: float, runs: int, saturation: float | None, out: Path) -> None:
+    """Open-loop runs at a share of saturation: deadline fallbacks, sheds, the client's tail,
+    and the gateway's event-loop lag and GC pauses over each run."""
+    from ctr.bench import steady
+
+    click.echo(steady.main(url, share, duration, runs, saturation, out))
+
+
 @bench.command("overload")
 @click.option("--port", type=int, default=0, help="Where to start each service (default: a free port).")
 @click.option("--duration", type=float, default=8.0, show_default=True, help="Seconds per level.")

@@ -1,0 +1,124 @@
+"""`ctr bench stages`: the gateway's own CPU per request, stage by stage, in this process.
+
+One request of 1 user x 100 ads (the load generator's Zipf traffic), every feature in L1,
+no HTTP: parse and validate the body, the L1 lookup, the transform to the model's matrix,
+the forward pass alone, the gateway's bookkeeping around them (metrics, SLIs, the
+coalescer, the pool) with a model that answers at once, and the response (signed request
+id + JSON). Median, p99, p99.9 and max over every call, in microseconds: the numbers a throughput
+change has to move (issue: each of lookup, transform and response well under 100 us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ctr.api import request_id
+from ctr.api.contract import parse_predict
+from ctr.bench.loadgen import Traffic
+from ctr.features import stack as feature_stack
+from ctr.features.transform import Transformer
+from ctr.features.warm import warm
+from ctr.model import store as modelstore
+from ctr.settings import Settings
+
+
+def _us(xs: list[float]) -> tuple[float, float, float, float]:
+    a = np.array(xs) * 1e6
+    return float(np.median(a)), float(np.percentile(a, 99)), float(np.percentile(a, 99.9)), float(a.max())
+
+
+async def _each(n: int, f: Callable[[int], Awaitable[Any]]) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await f(i)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, float, float, float]]:
+    """(stage, median, p99, p99.9, max in us) for each stage."""
+    from ctr.model.runner import ModelRunner
+    from ctr.serving import wiring
+
+    art = modelstore.artifacts(settings.model_tag)
+    bodies = Traffic(settings.data_dir, 100).bodies(2000)
+    reqs = [parse_predict(b, settings.max_ads) for b in bodies]
+    runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision)
+    transformer = Transformer(art.spec)
+    key = b"k" * 32
+    async with feature_stack.opened(settings.model_copy(update={"redis_url": ""})) as stack:
+        await warm(stack.store, 10**9, stack.schema)
+        wiring.settle_gc()
+        lookup = stack.lookup
+        looked = [await lookup.lookup(r.user_id, r.ad_ids) for r in reqs]  # every key in L1 from here on
+        contexts = [r.context.model_dump() for r in reqs]
+
+        async def parse(i: int) -> None:
+            parse_predict(bodies[i % len(bodies)], settings.max_ads)
+
+        async def features(i: int) -> None:
+            r = reqs[i % len(reqs)]
+            await lookup.lookup(r.user_id, r.ad_ids)
+
+        def matrix(i: int) -> np.ndarray:
+            f = looked[i % len(looked)]
+            return transformer.matrix(f.user_static, f.user_behavioral, f.ad_meta, f.ad_stats, contexts[i % len(reqs)])
+
+        async def transform(i: int) -> None:
+            matrix(i)
+
+        xs = [matrix(i) for i in range(len(reqs))]
+
+        async def forward(i: int) -> None:
+            runner(xs[i % len(xs)])
+
+        async def instant(x: np.ndarray) -> np.ndarray:
+            return np.full(len(x), 0.5, dtype=np.float32)
+
+        pool = wiring.model_pool(settings.model_copy(update={"model_urls": ""}), instant, runner.n_fields)
+        await pool.start()
+        gw = wiring.gateway(settings, art, pool, stack)
+        preds = [await gw.predict(r) for r in reqs[:50]]
+        if any(p.fallback for p in preds):
+            raise RuntimeError(f"the gateway fell back: {preds[0].degraded}")
+
+        async def gateway(i: int) -> None:
+            await gw.predict(reqs[i % len(reqs)])
+
+        async def respond(i: int) -> None:
+            p = preds[i % len(preds)]
+            signed = request_id.issue(p.arm, p.model_version, key, time.time())
+            orjson.dumps(dataclasses.replace(p, request_id=signed))
+
+        stages = [
+            ("parse + validate (orjson, pydantic)", parse),
+            ("features: L1 lookup, all hits", features),
+            ("transform to the [100, 16] matrix", transform),
+            ("gateway predict, model answering at once (lookup + transform + bookkeeping)", gateway),
+            ("response: signed id + JSON", respond),
+            ("forward pass, batch 100 (for scale)", forward),
+        ]
+        out = []
+        for name, f in stages:
+            await _each(min(n, 300), f)  # warm
+            out.append((name, *_us(await _each(n, f))))
+        await pool.close()
+    return out
+
+
+def run(settings: Settings, n: int = 3000) -> str:
+    rows = asyncio.run(measure(settings, n))
+    lines = [
+        "| stage (1 user x 100 ads, in process) | median us | p99 us | p99.9 us | max us |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {med:.0f} | {p99:.0f} | {p999:.0f} | {top:.0f} |" for name, med, p99, p999, top in rows]
+    return "\n".join(lines)
