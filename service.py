@@ -33,6 +33,10 @@ SETTINGS = Settings()
 INTERNAL_HEADERS = internal.headers(SETTINGS.internal_token)
 wiring.observability(SETTINGS)
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
+# The gateway runs the model itself (CTR_MODEL_REPLICA=local; auto on a CPU): then CTRModel is
+# no dependency of it and `bentoml serve` starts no CTRModel process.
+LOCAL_MODEL = wiring.runs_local(SETTINGS)
+GATEWAY_WORKERS = wiring.gateway_workers(SETTINGS)
 
 # Measured pitfalls (notes/bentoml.md): access logging costs ~14 % of throughput and most
 # of the p99 tail; a caller's connection to a dependency is recycled every 100 requests
@@ -90,7 +94,7 @@ class FeatureService:
         art = modelstore.artifacts(str(self.stored.tag))
         self.stack = feature_stack.features(SETTINGS)
         self.lookup = self.stack.lookup
-        self.transformer = Transformer(art.spec)
+        self.transformer = Transformer(art.spec, SETTINGS.encoded_rows)
         self._stop = asyncio.Event()
         self._writer: asyncio.Task[int] | None = None
 
@@ -150,13 +154,13 @@ predict_app = make_app()
 
 
 @bentoml.asgi_app(predict_app, path="/")
-@bentoml.service(name="ctr_gateway", workers=SETTINGS.gateway_workers, **COMMON)
+@bentoml.service(name="ctr_gateway", workers=GATEWAY_WORKERS, **COMMON)
 class CTRGateway:
-    """The entry: /predict, features in-process, the model pool (CTR_MODEL_URLS; else the
-    in-graph CTRModel as its one replica), fallback."""
+    """The entry: /predict, features in-process, the model pool (CTR_MODEL_URLS; else the model
+    in this process or the in-graph CTRModel as its one replica), fallback."""
 
     stored = MODEL
-    model = bentoml.depends(CTRModel)
+    model = None if LOCAL_MODEL else bentoml.depends(CTRModel)
     feature_service = bentoml.depends(FeatureService)
     fallback_service = bentoml.depends(FallbackService)
 
@@ -165,7 +169,8 @@ class CTRGateway:
         self.art = modelstore.artifacts(str(self.stored.tag))
         self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop, INTERNAL_HEADERS)
         self.width = len(self.art.architecture["cardinalities"])
-        self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS)
+        local = wiring.local_runner(SETTINGS, self.art)  # None unless LOCAL_MODEL
+        self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS, local=local)
         self.stack = feature_stack.features(SETTINGS)
         self.arms = wiring.canary_arms(
             SETTINGS, self.pool, self.art.tag, self.width, INTERNAL_HEADERS
@@ -183,7 +188,7 @@ class CTRGateway:
         predict_app.state.request_id_key = request_id.resolve_key(
             SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir
         )
-        self.status = wiring.status_board(self.gateway, self.stack, workers=SETTINGS.gateway_workers)
+        self.status = wiring.status_board(self.gateway, self.stack, workers=GATEWAY_WORKERS)
 
     @bentoml.on_startup
     async def warm_caches(self) -> None:

@@ -113,3 +113,14 @@ SLO_BURN_RATE = Gauge("ctr_slo_burn_rate", "Error-budget burn rate by SLO, arm a
                       ["slo", "arm", "window"], multiprocess_mode="livemax")  # fmt: skip
 SLO_PAGE = Gauge("ctr_slo_page", "1 when both the 5m and the 1h burn rate exceed CTR_SLO_BURN_PAGE.", ["slo", "arm"],
                  multiprocess_mode="livemax")  # fmt: skip
+EVENT_LOOP_LAG = Histogram(
+    "ctr_event_loop_lag_seconds",
+    "How late a gateway process's event loop ran a timer (a blocked loop delays every queued request).",
+    buckets=_BUCKETS_S,
+)
+GC_PAUSE = Histogram(
+    "ctr_gc_pause_seconds",
+    "Duration of each garbage collection in a gateway process, by generation.",
+    ["generation"],
+    buckets=_BUCKETS_S,
+)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -114,6 +113,11 @@ class Settings(BaseSettings):
         65536, ge=1, description="CTRModel's max_batch_size (rows); keep above batch_max_rows so calls never split."
     )
     l1_max_entries: int = Field(500_000, ge=1, description="Bound of the in-process L1 feature cache (entries).")
+    encoded_rows: int = Field(
+        100_000,
+        ge=0,
+        description="Pre-encoded feature rows remembered per process, per kind (users, ads; ~250 B each); 0 = off.",
+    )
     l1_max_bytes: int | None = Field(
         None, ge=1, description="Approximate memory bound of L1 (bytes, ~460 an entry); lowers l1_max_entries."
     )
@@ -132,26 +136,41 @@ class Settings(BaseSettings):
     model_max_latency_ms: int = Field(
         60_000, ge=1, description="CTRModel's BentoML cut-off; far above the deadline so nothing is shed."
     )
-    device: str = Field("auto", description="CTRModel's torch device: auto (GPU when present), cpu, cuda, cuda:N.")
+    device: str = Field(
+        "auto", description="The model's torch device (CTRModel or local): auto (GPU when present), cpu, cuda, cuda:N."
+    )
     gateway_workers: int = Field(
-        default_factory=lambda: max(1, (os.cpu_count() or 1) // 2),
-        ge=1,
-        description="CTRGateway processes (each with its own L1, coalescer and breakers); default half the cores.",
+        0,
+        ge=0,
+        description="CTRGateway processes (each with its own L1, coalescer, breakers and, when local, model); "
+        "0 = one per core when the model runs in the gateway (CTR_MODEL_REPLICA=local), else half the cores.",
+    )
+    model_replica: Literal["auto", "local", "in-graph"] = Field(
+        "auto",
+        description="With CTR_MODEL_URLS empty, where the model runs: local = in each gateway process "
+        "(CTR_LOCAL_FORWARD), in-graph = the CTRModel service over HTTP; auto = local on a CPU, in-graph with a GPU.",
+    )
+    local_forward: Literal["loop", "thread"] = Field(
+        "loop",
+        description="CTR_MODEL_REPLICA=local: run each forward pass on the event loop, or in a worker thread "
+        "(measured slower here: the two threads contend for the GIL).",
     )
     model_workers: int = Field(1, ge=1, description="CTRModel processes (each loads the model; one per device).")
     features_workers: int = Field(1, ge=1, description="FeatureService processes.")
     fallback_workers: int = Field(1, ge=1, description="FallbackService processes.")
-    torch_threads: int = Field(1, ge=1, description="Torch intra-op threads in CTRModel (1 is fastest on 2 cores).")
+    torch_threads: int = Field(
+        1, ge=1, description="Torch intra-op threads of a forward pass (1 is fastest on 2 cores)."
+    )
     model_precision: Literal["auto", "float32", "int8", "float16", "bfloat16"] = Field(
         "auto",
-        description="CTRModel's numeric precision: int8 = dynamic quantization (CPU), float16/bfloat16 for a GPU; "
+        description="The model's numeric precision: int8 = dynamic quantization (CPU), float16/bfloat16 for a GPU; "
         "auto = float32, the fastest measured here (`ctr bench precision`).",
     )
     # --- the model pool (ctr/serving/pool) and services run alone (ctr serve)
     model_urls: str = Field(
         "",
         description="CTRModel replicas, comma-separated http://host:port; a host name is re-resolved every "
-        "CTR_DNS_REFRESH_S to all its addresses (a headless Service). Empty: the in-graph CTRModel.",
+        "CTR_DNS_REFRESH_S to all its addresses (a headless Service). Empty: see CTR_MODEL_REPLICA.",
     )
     lb_policy: Literal["round_robin", "least_conn", "weighted", "consistent_hash", "peak_ewma"] = Field(
         "peak_ewma", description="How the gateway picks a model replica for a request."

@@ -107,13 +107,22 @@ class Server:
     def stop(self) -> None:
         import signal
 
+        import psutil
+
         if self.proc.poll() is None:
+            try:  # BentoML's workers may leave the process group: remember them all first
+                tree = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                tree = []
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+            _, alive = psutil.wait_procs(tree, timeout=5)
+            for p in alive:  # a worker that did not stop (once: one hung in a deadlock) is killed
+                p.kill()
         if not os.environ.get("CTR_TEST_KEEP_LOGS"):  # set it to keep the servers' logs for a post-mortem
             Path(self.log.name).unlink(missing_ok=True)
         shutil.rmtree(self.home, ignore_errors=True)
@@ -121,7 +130,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def gateway(small_setup: dict[str, str]) -> Iterator[Server]:
-    """The real `bentoml serve service:CTRGateway` (all four services) on a free port."""
+    """The real `bentoml serve service:CTRGateway` (every service of the graph) on a free port."""
     env = {**small_setup, "CTR_MAX_ADS": "50"}
     server = Server("service:CTRGateway", env)
     yield server

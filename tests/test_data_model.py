@@ -147,3 +147,44 @@ def test_infer_refuses_out_of_range_feature_indices(trained) -> None:  # type: i
         bad[1, col] = value
         r = client.post("/infer", content=bad.tobytes(), headers=shape)
         assert r.status_code == 400 and f"column(s) [{col}]" in r.text, r.text
+
+
+def test_a_local_replica_scores_like_the_runner_and_coalesces(trained) -> None:  # type: ignore[no-untyped-def]
+    """CTR_MODEL_REPLICA=local: the pool's one replica is the model in this process; concurrent
+    requests share a forward pass and get the runner's own scores; a matrix the runner refuses
+    is an invalid answer of that replica, not an exception out of the gateway."""
+    import asyncio
+
+    from ctr.model.runner import ModelRunner
+    from ctr.serving import wiring
+    from ctr.serving.model_client import InvalidAnswer
+    from ctr.settings import Settings
+
+    runner = ModelRunner(modelstore.artifacts(modelstore.save(trained)), "cpu")
+    calls: list[int] = []
+
+    def counted(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return runner(x)
+
+    settings = Settings(model_replica="local", model_urls="", retry_attempts=1)
+    pool = wiring.model_pool(settings, width=runner.n_fields, local=counted)
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, runner.cardinalities, size=(n, runner.n_fields)) for n in (3, 5, 7, 11)]
+    bad = xs[0].copy()
+    bad[0, 0] = int(runner.cardinalities[0])
+
+    async def go() -> list[np.ndarray]:
+        await pool.start(background=False)  # no probes: every pass counted is a request's
+        try:
+            assert [m.replica.name for m in pool.members] == ["local"]
+            ys = await asyncio.gather(*(pool.submit(x) for x in xs))
+            with pytest.raises(InvalidAnswer):
+                await pool.submit(bad)
+            return ys
+        finally:
+            await pool.close()
+
+    for x, y in zip(xs, asyncio.run(go()), strict=True):
+        np.testing.assert_allclose(y, runner(x), rtol=1e-5)
+    assert len(calls) < len(xs)  # concurrent requests coalesced into fewer passes

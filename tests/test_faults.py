@@ -92,7 +92,8 @@ def rig(small_setup: dict[str, str]) -> Iterator[tuple[Server, RedisProcess, Pos
     redis, pg = RedisProcess(), PostgresProcess()
     env = {**small_setup, "CTR_REDIS_URL": redis.url, "CTR_DATABASE_URL": pg.url, "CTR_L1_MAX_ENTRIES": "1",
            "CTR_NEGATIVE_TTL_S": "0", "CTR_WARM": "false", "CTR_BREAKER_WINDOW_S": "2", "CTR_BREAKER_MIN_CALLS": "5",
-           "CTR_BREAKER_COOLDOWN_S": "0.5"}  # fmt: skip
+           "CTR_BREAKER_COOLDOWN_S": "0.5",
+           "CTR_MODEL_REPLICA": "in-graph"}  # the CTRModel process is one of the parts that fail here  # fmt: skip
     subprocess.run([str(BIN / "ctr"), "features", "load"], check=True, env=env, cwd=ROOT, capture_output=True)
     server = Server("service:CTRGateway", env)
     try:
@@ -170,7 +171,7 @@ def test_fallback_service_then_global_ctr(small_setup: dict[str, str]) -> None:
     # The chain, not FallbackService's 10 ms budget, is the subject: its first call (a cold
     # BentoML client) missed 10 ms on a loaded machine and fell through to the global CTR.
     env = {**small_setup, "CTR_FALLBACK_REMOTE": "true", "CTR_BREAKER_COOLDOWN_S": "0.5",
-           "CTR_FALLBACK_TIMEOUT_MS": "1000"}  # fmt: skip
+           "CTR_FALLBACK_TIMEOUT_MS": "1000", "CTR_MODEL_REPLICA": "in-graph"}  # fmt: skip
     server = Server("service:CTRGateway", env)
     body = {"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX}
 

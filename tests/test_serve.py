@@ -3,11 +3,18 @@ the settings (the same command `make cluster` and tests/test_pool_faults.py star
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from ctr.bench.cluster import serve_command, topology
 from ctr.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_model_replica_is_served_alone() -> None:
@@ -15,6 +22,15 @@ def test_a_model_replica_is_served_alone() -> None:
     assert cmd[1:5] == ["-m", "bentoml_cli._internal.start", "start-http-server", "service:CTRGateway"]
     assert "--service-name=ctr_model" in cmd and "3101" in cmd
     assert not [a for a in cmd if a.startswith("--depends")] and "BENTOML_CONFIG_OPTIONS" not in env
+    # the graph BentoML searches for --service-name holds CTRModel only when the gateway does not
+    # run the model itself (without this, `ctr serve --service CTRModel` failed: "Service ctr_model not found")
+    assert env["CTR_MODEL_REPLICA"] == "in-graph"
+    names = "import service; print(sorted(s.name for s in service.CTRGateway.all_services().values()))"
+    graph = subprocess.run(
+        [sys.executable, "-c", names],
+        env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "ctr_model" in graph, graph
 
 
 def test_a_gateway_gets_its_dependencies_from_the_settings() -> None:

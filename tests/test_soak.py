@@ -43,7 +43,8 @@ def rig(small_setup: dict[str, str]) -> Iterator[tuple[Server, RedisProcess, Pos
     durability claim needs (README), so its SIGKILL loses no acknowledged write."""
     redis, pg = RedisProcess("--appendonly", "yes", "--appendfsync", "always"), PostgresProcess()
     env = {**small_setup, "CTR_REDIS_URL": redis.url, "CTR_DATABASE_URL": pg.url, "CTR_BREAKER_WINDOW_S": "2",
-           "CTR_BREAKER_MIN_CALLS": "5", "CTR_BREAKER_COOLDOWN_S": "0.5"}  # fmt: skip
+           "CTR_BREAKER_MIN_CALLS": "5", "CTR_BREAKER_COOLDOWN_S": "0.5",
+           "CTR_MODEL_REPLICA": "in-graph"}  # the schedule kills the CTRModel process  # fmt: skip
     subprocess.run([str(BIN / "ctr"), "features", "load"], check=True, env=env, cwd=ROOT, capture_output=True)
     server = Server("service:CTRGateway", env)
     try:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -63,8 +64,18 @@ def _get(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def served(gateway: Server) -> Server:
+def one_process(small_setup: dict[str, str]) -> Iterator[Server]:
+    """A gateway of one process: the page and /status.json speak for the process that answers
+    them (one per core by default), and these tests compare the two and count the traffic."""
+    server = Server("service:CTRGateway", {**small_setup, "CTR_GATEWAY_WORKERS": "1"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(one_process: Server) -> Server:
     """The gateway after 60 requests (a few with unknown users and ads)."""
+    gateway = one_process
     for i in range(60):
         ads = [f"a{(i * 7 + k) % 300}" for k in range(5)] + (["a999999"] if i % 10 == 0 else [])
         out = _post(gateway.url, {"user_id": f"u{i}" if i % 10 else f"nobody{i}", "ad_ids": ads, "context": CTX})

@@ -59,3 +59,37 @@ def test_fit_spec_edges_are_sorted_quantiles() -> None:
     assert len(spec.user_ctr_edges) == schema.CTR_BUCKETS - 1
     assert list(spec.user_ctr_edges) == sorted(spec.user_ctr_edges)
     assert TransformSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_remembered_rows_equal_encoded_rows() -> None:
+    """Pre-encoded rows (the memo) give the matrix that encoding every row gives, for rows seen
+    before, new ones, unknown ones and a value that changed; a tiny memo that evicts too."""
+    rng = np.random.default_rng(4)
+
+    def ad() -> tuple[object, ...] | None:
+        return None if rng.random() < 0.1 else (int(rng.integers(0, 60)), int(rng.integers(0, 40)),
+                                                str(rng.choice(schema.CREATIVES)))  # fmt: skip
+
+    def stats() -> tuple[int, int] | None:
+        impressions = int(rng.integers(0, 10_000))
+        return None if rng.random() < 0.1 else (impressions, int(rng.integers(0, impressions + 1)))
+
+    ads = [(ad(), stats()) for _ in range(40)]
+    users = [((int(rng.integers(10, 80)), "m", 3, 5), stats()) for _ in range(5)] + [(None, None)]
+    plain, remembered, tiny = Transformer(SPEC, memo=0), Transformer(SPEC), Transformer(SPEC, memo=3)
+    for step in range(30):
+        pick = rng.choice(len(ads), 12)
+        meta, st = [ads[i][0] for i in pick], [ads[i][1] for i in pick]
+        user = users[step % len(users)]
+        want = plain.matrix(*user, meta, st, CTX)
+        for t in (remembered, tiny):
+            np.testing.assert_array_equal(t.matrix(*user, meta, st, CTX), want)
+        ads[int(rng.integers(len(ads)))] = (ad(), stats())  # a value changes: a new key, never a stale row
+
+
+def test_unhashable_rows_are_encoded_without_the_memo() -> None:
+    """A row that arrives as a list (not a tuple) is encoded as usual, not an error."""
+    t = Transformer(SPEC)
+    x = t.matrix([30, "f", 4, 7], [100, 5], [[1, 2, "video"]], [[5000, 200]], CTX)
+    np.testing.assert_array_equal(x, Transformer(SPEC, memo=0).matrix((30, "f", 4, 7), (100, 5), [(1, 2, "video")],
+                                                                      [(5000, 200)], CTX))  # fmt: skip

@@ -53,6 +53,8 @@ def serve_command(name: str, host: str, port: int, env: Mapping[str, str]) -> tu
            f"--service-name={svc}", "--host", host, "--port", str(port),
            "--working-dir", str(PROJECT_ROOT)]  # fmt: skip
     out = dict(env)
+    if svc == "ctr_model":  # the service graph holds CTRModel only while the gateway does not run the model itself
+        out["CTR_MODEL_REPLICA"] = "in-graph"
     if svc == "ctr_gateway":
         urls = setting("model_urls")
         if not urls:

@@ -41,7 +41,7 @@ class Monolith:
 
         art = modelstore.artifacts(settings.model_tag)
         self.runner = ModelRunner(art, "cpu", settings.torch_threads)
-        self.transformer = Transformer(art.spec)
+        self.transformer = Transformer(art.spec, memo=0)  # the afternoon's version: no pre-encoded rows
         self.redis = connect(settings.redis_url, timeout_s=1.0)
         self.tag = art.tag
 

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from lru import LRU
 
 from ctr.features import schema
 
@@ -160,10 +161,18 @@ def _num_rows(values: Sequence[Sequence[Any] | None], width: int) -> tuple[np.nd
 
 
 class Transformer:
-    """Serving-side transform of one request's raw feature tuples."""
+    """Serving-side transform of one request's raw feature tuples.
 
-    def __init__(self, spec: TransformSpec) -> None:
+    Pre-computation: each entity's encoded columns are remembered (`memo` entries per kind,
+    an LRU keyed by the raw values themselves, so a changed value is a new key and nothing is
+    ever stale), and a request's transform is a gather of its rows plus the context columns;
+    only rows never seen before are encoded, in one vectorized call. `memo=0`: encode every row.
+    """
+
+    def __init__(self, spec: TransformSpec, memo: int = 100_000) -> None:
         self.spec = spec
+        self._users: LRU | None = LRU(memo) if memo > 0 else None
+        self._ads: LRU | None = LRU(memo) if memo > 0 else None
 
     def user_row(self, static: Sequence[Any] | None, behavioral: Sequence[Any] | None) -> np.ndarray:
         s, s_known = _rows([static], 4, GENDER_CODE, 1)
@@ -186,10 +195,38 @@ class Transformer:
         """[len(ad_meta), 16] int64: the user and context broadcast over the candidate ads."""
         n = len(ad_meta)
         out = np.empty((n, len(schema.INPUT_FIELDS)), dtype=np.int64)
-        out[:, schema.USER_COLUMNS] = self.user_row(user_static, user_behavioral)
-        out[:, schema.AD_COLUMNS] = self.ad_rows(ad_meta, ad_stats)
+        out[:, schema.USER_COLUMNS] = self._user(user_static, user_behavioral)
+        out[:, schema.AD_COLUMNS] = self._ad_block(ad_meta, ad_stats)
         out[:, schema.CONTEXT_COLUMNS] = context_codes(context)
         return out
+
+    def _user(self, static: Sequence[Any] | None, behavioral: Sequence[Any] | None) -> Any:
+        memo = self._users
+        if memo is None:
+            return self.user_row(static, behavioral)
+        try:
+            row = memo.get((static, behavioral))
+            if row is None:
+                row = memo[(static, behavioral)] = tuple(self.user_row(static, behavioral).tolist())
+        except TypeError:  # an unhashable value (a list): encoded, not remembered
+            return self.user_row(static, behavioral)
+        return row
+
+    def _ad_block(self, meta: Sequence[Sequence[Any] | None], stats: Sequence[Sequence[Any] | None]) -> np.ndarray:
+        memo = self._ads
+        if memo is None:
+            return self.ad_rows(meta, stats)
+        keys = list(zip(meta, stats, strict=True))
+        try:
+            rows = [memo.get(k) for k in keys]
+            if None in rows:
+                miss = [i for i, r in enumerate(rows) if r is None]
+                encoded = self.ad_rows([meta[i] for i in miss], [stats[i] for i in miss]).tolist()
+                for i, e in zip(miss, encoded, strict=True):
+                    rows[i] = memo[keys[i]] = tuple(e)
+        except TypeError:  # an unhashable value (a list): encoded, not remembered
+            return self.ad_rows(meta, stats)
+        return np.array(rows, dtype=np.int64).reshape(len(keys), 5)
 
     def defaults(self, n: int, context: dict[str, Any]) -> np.ndarray:
         """[n, 16] for n ads with every stored feature at its default (only the context known)."""

@@ -31,13 +31,19 @@ def check_indices(x: np.ndarray, cardinalities: np.ndarray) -> None:
 
 class ModelRunner:
     def __init__(self, art: ModelArtifacts, device: str = "auto", threads: int = 1, precision: str = "auto") -> None:
-        torch.set_num_threads(threads)
+        self.threads = threads
+        self.bind_thread()
         self.device = pick_device(device)
         self.tag = art.tag
         self.precision = precisions.resolve(precision, self.device)
         self.model = precisions.apply(modelstore.load_module(art, self.device), self.precision, self.device)
         self.n_fields = len(art.architecture["cardinalities"])
         self.cardinalities = np.asarray(art.architecture["cardinalities"], dtype=np.int64)
+
+    def bind_thread(self) -> None:
+        """Torch's intra-op thread count for the calling thread (OpenMP keeps it per thread):
+        call it in any thread that runs passes besides the one that built the runner."""
+        torch.set_num_threads(self.threads)
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -62,6 +62,18 @@ class Retrier:
         """`fn()` with retries while attempts, the budget and the deadline (perf_counter
         seconds) allow; the last error is raised when they do not."""
         self.budget.deposit()
+        try:  # the common case, a first try that succeeds, skips tenacity's machinery (~25 us a call)
+            return await fn()
+        except self.errors as exc:
+            first: BaseException = exc
+        replayed = False
+
+        async def again() -> T:  # tenacity decides on the first failure as if it had made that try
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                raise first
+            return await fn()
 
         def give_up(state: RetryCallState) -> bool:
             if stop_after_attempt(self.attempts)(state):
@@ -75,5 +87,5 @@ class Retrier:
         retrying = AsyncRetrying(stop=give_up, wait=self.wait, retry=retry_if_exception_type(self.errors), reraise=True)
         async for attempt in retrying:
             with attempt:
-                return await fn()
+                return await again()
         raise AssertionError("unreachable")  # pragma: no cover

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +18,7 @@ from ctr.features.stack import FeatureStack
 from ctr.features.transform import Transformer
 from ctr.model.store import ModelArtifacts
 from ctr.observe import log as obslog
-from ctr.observe import sli
+from ctr.observe import pauses, sli
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 from ctr.resilience.limit import AimdLimit
@@ -36,6 +39,7 @@ from ctr.serving.pool import (
     FixedSource,
     HealthConfig,
     HttpReplica,
+    LocalReplica,
     ModelPool,
     PoolConfig,
     UrlSource,
@@ -47,23 +51,79 @@ from ctr.settings import Settings
 
 log = logging.getLogger(__name__)
 IN_GRAPH = "in-graph"
+LOCAL = "local"
+
+
+def runs_local(settings: Settings) -> bool:
+    """Whether the gateway runs the model itself (CTR_MODEL_REPLICA; auto: on a CPU) rather than
+    calling the CTRModel service; CTR_MODEL_URLS, when set, wins over both."""
+    if settings.model_urls or settings.model_replica == "in-graph":
+        return False
+    if settings.model_replica == "local" or settings.device == "cpu" or not _gpu_visible():
+        return True
+    from ctr.model.runner import pick_device  # imports torch: only where a GPU may be there
+
+    return pick_device(settings.device).type == "cpu"
+
+
+def _gpu_visible() -> bool:
+    """Whether an NVIDIA device node exists: every process of `bentoml serve` imports
+    service.py, and asking torch would cost each of them torch's ~180 MB."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def gateway_workers(settings: Settings) -> int:
+    """CTR_GATEWAY_WORKERS, or for 0: a process per core when each runs the model itself (it does
+    all of a request's work), else half the cores (CTRModel's processes need the rest)."""
+    if settings.gateway_workers:
+        return settings.gateway_workers
+    cores = usable_cores()
+    return cores if runs_local(settings) else max(1, cores // 2)
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's or pod's CPU limit), at least 1; os.cpu_count() is the host's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 file, or an unexpected one: no quota known
+        pass
+    return max(1, cores)
+
+
+def local_runner(settings: Settings, art: ModelArtifacts) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The forward pass for a local replica (see `runs_local`), or None."""
+    if not runs_local(settings):
+        return None
+    from ctr.model.runner import ModelRunner
+
+    return ModelRunner(art, settings.device, settings.torch_threads, settings.model_precision)
 
 
 def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int = 16, name: str = "model",
-               urls: str | None = None, headers: dict[str, str] | None = None) -> ModelPool:  # fmt: skip
+               urls: str | None = None, headers: dict[str, str] | None = None,
+               local: Callable[[np.ndarray], np.ndarray] | None = None) -> ModelPool:  # fmt: skip
     """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
-    empty, the in-graph CTRModel reached through `in_graph` as the pool's one replica."""
+    empty, the model in this process (`local`, a runner) or else the in-graph CTRModel reached
+    through `in_graph`, as the pool's one replica."""
     spec = settings.model_urls if urls is None else urls
     weights = settings.model_weights if urls is None else []  # CTR_MODEL_WEIGHTS belong to CTR_MODEL_URLS
     source: UrlSource | FixedSource
     if spec:
         source = UrlSource(parse_urls(spec, weights))
+    elif local is not None:
+        source = FixedSource([LOCAL])
     elif in_graph is not None:
         source = FixedSource([IN_GRAPH])
     else:
         raise ValueError("no model replicas: set CTR_MODEL_URLS")
 
     def factory(url: str) -> Replica:
+        if url == LOCAL and local is not None:
+            return LocalReplica(local, width, thread=settings.local_forward == "thread")
         if url == IN_GRAPH and in_graph is not None:
             return CallReplica(IN_GRAPH, in_graph, width)
         return HttpReplica(url, headers)
@@ -97,7 +157,7 @@ def gateway(
     from FallbackService through `fallback_call` with CTR_FALLBACK_REMOTE. Every remote call
     is guarded by its breaker and a timeout; `model` (the pool, `model_pool`) does the same per
     replica, with the deadline as the timeout."""
-    transformer = Transformer(art.spec)
+    transformer = Transformer(art.spec, settings.encoded_rows)
     provider: FeatureProvider = local_features(stack.lookup, transformer)
     if settings.features_remote and features_call is not None:
         provider = remote_features(features_call, CircuitBreaker.from_settings(settings, "features"), transformer)
@@ -149,10 +209,16 @@ def status_board(gw: Gateway, stack: FeatureStack | None, workers: int = 1) -> S
 
 
 def start_ticker(board: StatusBoard) -> asyncio.Task[None]:
-    """Once a second: the SLI gauges, the cache-rate samples, the end of fallback bursts."""
+    """Once a second: the SLI gauges, the cache-rate samples, the end of fallback bursts; and
+    the event loop's lag, twenty times a second (ctr.observe.pauses)."""
     gw = board.sources.gateway
     bursts = getattr(gw, "bursts", obslog.BURSTS)
-    return asyncio.create_task(sli.run_ticker(board.sources.recorder, board.tick, bursts.tick))
+    pauses.watch_gc()  # the gateway's own collections (the other services' would blur them)
+
+    async def run() -> None:
+        await asyncio.gather(sli.run_ticker(board.sources.recorder, board.tick, bursts.tick), pauses.watch_loop())
+
+    return asyncio.create_task(run())
 
 
 def canary_arms(
@@ -228,12 +294,17 @@ def model_info(art: ModelArtifacts) -> dict[str, Any]:
 
 
 def settle_gc() -> None:
-    """Move start-up objects out of the collector's sight and collect less often.
+    """Move start-up objects out of the collector's sight; collect young objects often and the
+    old generation rarely.
 
     The L1 cache and the model hold ~10^5 long-lived objects; full collections over them
-    stalled requests for tens of ms (measured: p99 at 16 concurrent requests 230 ms
-    before, 53 ms after).
+    stalled requests for tens of ms (measured: p99 at 16 concurrent requests 230 ms before
+    the freeze, 53 ms after). The young generation is left at Python's 700: a threshold of
+    50,000 made each young collection scan tens of thousands of objects, 22-33 ms once or
+    twice a 40 s run at half load (ctr_gc_pause_seconds, `ctr bench steady`), enough to push
+    requests past the 50 ms deadline; at 700 they took 0.7 ms (the middle generation 2.1 ms).
+    A full collection comes after 10,000 young ones (tens of minutes under load).
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(700, 10, 1000)

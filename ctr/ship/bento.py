@@ -88,11 +88,16 @@ def build_bento(gpu: bool = False, force: bool = False) -> str:
                   "torch": "gpu" if gpu else "cpu"}  # fmt: skip
         cmd = [bentoml_exe(), "build", "-f", str(bentofile), "-o", "tag", str(PROJECT_ROOT)]
         cmd += [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
-        # service.py reads CTR_MODEL_TAG: the exact version is what the Bento pins.
+        # service.py reads CTR_MODEL_TAG: the exact version is what the Bento pins; in-graph, so
+        # the Bento's service list holds CTRModel (the gateway of a CPU host runs the model itself).
         from ctr.observe.progress import progress
 
         with progress("bento build", total=1, unit="builds") as bar:
-            out = sh(cmd, capture_output=True, env={**os.environ, "CTR_MODEL_TAG": model_tag}).stdout
+            out = sh(
+                cmd,
+                capture_output=True,
+                env={**os.environ, "CTR_MODEL_TAG": model_tag, "CTR_MODEL_REPLICA": "in-graph"},
+            ).stdout
             bar.advance()
         match = re.search(r"__tag__:(\S+)", out)
         if match is None:

@@ -113,7 +113,9 @@ def smoke_distributed(ref: str | None = None) -> dict[str, Any]:
         for name, c in manifest_containers().items():
             if name not in LOCAL_PORTS:  # the canary track runs the next version's image
                 continue
-            envs = {"BENTOML_PORT": str(LOCAL_PORTS[name]), **SMOKE_ENV, **token}
+            # from the ConfigMap: the gateway's replicas (without them it would run the model itself)
+            replicas = {"CTR_MODEL_URLS": f"http://127.0.0.1:{LOCAL_PORTS['ctr-model']}"}
+            envs = {"BENTOML_PORT": str(LOCAL_PORTS[name]), **SMOKE_ENV, **replicas, **token}
             envs |= {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
             cmd = ["podman", "run", "-d", "--pod", pod, "--name", f"{pod}-{name}"]
             cmd += [f"-e{k}={v}" for k, v in envs.items()]
@@ -122,6 +124,13 @@ def smoke_distributed(ref: str | None = None) -> dict[str, Any]:
         wait_ready(url)
         ready_s = time.monotonic() - t0
         status, body = post_predict(url)
+        # every service must still run: a gateway that runs the model itself would answer even
+        # with the model's container gone (it once exited at start, "Service ctr_model not found")
+        ps = ["podman", "ps", "--filter", f"pod={pod}", "--filter", "status=running", "--format", "{{.Names}}"]
+        running = set(sh(ps, env=env, capture_output=True).stdout.split())
+        stopped = [n for n in LOCAL_PORTS if f"{pod}-{n}" not in running]
+        if stopped:
+            raise RuntimeError(f"containers not running after /predict: {stopped} (running: {sorted(running)})")
     finally:
         subprocess.run(["podman", "pod", "rm", "-f", "-t", "5", pod], env=env, capture_output=True)
     return {"image": ref, "ready_s": round(ready_s, 1), "status": status, "response": body}

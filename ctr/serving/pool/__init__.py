@@ -10,9 +10,9 @@ from ctr.serving.pool.balancer import POLICIES, Balancer, Lease, Slot
 from ctr.serving.pool.discovery import FixedSource, UrlSource, parse_urls
 from ctr.serving.pool.health import HealthConfig, ReplicaHealth, Status
 from ctr.serving.pool.pool import ModelPool, NoReplica, PoolConfig
-from ctr.serving.pool.replica import CallReplica, HttpReplica, Replica
+from ctr.serving.pool.replica import CallReplica, HttpReplica, LocalReplica, Replica
 
 __all__ = [
-    "POLICIES", "Balancer", "CallReplica", "FixedSource", "HealthConfig", "HttpReplica", "Lease", "ModelPool",
-    "NoReplica", "PoolConfig", "Replica", "ReplicaHealth", "Slot", "Status", "UrlSource", "parse_urls",
+    "POLICIES", "Balancer", "CallReplica", "FixedSource", "HealthConfig", "HttpReplica", "Lease", "LocalReplica",
+    "ModelPool", "NoReplica", "PoolConfig", "Replica", "ReplicaHealth", "Slot", "Status", "UrlSource", "parse_urls",
 ]  # fmt: skip

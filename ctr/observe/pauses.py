@@ -1,0 +1,58 @@
+"""When the process stops serving: event-loop lag and garbage-collection pauses.
+
+A request waits for everything queued before it on the event loop: a long callback, a
+forward pass run on the loop, a full collection. `watch_loop` (a task) asks to wake up every
+`every_s` and records how late it woke (ctr_event_loop_lag_seconds); `watch_gc` times each
+collection through `gc.callbacks` (ctr_gc_pause_seconds{generation}). Both cost next to
+nothing (a timer a few times a second, two clock reads a collection) and answer "was it the
+loop or the GC?" for a slow request without a profiler attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ctr import metrics
+
+
+async def watch_loop(every_s: float = 0.05, clock: Callable[[], float] = time.perf_counter) -> None:
+    """Record the loop's lag every `every_s`, and the collections timed since, until cancelled."""
+    while True:
+        due = clock() + every_s
+        await asyncio.sleep(every_s)
+        metrics.EVENT_LOOP_LAG.observe(max(0.0, clock() - due))
+        flush_gc()
+
+
+_started: dict[int, float] = {}
+# (generation, seconds) of collections not yet in the histogram. The callback only appends
+# here: a collection can start inside prometheus_client while it holds its lock (a new
+# labelled child allocating), and observing from the callback then waited for that lock
+# forever (a gateway process hung that way in the test suite).
+_pauses: deque[tuple[int, float]] = deque(maxlen=10_000)
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    gen = info.get("generation", 2)
+    if phase == "start":
+        _started[gen] = time.perf_counter()
+    elif (t0 := _started.pop(gen, None)) is not None:
+        _pauses.append((gen, time.perf_counter() - t0))
+
+
+def flush_gc() -> None:
+    """The collections timed so far into ctr_gc_pause_seconds (called from the event loop)."""
+    while _pauses:
+        gen, seconds = _pauses.popleft()
+        metrics.GC_PAUSE.labels(str(gen)).observe(seconds)
+
+
+def watch_gc() -> None:
+    """Time every collection of this process from now on (once; a second call changes nothing)."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)

@@ -1,0 +1,47 @@
+"""GC pause timing must never touch Prometheus from inside the collector."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+
+from ctr import metrics
+from ctr.observe import pauses
+
+
+class Locked:
+    """A histogram whose lock is held by this very thread (prometheus_client creating a labelled
+    child when a collection started): any observe from the GC callback would block forever."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+        self.locked = True
+
+    def labels(self, gen: str) -> Any:
+        if self.locked:
+            raise AssertionError("the GC callback took the metrics lock (a deadlock under bentoml serve)")
+        return type("Child", (), {"observe": lambda _, s: self.seen.append((gen, s))})()
+
+
+def test_a_collection_is_recorded_off_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback only queues the pause; the event loop's flush observes it (the old callback
+    observed at once and hung a gateway process that collected inside prometheus_client)."""
+    fake = Locked()
+    monkeypatch.setattr(metrics, "GC_PAUSE", fake)
+    pauses._pauses.clear()
+    pauses._on_gc("start", {"generation": 0})
+    pauses._on_gc("stop", {"generation": 0})
+    fake.locked = False
+    pauses.flush_gc()
+    assert len(fake.seen) == 1 and fake.seen[0][0] == "0" and fake.seen[0][1] >= 0
+
+
+def test_watch_gc_registers_once() -> None:
+    pauses.watch_gc()
+    pauses.watch_gc()
+    try:
+        assert gc.callbacks.count(pauses._on_gc) == 1
+    finally:
+        gc.callbacks.remove(pauses._on_gc)
