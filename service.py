@@ -169,7 +169,7 @@ class CTRGateway:
         self.art = modelstore.artifacts(str(self.stored.tag))
         self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop, INTERNAL_HEADERS)
         self.width = len(self.art.architecture["cardinalities"])
-        local = wiring.local_runner(SETTINGS, self.art)  # None unless LOCAL_MODEL
+        local = wiring.local_runner(SETTINGS, self.art) if LOCAL_MODEL else None
         self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS, local=local)
         self.stack = feature_stack.features(SETTINGS)
         self.arms = wiring.canary_arms(

@@ -45,6 +45,17 @@ def image() -> Iterator[str]:
     yield ship("image")["image"]
 
 
+def test_the_bento_lists_every_service() -> None:
+    """The Bento's service list holds CTRModel too: it is built in-graph (built as the CPU
+    default, with the gateway running the model itself, it listed only three services)."""
+    import yaml
+
+    ship("bento")  # reuses the Bento when nothing changed
+    name, version = (ROOT / "build" / "bento.tag").read_text().strip().split(":")
+    doc = yaml.safe_load((ROOT / "bentoml_home" / "bentos" / name / version / "bento.yaml").read_text())
+    assert {s["name"] for s in doc["services"]} == {"ctr_gateway", "ctr_model", "ctr_features", "ctr_fallback"}
+
+
 def check_answer(out: dict) -> None:
     assert out["status"] == 200, out
     body = out["response"]

@@ -94,10 +94,8 @@ def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return max(1, cores)
 
 
-def local_runner(settings: Settings, art: ModelArtifacts) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The forward pass for a local replica (see `runs_local`), or None."""
-    if not runs_local(settings):
-        return None
+def local_runner(settings: Settings, art: ModelArtifacts) -> Callable[[np.ndarray], np.ndarray]:
+    """The forward pass for a local replica (when `runs_local`)."""
     from ctr.model.runner import ModelRunner
 
     return ModelRunner(art, settings.device, settings.torch_threads, settings.model_precision)
