@@ -118,6 +118,12 @@ EVENT_LOOP_LAG = Histogram(
     "How late a gateway process's event loop ran a timer (a blocked loop delays every queued request).",
     buckets=_BUCKETS_S,
 )
+EVENT_LOOP_CPU_WAIT = Histogram(
+    "ctr_event_loop_cpu_wait_seconds",
+    "Time a gateway process's event-loop thread was ready to run but waited for a CPU, per 50 ms "
+    "tick (the kernel's run-queue wait: other processes on the same cores; Linux only).",
+    buckets=_BUCKETS_S,
+)
 GC_PAUSE = Histogram(
     "ctr_gc_pause_seconds",
     "Duration of each garbage collection in a gateway process, by generation.",

@@ -45,3 +45,33 @@ def test_watch_gc_registers_once() -> None:
         assert gc.callbacks.count(pauses._on_gc) == 1
     finally:
         gc.callbacks.remove(pauses._on_gc)
+
+
+def _sum(hist: Any) -> float:
+    return next(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_sum"))
+
+
+def test_the_loop_records_its_threads_wait_for_a_cpu_per_tick() -> None:
+    """Each tick observes the run-queue wait since the previous one (not the running total)."""
+    import asyncio
+
+    totals = iter([1.0, 1.004, 1.010, 1.010] + [1.010] * 1000)
+    before = _sum(metrics.EVENT_LOOP_CPU_WAIT)
+
+    async def go() -> None:
+        task = asyncio.create_task(pauses.watch_loop(0.001, waited=lambda: next(totals)))
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        task.cancel()
+
+    asyncio.run(go())
+    assert _sum(metrics.EVENT_LOOP_CPU_WAIT) - before == pytest.approx(0.010)
+
+
+def test_cpu_wait_reads_the_kernels_run_queue_wait(tmp_path: Any) -> None:
+    stat = tmp_path / "schedstat"
+    stat.write_text("57838251 682363000 25\n")
+    assert pauses.cpu_wait_s(str(stat)) == pytest.approx(0.682363)
+    assert pauses.cpu_wait_s(str(tmp_path / "absent")) is None
+    stat.write_text("0 0 0\n")  # no schedstats in this kernel: unknown, not zero
+    assert pauses.cpu_wait_s(str(stat)) is None

@@ -100,3 +100,35 @@ def test_open_loop_latency_counts_the_wait_a_closed_loop_hides() -> None:
 
     closed_p99, open_max = asyncio.run(go())
     assert closed_p99 < 100 and open_max > 300  # 50 requests queued behind 20 ms each: ~0.5 s for the last
+
+
+def test_open_loop_reports_how_far_behind_schedule_it_sent() -> None:
+    """A generator stall (here a request that blocks the loop for 30 ms) makes the next sends
+    late, and open_loop says by how much: the burst the server then sees is the client's."""
+    import asyncio
+    import time
+
+    from ctr.bench.loadgen import open_loop
+
+    async def one(i: int, scheduled: float) -> None:
+        if i == 2:
+            time.sleep(0.03)
+
+    late = asyncio.run(open_loop(10, 1000.0, time.perf_counter(), one))
+    assert late >= 0.025
+
+
+def test_open_loop_raises_a_requests_error_instead_of_dropping_it() -> None:
+    """Only unfinished tasks are kept; a request that raised must still fail the run (else it
+    would silently count as a request never sent)."""
+    import asyncio
+    import time
+
+    from ctr.bench.loadgen import open_loop
+
+    async def one(i: int, scheduled: float) -> None:
+        if i == 0:
+            raise RuntimeError("request 0 failed")
+
+    with pytest.raises(RuntimeError, match="request 0 failed"):
+        asyncio.run(open_loop(5, 1000.0, time.perf_counter(), one))

@@ -1,5 +1,7 @@
 """The profile summary: py-spy's raw stacks summed by the package of the running frame."""
 
+from pathlib import Path
+
 from ctr.bench.profile import format_summary, package_of, summarize
 
 RAW = [
@@ -50,11 +52,34 @@ def test_steady_reads_the_gateways_own_account_of_a_window() -> None:
              ("ctr_fallbacks_total", 'reason="overload:shed"'): 2.0,
              ("ctr_gc_pause_seconds_count", 'generation="0"'): 7.0,
              ("ctr_gc_pause_seconds_sum", 'generation="0"'): 0.53}  # fmt: skip
+    req, wait = "ctr_request_latency_seconds_bucket", "ctr_event_loop_cpu_wait_seconds_bucket"
+    # summed over outcomes: 1,000 requests, the 5 fallbacks over 25 ms; "ok" alone would say 25 ms
+    for outcome, under, n in (("ok", 995.0, 995.0), ("fallback", 0.0, 5.0)):
+        after[(req, f'le="0.025",outcome="{outcome}"')] = under
+        after[(req, f'le="0.05",outcome="{outcome}"')] = n
+        after[(req, f'le="+Inf",outcome="{outcome}"')] = n
+    after |= {(wait, 'le="0.001"'): 99.0, (wait, 'le="0.015"'): 100.0, (wait, 'le="+Inf"'): 100.0,
+              ("ctr_event_loop_cpu_wait_seconds_sum", ""): 0.04,
+              ("ctr_event_loop_cpu_wait_seconds_count", ""): 100.0}  # fmt: skip
     w = window_stats(before, after)
+    assert w["gateway_p999_ms"] == 50.0
+    assert (w["cpu_wait_ms"], w["cpu_wait_max_ms"]) == (40.0, 15.0)
+    assert window_stats(before, before)["cpu_wait_ms"] is None  # no ticks: unknown, not 0
     assert w["fallbacks"] == {"overload:shed": 2}  # the timeouts were before the window
     assert (w["lag_p99_ms"], w["lag_max_ms"]) == (10.0, 10.0)  # 2 of 100 samples in (1, 10] ms
     gen0 = w["gc"]["0"]  # type: ignore[index]
     assert gen0[0] == 2 and abs(gen0[1] - 15.0) < 1e-6
+
+
+def test_steal_is_the_hypervisors_share_of_the_window(tmp_path: Path) -> None:
+    from ctr.bench.steady import cpu_times, steal_share
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n")
+    assert cpu_times(str(stat)) == (1000.0, 35.0)
+    assert steal_share((1000.0, 35.0), (2000.0, 85.0)) == 0.05
+    assert steal_share((0.0, 0.0), (0.0, 0.0)) is None
+    assert cpu_times(str(tmp_path / "absent")) == (0.0, 0.0)
 
 
 def test_the_pool_table_reads_the_load_generators_result() -> None:

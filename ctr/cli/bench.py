@@ -67,8 +67,9 @@ def bench_stages(n: int) -> None:
 @click.option("--saturation", type=float, default=None, help="Model-scored rps at saturation (default: measure it).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_steady.md"), show_default=True)
 def bench_steady(url: str, share: float, duration: float, runs: int, saturation: float | None, out: Path) -> None:
-    """Open-loop runs at a share of saturation: deadline fallbacks, sheds, the client's tail,
-    and the gateway's event-loop lag and GC pauses over each run."""
+    """Open-loop runs at a share of saturation: deadline fallbacks, sheds, the client's tail and
+    lateness, the gateway's own p99.9, event-loop lag, run-queue wait and GC pauses, and the
+    machine's steal time over each run."""
     from ctr.bench import steady
 
     click.echo(steady.main(url, share, duration, runs, saturation, out))

@@ -2,10 +2,13 @@
 
 A request waits for everything queued before it on the event loop: a long callback, a
 forward pass run on the loop, a full collection. `watch_loop` (a task) asks to wake up every
-`every_s` and records how late it woke (ctr_event_loop_lag_seconds); `watch_gc` times each
-collection through `gc.callbacks` (ctr_gc_pause_seconds{generation}). Both cost next to
-nothing (a timer a few times a second, two clock reads a collection) and answer "was it the
-loop or the GC?" for a slow request without a profiler attached.
+`every_s` and records how late it woke (ctr_event_loop_lag_seconds) and how long, meanwhile,
+its thread was ready to run but waited for a CPU (ctr_event_loop_cpu_wait_seconds, the
+kernel's run-queue wait from /proc/thread-self/schedstat); `watch_gc` times each collection
+through `gc.callbacks` (ctr_gc_pause_seconds{generation}). They cost next to nothing (a timer
+and a 20 us file read a few times a second, two clock reads a collection) and answer "was it
+this process's own work, the GC, or another process on its cores?" for a slow request
+without a profiler attached.
 """
 
 from __future__ import annotations
@@ -19,13 +22,36 @@ from typing import Any
 
 from ctr import metrics
 
+SCHEDSTAT = "/proc/thread-self/schedstat"
 
-async def watch_loop(every_s: float = 0.05, clock: Callable[[], float] = time.perf_counter) -> None:
-    """Record the loop's lag every `every_s`, and the collections timed since, until cancelled."""
+
+def cpu_wait_s(path: str = SCHEDSTAT) -> float | None:
+    """Seconds the calling thread has spent ready to run but waiting for a CPU (the second
+    field of schedstat, in ns); None where the kernel does not say (not Linux, or a kernel
+    without schedstats or delay accounting, whose file reads all zeros)."""
+    try:
+        with open(path, "rb") as f:
+            ran, waited = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    return waited / 1e9 if ran > 0 else None
+
+
+async def watch_loop(
+    every_s: float = 0.05,
+    clock: Callable[[], float] = time.perf_counter,
+    waited: Callable[[], float | None] = cpu_wait_s,
+) -> None:
+    """Every `every_s` until cancelled: the loop's lag, its thread's run-queue wait since the
+    last tick, and the collections timed since."""
+    last = waited()
     while True:
         due = clock() + every_s
         await asyncio.sleep(every_s)
         metrics.EVENT_LOOP_LAG.observe(max(0.0, clock() - due))
+        if last is not None and (now := waited()) is not None:
+            metrics.EVENT_LOOP_CPU_WAIT.observe(max(0.0, now - last))
+            last = now
         flush_gc()
 
 
