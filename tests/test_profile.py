@@ -92,3 +92,36 @@ def test_the_pool_table_reads_the_load_generators_result() -> None:
     text = format_rows([PolicyRow("peak_ewma", True, res, [0.45, 0.45, 0.10], [0.0, 0.0, 2.0])], 4, 8, 100, 10, "2,2,1")
     row = text.splitlines()[-1]
     assert row.startswith("| peak_ewma | on | 99 | 5.00 | 20.00 | 30.00 | 41.00 | 1.00% | 45.0% |"), row
+
+
+def test_one_metrics_parser_serves_the_stage_columns_and_the_pool_table() -> None:
+    """parse_metrics sums repeated samples; the pool table reads replicas of the model pool only."""
+    from ctr.bench.loadgen import label, parse_metrics
+    from ctr.bench.pool import _per_replica
+
+    text = "\n".join([
+        "# HELP ctr_replica_requests_total x",
+        'ctr_replica_requests_total{pool="model",replica="0",outcome="ok"} 5.0',
+        'ctr_replica_requests_total{pool="model",replica="0",outcome="error"} 1.0',
+        'ctr_replica_requests_total{pool="model",replica="1",outcome="ok"} 7.0',
+        'ctr_replica_requests_total{pool="canary",replica="0",outcome="ok"} 100.0',
+        'ctr_stage_latency_seconds_sum{stage="features"} 0.5',
+        "bentoml_other 3",
+    ])  # fmt: skip
+    samples = parse_metrics(text)
+    assert label('stage="features"', "stage") == "features" and label('xstage="a"', "stage") is None
+    assert _per_replica(samples, "ctr_replica_requests_total", 3) == [6.0, 7.0, 0.0]
+    assert samples[("ctr_stage_latency_seconds_sum", 'stage="features"')] == 0.5
+    assert not any(name.startswith("bentoml") for name, _ in samples)
+
+
+def test_the_tally_reads_shed_and_past_deadline_answers() -> None:
+    import orjson
+
+    from ctr.bench.loadgen import _Tally
+
+    t = _Tally()
+    for degraded in (["overload:shed"], ["model:timeout"], ["model:deadline"], ["model:unavailable"], None):
+        body = {"scores": [0.1], "fallback": degraded is not None, "degraded": degraded or []}
+        t.add(0.001, 200, orjson.dumps(body))
+    assert (t.model, t.fallback, t.shed, t.deadline) == (1, 4, 1, 2)

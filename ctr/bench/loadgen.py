@@ -28,6 +28,7 @@ import numpy as np
 import orjson
 
 from ctr.features import schema
+from ctr.serving.overload import PAST_DEADLINE, SHED
 
 MAX_REQUESTS_PER_LEVEL = 200_000
 
@@ -71,7 +72,23 @@ class LevelResult:
         return self.fallback / self.requests if self.requests else float("nan")
 
 
-_STAGE = re.compile(r'^ctr_stage_latency_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', re.M)
+def parse_metrics(text: str) -> dict[tuple[str, str], float]:
+    """Every ctr_* sample of a /metrics page, by (name, labels); summed where a name and
+    labels repeat."""
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("ctr_"):
+            key, _, value = line.rpartition(" ")
+            name, _, labels = key.partition("{")
+            k = (name, labels.rstrip("}"))
+            out[k] = out.get(k, 0.0) + float(value)
+    return out
+
+
+def label(labels: str, name: str) -> str | None:
+    """One label's value in a sample's labels (`a="1",b="2"`), or None."""
+    m = re.search(rf'(?:^|,){name}="([^"]*)"', labels)
+    return m.group(1) if m else None
 
 
 async def _stages(session: aiohttp.ClientSession, url: str) -> dict[str, tuple[float, float]]:
@@ -82,8 +99,10 @@ async def _stages(session: aiohttp.ClientSession, url: str) -> dict[str, tuple[f
     except (aiohttp.ClientError, TimeoutError):  # an overloaded server: the stage columns stay empty
         return {}
     out: dict[str, list[float]] = {}
-    for kind, stage, value in _STAGE.findall(text):
-        out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    for (name, labels), value in parse_metrics(text).items():
+        kind = name.removeprefix("ctr_stage_latency_seconds_")
+        if kind in ("sum", "count") and (stage := label(labels, "stage")) is not None:
+            out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = value
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
@@ -131,6 +150,10 @@ class Traffic:
         return out
 
 
+_SHED = SHED.encode()
+_PAST_DEADLINE = tuple(f'"{r}"'.encode() for r in PAST_DEADLINE)
+
+
 class _Tally:
     """Latencies and outcomes of one level."""
 
@@ -144,8 +167,8 @@ class _Tally:
             self.errors += 1
         elif b'"fallback":true' in body:
             self.fallback += 1
-            self.shed += b"overload:shed" in body
-            self.deadline += b'"model:timeout"' in body or b'"model:deadline"' in body
+            self.shed += _SHED in body
+            self.deadline += any(r in body for r in _PAST_DEADLINE)
         else:
             self.model += 1
 
@@ -197,8 +220,8 @@ async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], 
             task = asyncio.create_task(one(i, scheduled))
             inflight.add(task)
             task.add_done_callback(done)
-        while inflight:
-            await asyncio.wait(set(inflight))
+        if inflight:  # nothing is added after the sends; wait copies the set
+            await asyncio.wait(inflight)
     finally:
         if freeze:
             gc.unfreeze()

@@ -6,13 +6,12 @@ off (CTR_MAX_EJECTED_PERCENT=0), where only the policy keeps traffic off the slo
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from dataclasses import dataclass
 
 from ctr.bench import loadgen
 from ctr.bench.cluster import Cluster
 from ctr.bench.local_server import free_port
+from ctr.bench.steady import scrape
 from ctr.settings import Settings
 
 
@@ -25,14 +24,13 @@ class PolicyRow:
     ejections: list[float]
 
 
-def _per_replica(url: str, name: str, n: int) -> list[float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+def _per_replica(samples: dict[tuple[str, str], float], name: str, n: int) -> list[float]:
+    """`name` summed per replica index of the model pool, from one scrape (steady.scrape)."""
     out = [0.0] * n
-    for labels, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M):
-        m = re.search(r'replica="(\d+)"', labels)
-        if m and int(m.group(1)) < n and 'pool="model"' in labels:
-            out[int(m.group(1))] += float(value)
+    for (metric, labels), value in samples.items():
+        replica = loadgen.label(labels, "replica")
+        if metric == name and loadgen.label(labels, "pool") == "model" and replica is not None and int(replica) < n:
+            out[int(replica)] += value
     return out
 
 
@@ -53,12 +51,13 @@ def run(settings: Settings, policies: list[str], concurrency: int, duration_s: f
                     env["CTR_MAX_EJECTED_PERCENT"] = "0"
                 gw = c.start("CTRGateway", free_port(), env)
                 c.wait()
-                before = _per_replica(gw.url, "ctr_replica_requests_total", 3)
-                ej0 = _per_replica(gw.url, "ctr_replica_ejections_total", 3)
+                m0 = scrape(gw.url)
                 (res,) = loadgen.run_levels(gw.url, [concurrency], duration_s, n_ads, settings.data_dir)
-                after = _per_replica(gw.url, "ctr_replica_requests_total", 3)
-                ej = [b - a for a, b in zip(ej0, _per_replica(gw.url, "ctr_replica_ejections_total", 3), strict=True)]
-                served = [b - a for a, b in zip(before, after, strict=True)]
+                m1 = scrape(gw.url)
+                ej = [b - a for a, b in zip(*(_per_replica(m, "ctr_replica_ejections_total", 3) for m in (m0, m1)),
+                                            strict=True)]  # fmt: skip
+                served = [b - a for a, b in zip(*(_per_replica(m, "ctr_replica_requests_total", 3) for m in (m0, m1)),
+                                                strict=True)]  # fmt: skip
                 total = sum(served) or 1.0
                 rows.append(PolicyRow(policy, ejection, res, [s / total for s in served], ej))
                 c.stop_one(gw)

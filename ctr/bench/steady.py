@@ -23,20 +23,14 @@ from pathlib import Path
 from ctr.bench import loadgen
 from ctr.bench.capacity import best_rps
 from ctr.bench.local_server import serving
+from ctr.serving.overload import PAST_DEADLINE, SHED
 from ctr.settings import Settings
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:
-    """Every ctr_* sample of /metrics, by (name, labels)."""
+    """Every ctr_* sample of the gateway's /metrics, by (name, labels)."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("ctr_"):
-            key, _, value = line.rpartition(" ")
-            name, _, labels = key.partition("{")
-            out[(name, labels.rstrip("}"))] = float(value)
-    return out
+        return loadgen.parse_metrics(r.read().decode())
 
 
 def _delta(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], name: str) -> dict[str, float]:
@@ -124,7 +118,7 @@ def run(settings: Settings, url: str, share: float, duration: float, runs: int, 
             steal = steal_share(cpu0, cpu_times())
             w = window_stats(before, scrape(url))
             fb: dict[str, int] = w["fallbacks"]  # type: ignore[assignment]
-            other = sum(v for k, v in fb.items() if k not in ("model:timeout", "model:deadline", "overload:shed"))
+            other = sum(v for k, v in fb.items() if k not in PAST_DEADLINE and k != SHED)
             gc: dict[str, tuple[int, float]] = w["gc"]  # type: ignore[assignment]
             gcs = ", ".join(f"gen{g}: {n} ({ms:.1f})" for g, (n, ms) in sorted(gc.items())) or "none"
             lines.append(f"| {i + 1} | {r.requests} | {r.model_scored} | {r.deadline} | {r.shed} | {other} "

@@ -216,17 +216,18 @@ class Transformer:
         memo = self._ads
         if memo is None:
             return self.ad_rows(meta, stats)
-        keys = list(zip(meta, stats, strict=True))
         try:
-            rows = [memo.get(k) for k in keys]
+            rows = list(map(memo.get, zip(meta, stats, strict=True)))
             if None in rows:
+                keys = list(zip(meta, stats, strict=True))
                 miss = [i for i, r in enumerate(rows) if r is None]
-                encoded = self.ad_rows([meta[i] for i in miss], [stats[i] for i in miss]).tolist()
+                encoded = self.ad_rows([meta[i] for i in miss], [stats[i] for i in miss])
                 for i, e in zip(miss, encoded, strict=True):
-                    rows[i] = memo[keys[i]] = tuple(e)
+                    rows[i] = memo[keys[i]] = e.tobytes()
         except TypeError:  # an unhashable value (a list): encoded, not remembered
             return self.ad_rows(meta, stats)
-        return np.array(rows, dtype=np.int64).reshape(len(keys), 5)
+        # each row is remembered as its 5 int64s' bytes: one join and one buffer make the block
+        return np.frombuffer(b"".join(rows), dtype=np.int64).reshape(len(rows), 5)
 
     def defaults(self, n: int, context: dict[str, Any]) -> np.ndarray:
         """[n, 16] for n ads with every stored feature at its default (only the context known)."""

@@ -21,7 +21,8 @@ from ctr.serving.gateway import Gateway, Prediction
 
 SHED = "overload:shed"
 # Degradations that mean "the request ran out of time": the congestion signal.
-LATE = frozenset({"model:timeout", "model:deadline", "features:timeout:default"})
+PAST_DEADLINE = frozenset({"model:timeout", "model:deadline"})  # the model's answer came too late
+LATE = PAST_DEADLINE | {"features:timeout:default"}
 
 
 class Overloaded(Exception):

@@ -59,16 +59,13 @@ def runs_local(settings: Settings) -> bool:
     calling the CTRModel service; CTR_MODEL_URLS, when set, wins over both."""
     if settings.model_urls or settings.model_replica == "in-graph":
         return False
-    if settings.model_replica == "local" or settings.device == "cpu" or not _gpu_visible():
-        return True
-    from ctr.model.runner import pick_device  # imports torch: only where a GPU may be there
-
-    return pick_device(settings.device).type == "cpu"
+    return settings.model_replica == "local" or settings.device == "cpu" or not _gpu_visible()
 
 
 def _gpu_visible() -> bool:
-    """Whether an NVIDIA device node exists: every process of `bentoml serve` imports
-    service.py, and asking torch would cost each of them torch's ~180 MB."""
+    """Whether an NVIDIA device node exists. Every process of `bentoml serve` imports
+    service.py, so torch is not asked (its import costs each process ~180 MB): with a device
+    node the model goes in-graph, and CTRModel finds out whether the GPU works."""
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
