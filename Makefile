@@ -7,12 +7,14 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
+# Wait for another apt-get (a second checkout's `make test`) instead of failing on its lock.
+APT := apt-get -o DPkg::Lock::Timeout=600
 
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak canary-sim
+.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak canary-sim consistency
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,11 +35,11 @@ serve: setup
 # and open the status page in headless Chromium.
 servers:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+		{ $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server; }
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+		{ $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq postgresql; }
 	@command -v chromium >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+		{ $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq chromium; }
 
 test: setup servers
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -53,6 +55,12 @@ fuzz: setup servers
 SOAK_S ?= 600
 soak: setup servers
 	SOAK_S=$(SOAK_S) SOAK_REPORT=reports/soak.md $(BIN)/pytest -q -s tests/test_soak.py
+
+# The feature-write history checker on real processes under faults (tests/test_consistency.py;
+# make test runs a 40 s version). Report: reports/consistency.md.
+CONSISTENCY_S ?= 300
+consistency: setup servers
+	CONSISTENCY_S=$(CONSISTENCY_S) CONSISTENCY_REPORT=reports/consistency.md $(BIN)/pytest -q -s tests/test_consistency.py
 
 # An immutable Bento: code, the exact model version, the feature database, pinned packages.
 # The tag goes to build/bento.tag. GPU=1 builds the GPU variant (PyPI's CUDA torch).

@@ -8,7 +8,6 @@ FeatureService and FallbackService serve the same `ctr` code over HTTP on their 
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import bentoml
@@ -20,7 +19,7 @@ from ctr.api.routes import make_app
 from ctr.features import stack as feature_stack
 from ctr.features.transform import Transformer
 from ctr.features.warm import warm
-from ctr.features.writes import run_writer
+from ctr.features.writes import consumer_name, run_writer
 from ctr.model import store as modelstore
 from ctr.model.app import make_model_app
 from ctr.serving import wiring
@@ -92,7 +91,7 @@ class FeatureService:
     def __init__(self) -> None:
         wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
         art = modelstore.artifacts(str(self.stored.tag))
-        self.stack = feature_stack.features(SETTINGS)
+        self.stack = feature_stack.features(SETTINGS, shared=True)
         self.lookup = self.stack.lookup
         self.transformer = Transformer(art.spec, SETTINGS.encoded_rows)
         self._stop = asyncio.Event()
@@ -100,12 +99,14 @@ class FeatureService:
 
     @bentoml.on_startup
     async def start_writer(self) -> None:
-        """This process commits write-behind feature writes to L3 (durably, see ctr/features/writes.py)."""
+        """This process commits write-behind feature writes to L3 (durably, see ctr/features/writes.py)
+        and hears every process's writes (ctr/features/coherence.py)."""
+        await self.stack.start()
         if self.stack.writer.redis is not None:
-            consumer = f"writer-{socket.gethostname()}"
             self._writer = asyncio.create_task(
-                run_writer(self.stack.writer.redis, self.stack.store.origin, consumer, self._stop, fs=self.stack.schema)
-            )
+                run_writer(self.stack.writer.redis, self.stack.store.origin, consumer_name(), self._stop,
+                           fs=self.stack.schema, on_commit=self.stack.writer.refresh)
+            )  # fmt: skip
 
     @bentoml.on_shutdown
     async def stop_writer(self) -> None:
@@ -171,7 +172,7 @@ class CTRGateway:
         self.width = len(self.art.architecture["cardinalities"])
         local = wiring.local_runner(SETTINGS, self.art) if LOCAL_MODEL else None
         self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS, local=local)
-        self.stack = feature_stack.features(SETTINGS)
+        self.stack = feature_stack.features(SETTINGS, shared=True)
         self.arms = wiring.canary_arms(
             SETTINGS, self.pool, self.art.tag, self.width, INTERNAL_HEADERS
         )  # None without Redis
@@ -192,7 +193,9 @@ class CTRGateway:
 
     @bentoml.on_startup
     async def warm_caches(self) -> None:
-        """Warm L1 and L2 before traffic: the server does not listen until done."""
+        """Hear other processes' feature writes, then warm L1 and L2 before traffic: the server
+        does not listen until done."""
+        await self.stack.start()
         if SETTINGS.warm and not SETTINGS.features_remote:
             await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
         wiring.settle_gc()

@@ -50,6 +50,14 @@ CACHE_HIT_RATE = Gauge(
     multiprocess_mode="livemax",
 )  # fmt: skip
 FEATURE_WRITES = Counter("ctr_feature_writes", "Feature rows written, by group and mode.", ["group", "mode"])
+L1_SYNCED = Gauge(
+    "ctr_l1_synced", "1 while this process hears every feature write (its L1 is coherent), else 0.",
+    multiprocess_mode="livemin",
+)  # fmt: skip
+L1_FLUSHES = Counter("ctr_l1_flushes", "L1 flushes because feature writes elsewhere may have been missed.")
+CACHE_REPAIRS = Counter(
+    "ctr_cache_repairs", "Cache updates after a committed write that failed and were queued, by outcome.", ["outcome"]
+)
 RETRIES = Counter("ctr_retries", "Retries of idempotent calls, by dependency.", ["dependency"])
 RETRY_BUDGET_EXHAUSTED = Counter(
     "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]

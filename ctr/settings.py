@@ -44,6 +44,27 @@ class Settings(BaseSettings):
         repr=False,
         description="L2 cache: redis://… or redis+cluster://host:port (any node); empty disables L2.",
     )
+    stream_redis_url: str = Field(
+        "",
+        repr=False,
+        description="The write-behind stream's Redis (it must not evict keys); default: CTR_REDIS_URL when a plain "
+        "redis://. Write-behind refuses a Redis whose maxmemory-policy is allkeys-* and writes through instead.",
+    )
+    l1_sync_ping_s: float = Field(
+        0.5, gt=0, description="Each process pings Redis on the feature-write channel this often when it is quiet."
+    )
+    l1_sync_stale_s: float = Field(
+        1.5, gt=0, description="A process that heard nothing on the feature-write channel this long flushes its L1."
+    )
+    l2_probation_s: float = Field(
+        5.0,
+        ge=0,
+        description="After a process lost the feature-write channel it reads L3, not L2, this long (a Redis "
+        "restarted from its AOF holds entries older than the writes made while it was down).",
+    )
+    l1_unsynced_ttl_s: float = Field(
+        1.0, ge=0, description="L1 entries live at most this long while a process may miss other processes' writes."
+    )
     l2_timeout_ms: float = Field(20.0, gt=0, description="Budget of one L2 read; past it L2 counts as failed.")
     l3_timeout_ms: float = Field(25.0, gt=0, description="Budget of one L3 read; past it the group gets defaults.")
     breaker_failure_ratio: float = Field(0.5, gt=0, lt=1, description="Breakers open above this failure share (ε).")

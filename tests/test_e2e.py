@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 import httpx
 import pytest
 from conftest import Server
 
+T = TypeVar("T")
 CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 
 
@@ -130,7 +135,8 @@ def test_remote_features_give_the_same_scores(small_setup: dict[str, str], gatew
         remote.stop()
     want = predict(gateway, body).json()
     assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)
-    assert got["degraded"] == want["degraded"] == ["features:ad:default"]
+    # (an L2 read past its 20 ms budget on a loaded machine adds cache:l2:bypassed to either)
+    assert "features:ad:default" in got["degraded"] and "features:ad:default" in want["degraded"]
 
 
 def _metric(text: str, name: str) -> float:
@@ -158,17 +164,53 @@ def test_admin_write_refusals(gateway: Server, headers: dict[str, str], body: di
     assert r.status_code == status and needle in r.json()["error"]
 
 
-def test_admin_write_makes_a_new_ad_known(gateway: Server) -> None:
-    """A new ad is cold (default features) until its features are written, then it is not."""
+AUTH = {"authorization": "Bearer test-token"}
+
+
+def each_process(server: Server, call: Callable[[httpx.Client], T], tries: int = 400) -> dict[int, T]:
+    """`call` on a connection to each gateway process (a keep-alive connection stays with the
+    process that accepted it; its pid comes from /admin/features/read): {pid: result}."""
+    from ctr.serving.wiring import gateway_workers
+    from ctr.settings import Settings
+
+    want = gateway_workers(Settings())
+    out: dict[int, T] = {}
+    for _ in range(tries):
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as c:
+            r = c.post("/admin/features/read", json={"group": "ad_meta", "ids": ["a1"]})
+            assert r.status_code == 200, r.text
+            pid = r.json()["pid"]
+            if pid not in out:
+                out[pid] = call(c)
+        if len(out) == want:
+            return out
+    raise AssertionError(f"reached {len(out)} of {want} gateway processes in {tries} connections")
+
+
+def test_admin_write_makes_a_new_ad_known_in_every_process(gateway: Server) -> None:
+    """A new ad is cold (default features, remembered as unknown) in every gateway process
+    until its features are written to one of them; then it is known in every process within
+    the stated bound (docs/feature-store.md: 2.5 s; the old code kept it unknown in the other
+    process for CTR_NEGATIVE_TTL_S, 60 s, and this test passed or failed by which process
+    answered)."""
     ad = "a-brand-new"
     body = {"user_id": "u1", "ad_ids": [ad], "context": CTX}
-    assert predict(gateway, body).json()["degraded"] == ["features:ad:default"]
-    auth = {"authorization": "Bearer test-token"}
+    cold = each_process(gateway, lambda c: c.post("/predict", json=body).json()["degraded"])
+    assert all("features:ad:default" in d for d in cold.values())
     for group, values, mode in (("ad_meta", [3, 4, "video"], "through"), ("ad_stats", [900, 40], "behind")):
-        r = httpx.post(gateway.url + "/admin/features", headers=auth, timeout=10,
+        r = httpx.post(gateway.url + "/admin/features", headers=AUTH, timeout=10,
                        json={"group": group, "rows": [{"id": ad, "values": values}]})  # fmt: skip
         assert r.status_code == 200 and r.json() == {"group": group, "written": 1, "mode": mode}
-    assert predict(gateway, body).json()["degraded"] == []
+    acked = time.monotonic()
+
+    def known_within_bound(c: httpx.Client) -> float:
+        while time.monotonic() - acked < 2.5:
+            if "features:ad:default" not in c.post("/predict", json=body).json()["degraded"]:
+                return time.monotonic() - acked
+            time.sleep(0.02)
+        raise AssertionError("the written ad is still unknown in this process 2.5 s after the write")
+
+    assert set(each_process(gateway, known_within_bound)) == set(cold)
 
 
 def test_feedback_is_counted_and_validated(gateway: Server) -> None:

@@ -37,7 +37,7 @@ class CountingSource:
 
     async def get_many(
         self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
-    ) -> dict[str, tuple[Any, ...]]:
+    ) -> dict[str, tuple[tuple[Any, ...], int]]:
         self.calls.append((group.name, list(ids)))
         return self.store.read(group, ids)
 
@@ -45,10 +45,10 @@ class CountingSource:
 @pytest.fixture
 def db(tmp_path: Path) -> SqliteStore:
     store = SqliteStore(tmp_path / "f.db")
-    store.write(schema.USER_STATIC, [("u1", [30, "f", 3, 2]), ("u2", [50, "m", 1, 0])])
-    store.write(schema.USER_BEHAVIORAL, [("u1", [100, 4])])
-    store.write(schema.AD_META, [("a1", [5, 2, "image"]), ("a2", [6, 3, "video"])])
-    store.write(schema.AD_STATS, [("a1", [5000, 200]), ("a2", [3000, 90])])
+    store.write(schema.USER_STATIC, [("u1", [30, "f", 3, 2], 1), ("u2", [50, "m", 1, 0], 1)])
+    store.write(schema.USER_BEHAVIORAL, [("u1", [100, 4], 1)])
+    store.write(schema.AD_META, [("a1", [5, 2, "image"], 1), ("a2", [6, 3, "video"], 1)])
+    store.write(schema.AD_STATS, [("a1", [5000, 200], 1), ("a2", [3000, 90], 1)])
     return store
 
 
@@ -65,21 +65,21 @@ def test_memory_tier_expires_per_entry_ttl() -> None:
     """Each entry lives its own TTL on the injected clock; TTL 0 is never stored."""
     clock = Clock()
     tier = MemoryTier(clock=clock)
-    run(tier.set_many([("short", (1,), 10.0), ("long", (2,), 100.0), ("never", (3,), 0.0)]))
-    assert run(tier.get_many(["short", "long", "never"])) == [(1,), (2,), None]
+    tier.set_many_now([("short", (1,), 1, 10.0), ("long", (2,), 1, 100.0), ("never", (3,), 1, 0.0)])
+    assert tier.get_many_now(["short", "long", "never"]) == [(1,), (2,), None]
     clock.now += 50
-    assert run(tier.get_many(["short", "long"])) == [None, (2,)]
+    assert tier.get_many_now(["short", "long"]) == [None, (2,)]
     clock.now += 51
-    assert run(tier.get_many(["long"])) == [None]
+    assert tier.get_many_now(["long"]) == [None]
 
 
 def test_memory_tier_is_bounded() -> None:
     """Past max_entries the least recently used entry goes."""
     tier = MemoryTier(max_entries=2)
-    run(tier.set_many([("a", (1,), 60.0), ("b", (2,), 60.0)]))
-    run(tier.get_many(["a"]))
-    run(tier.set_many([("c", (3,), 60.0)]))
-    assert run(tier.get_many(["a", "b", "c"])) == [(1,), None, (3,)]
+    tier.set_many_now([("a", (1,), 1, 60.0), ("b", (2,), 1, 60.0)])
+    tier.get_many_now(["a"])
+    tier.set_many_now([("c", (3,), 1, 60.0)])
+    assert tier.get_many_now(["a", "b", "c"]) == [(1,), None, (3,)]
 
 
 def test_keys_change_with_version_entity_and_group() -> None:
@@ -106,12 +106,12 @@ def test_tiered_read_backfills_and_serves_from_l1(db: SqliteStore) -> None:
 def test_lower_tier_hit_backfills_upper_tier_only_with_its_misses(db: SqliteStore) -> None:
     """An L2 hit is copied into L1; nothing L1 already had is rewritten."""
     l1, l2 = MemoryTier(), MemoryTier()
-    run(l2.set_many([(feature_key(schema.AD_META, "a1"), (9, 9, "text"), 60.0)]))
+    l2.set_many_now([(feature_key(schema.AD_META, "a1"), (9, 9, "text"), 1, 60.0)])
     origin = CountingSource(db)
     store = TieredStore(l1, origin, l2)
     assert get(store, schema.AD_META, ["a1", "a2"]) == [(9, 9, "text"), (6, 3, "video")]
     assert origin.calls == [("ad_meta", ["a2"])]
-    assert run(l1.get_many([l1_key(schema.AD_META, "a1")])) == [(9, 9, "text")]
+    assert l1.get_many_now([l1_key(schema.AD_META, "a1")]) == [(9, 9, "text")]
 
 
 def test_unknown_ids_are_cached_negatively_for_a_short_ttl(db: SqliteStore) -> None:

@@ -51,22 +51,48 @@ async def _close(tier: Any) -> None:
         await tier.close()
 
 
+def values(entries: list[Any]) -> list[Any]:
+    return [None if e is None else e[0] for e in entries]
+
+
 def test_cache_contract_round_trip(cache: tuple[str, Callable[[], Any]]) -> None:
-    """Misses are None; values (ints and strings, and the negative marker) come back in order,
-    also across many cluster slots; TTL 0 stores nothing; deletes remove."""
+    """Misses are None; values (ints and strings, and the negative marker) come back in order
+    with their versions, also across many cluster slots; TTL 0 stores nothing; deletes remove."""
 
     async def go() -> None:
         tier = cache[1]()
         try:
             ks = keys(300)
             assert await tier.get_many(ks[:3]) == [None, None, None]
-            await tier.set_many([(k, (i, f"s{i}"), 60.0) for i, k in enumerate(ks[:299])] + [(ks[299], NEGATIVE, 60.0)])
+            await tier.set_many([(k, (i, f"s{i}"), i + 1, 60.0) for i, k in enumerate(ks[:299])]
+                                + [(ks[299], NEGATIVE, 0, 60.0)])  # fmt: skip
             got = await tier.get_many(list(reversed(ks)))
-            assert got[0] == NEGATIVE and got[1:] == [(i, f"s{i}") for i in reversed(range(299))]
-            await tier.set_many([(ks[0] + "x", (1,), 0.0)])
+            assert values(got) == [NEGATIVE, *((i, f"s{i}") for i in reversed(range(299)))]
+            assert [e[1] for e in got] == [0, *(i + 1 for i in reversed(range(299)))]
+            await tier.set_many([(ks[0] + "x", (1,), 1, 0.0)])
             assert await tier.get_many([ks[0] + "x"]) == [None]
             await tier.delete_many(ks[:2])
-            assert await tier.get_many(ks[:3]) == [None, None, (2, "s2")]
+            assert values(await tier.get_many(ks[:3])) == [None, None, (2, "s2")]
+        finally:
+            await _close(tier)
+
+    asyncio.run(go())
+
+
+def test_cache_contract_a_set_never_replaces_a_newer_version(cache: tuple[str, Callable[[], Any]]) -> None:
+    """An older version (a back-fill from a read that was in flight during a write) does not
+    replace a newer one; the same or a newer version does; an unknown entity (version 0)
+    never hides a write."""
+
+    async def go() -> None:
+        tier = cache[1]()
+        try:
+            ks = keys(3)
+            await tier.set_many([(ks[0], (5200, 210), 20, 60.0), (ks[1], NEGATIVE, 0, 60.0), (ks[2], (1,), 5, 60.0)])
+            await tier.set_many([(ks[0], (100, 5), 10, 900.0), (ks[1], (7, 7), 30, 60.0), (ks[2], (2,), 5, 60.0)])
+            assert values(await tier.get_many(ks)) == [(5200, 210), (7, 7), (2,)]
+            await tier.set_many([(ks[1], NEGATIVE, 0, 60.0)])
+            assert values(await tier.get_many(ks[1:2])) == [(7, 7)]
         finally:
             await _close(tier)
 
@@ -83,13 +109,13 @@ def test_cache_contract_ttl(cache: tuple[str, Callable[[], Any]], request: pytes
         if kind == "memory":
             clock = Clock()
             tier = MemoryTier(clock=clock)
-            await tier.set_many([(ks[0], (1,), 900.0), (ks[1], (2,), 86400.0)])
+            await tier.set_many([(ks[0], (1,), 1, 900.0), (ks[1], (2,), 1, 86400.0)])
             clock.now = 901
-            assert await tier.get_many(ks) == [None, (2,)]
+            assert values(await tier.get_many(ks)) == [None, (2,)]
             return
         tier = make()
         try:
-            await tier.set_many([(ks[0], (1,), 900.0), (ks[1], (2,), 86400.0)])
+            await tier.set_many([(ks[0], (1,), 1, 900.0), (ks[1], (2,), 1, 86400.0)])
             ttl0, ttl1 = await tier.client.pttl(ks[0]), await tier.client.pttl(ks[1])
             assert 899_000 < ttl0 <= 900_000 and 86_399_000 < ttl1 <= 86_400_000
         finally:
@@ -109,20 +135,26 @@ def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
 
 
 def test_origin_contract(origin: Callable[[], Any]) -> None:
-    """L3: batch reads return only known ids; upserts replace; meta and warm sets round-trip."""
+    """L3: batch reads return only known ids, with versions; an upsert replaces a row only
+    with a newer version (a replayed or reordered write changes nothing), and says how many
+    rows it replaced; meta and warm sets round-trip."""
 
     async def go() -> None:
         db = origin()
         try:
             ids = [f"e{uuid.uuid4().hex[:8]}{i}" for i in range(200)]
             assert await db.get_many(schema.AD_STATS, ids[:5]) == {}
-            assert await db.put_many(schema.AD_STATS, [(i, [n, n // 10]) for n, i in enumerate(ids)]) == 200
+            assert await db.put_many(schema.AD_STATS, [(i, [n, n // 10], 10) for n, i in enumerate(ids)]) == 200
             got = await db.get_many(schema.AD_STATS, [*ids, "ghost"])
-            assert len(got) == 200 and got[ids[42]] == (42, 4)
-            await db.put_many(schema.AD_STATS, [(ids[42], [1, 1])])
-            assert await db.get_many(schema.AD_STATS, [ids[42]]) == {ids[42]: (1, 1)}
-            await db.put_many(schema.USER_STATIC, [(ids[0], [30, "f", 3, 2])])
-            assert (await db.get_many(schema.USER_STATIC, [ids[0]]))[ids[0]] == (30, "f", 3, 2)
+            assert len(got) == 200 and got[ids[42]] == ((42, 4), 10)
+            assert await db.put_many(schema.AD_STATS, [(ids[42], [1, 1], 11), (ids[43], [9, 9], 9)]) == 1
+            assert await db.put_many(schema.AD_STATS, [(ids[42], [2, 2], 11)]) == 0  # the same version again
+            assert await db.get_many(schema.AD_STATS, ids[42:44]) == {ids[42]: ((1, 1), 11), ids[43]: ((43, 4), 10)}
+            # one statement with an id twice: the newest wins
+            assert await db.put_many(schema.AD_STATS, [(ids[44], [3, 3], 30), (ids[44], [2, 2], 20)]) == 1
+            assert (await db.get_many(schema.AD_STATS, [ids[44]]))[ids[44]] == ((3, 3), 30)
+            await db.put_many(schema.USER_STATIC, [(ids[0], [30, "f", 3, 2], 1)])
+            assert (await db.get_many(schema.USER_STATIC, [ids[0]]))[ids[0]] == ((30, "f", 3, 2), 1)
             await db.set_meta("k", "v1")
             await db.set_meta("k", "v2")
             assert await db.get_meta("k") == "v2" and await db.get_meta("nope") is None
@@ -148,12 +180,12 @@ class SlowOrigin:
 
     async def get_many(
         self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
-    ) -> dict[str, tuple[Any, ...]]:
+    ) -> dict[str, tuple[tuple[Any, ...], int]]:
         self.reads += 1
         self.events.append(f"start:{group.entity}")
         await asyncio.sleep(self.delays.get(group.entity, 0.0))
         self.events.append(f"end:{group.entity}")
-        return {i: (1, 1) if group.entity == "user" and len(group.fields) == 2 else (1, 1, "x") for i in ids}
+        return {i: ((1, 1) if group.entity == "user" and len(group.fields) == 2 else (1, 1, "x"), 1) for i in ids}
 
 
 def test_user_ad_and_context_are_fetched_concurrently() -> None:
@@ -198,7 +230,7 @@ def test_redis_l2_is_backfilled_and_serves_other_processes(redis_url: str, tmp_p
     async def go() -> None:
         db = SqliteStore(tmp_path / "f.db")
         ad = f"a{uuid.uuid4().hex[:6]}"
-        db.write(schema.AD_META, [(ad, [1, 2, "video"])])
+        db.write(schema.AD_META, [(ad, [1, 2, "video"], 1)])
         first = TieredStore(MemoryTier(), db, RedisTier(connect(redis_url)))
         await first.get([(schema.AD_META, [ad])])
         await first.drain()
@@ -206,7 +238,7 @@ def test_redis_l2_is_backfilled_and_serves_other_processes(redis_url: str, tmp_p
         values, degraded = await second.get([(schema.AD_META, [ad])])
         assert values == [[(1, 2, "video")]] and degraded == []
         assert second.origin.reads == 0  # type: ignore[attr-defined]
-        assert await second.l1.get_many([l1_key(schema.AD_META, ad)]) == [(1, 2, "video")]
+        assert second.l1.get_many_now([l1_key(schema.AD_META, ad)]) == [(1, 2, "video")]
 
     asyncio.run(go())
 
@@ -217,7 +249,7 @@ def test_dead_redis_is_bypassed_then_skipped_by_the_breaker(tmp_path: Path) -> N
 
     async def go() -> None:
         db = SqliteStore(tmp_path / "f.db")
-        db.write(schema.AD_META, [("a1", [1, 2, "video"])])
+        db.write(schema.AD_META, [("a1", [1, 2, "video"], 1)])
         tier = RedisTier(connect(f"redis://127.0.0.1:{free_port()}/0"))
         calls = 0
         real = tier.get_many
@@ -255,10 +287,10 @@ class GatedOrigin:
 
     async def get_many(
         self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
-    ) -> dict[str, tuple[Any, ...]]:
+    ) -> dict[str, tuple[tuple[Any, ...], int]]:
         self.reads += 1
         await self.gate.wait()
-        return {i: (7, 3, "video") for i in ids}
+        return {i: ((7, 3, "video"), 1) for i in ids}
 
 
 async def _settle() -> None:
@@ -305,6 +337,6 @@ def test_an_owner_whose_deadline_passes_leaves_the_read_to_its_waiters() -> None
         assert await waiter == ([[(7, 3, "video")]], [])
         assert owner.cancelled()
         await store.drain()
-        assert await store.l1.get_many([l1_key(schema.AD_META, "a1")]) == [(7, 3, "video")]  # backfilled
+        assert store.l1.get_many_now([l1_key(schema.AD_META, "a1")]) == [(7, 3, "video")]  # backfilled
 
     asyncio.run(go())

@@ -55,10 +55,11 @@ def test_write_through_commits_then_caches(redis_url: str, tmp_path: Path) -> No
         store = TieredStore(MemoryTier(), db, RedisTier(connect(redis_url)))
         writer = FeatureWriter(store, {"ad_meta": "through"}, connect(redis_url))  # type: ignore[arg-type]
         group, rows = validate_rows("ad_meta", [{"id": "a-wt", "values": [7, 3, "text"]}])
-        assert await writer.put(group, rows) == "through"
-        assert db.read(group, ["a-wt"]) == {"a-wt": (7, 3, "text")}
-        assert await store.l2.get_many([feature_key(group, "a-wt")]) == [(7, 3, "text")]  # type: ignore[union-attr]
-        assert await store.l1.get_many([l1_key(group, "a-wt")]) == [(7, 3, "text")]
+        assert (await writer.put(group, rows)).mode == "through"
+        assert db.read(group, ["a-wt"])["a-wt"][0] == (7, 3, "text")
+        [entry] = await store.l2.get_many([feature_key(group, "a-wt")])  # type: ignore[union-attr]
+        assert entry is not None and entry[0] == (7, 3, "text")
+        assert store.l1.get_many_now([l1_key(group, "a-wt")]) == [(7, 3, "text")]
 
     asyncio.run(go())
 
@@ -70,8 +71,8 @@ def test_write_behind_without_redis_goes_through(tmp_path: Path) -> None:
         db = SqliteStore(tmp_path / "f.db")
         writer = FeatureWriter(TieredStore(MemoryTier(), db), {"ad_stats": "behind"}, None)
         group, rows = validate_rows("ad_stats", [{"id": "a1", "values": [10, 1]}])
-        assert await writer.put(group, rows) == "through"
-        assert db.read(group, ["a1"]) == {"a1": (10, 1)}
+        assert (await writer.put(group, rows)).mode == "through"
+        assert db.read(group, ["a1"])["a1"][0] == (10, 1)
 
     asyncio.run(go())
 
@@ -103,7 +104,7 @@ def test_write_behind_survives_a_writer_killed_mid_stream(redis_url: str, tmp_pa
         await r.delete(STREAM)
         writer = FeatureWriter(TieredStore(MemoryTier(), db), {"ad_stats": "behind"}, r)
         for i in range(n):  # one stream entry per write, each acknowledged to the caller
-            assert await writer.put(schema.AD_STATS, [(f"wb{i}", [i, i % 7])]) == "behind"
+            assert (await writer.put(schema.AD_STATS, [(f"wb{i}", [i, i % 7])])).mode == "behind"
         await r.aclose()
 
     asyncio.run(produce())
@@ -127,7 +128,7 @@ def test_write_behind_survives_a_writer_killed_mid_stream(redis_url: str, tmp_pa
         second.send_signal(signal.SIGTERM)
         second.wait(10)
     rows = db.read(schema.AD_STATS, [f"wb{i}" for i in range(n)])
-    assert all(rows[f"wb{i}"] == (i, i % 7) for i in range(n))
+    assert all(rows[f"wb{i}"][0] == (i, i % 7) for i in range(n))
 
     async def leftovers() -> tuple[int, int]:
         r = Redis.from_url(redis_url)
@@ -158,12 +159,12 @@ def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> N
             await asyncio.sleep(0.35)  # three blocked reads on an empty stream
             assert not task.done(), task.exception()
             group, rows = validate_rows("ad_stats", [{"id": "a-idle", "values": [5, 1]}])
-            assert await stack.writer.put(group, rows) == "behind"
+            assert (await stack.writer.put(group, rows)).mode == "behind"
             for _ in range(500):  # the writer commits within a blocked read or two
                 if stack.store.origin.read(group, ["a-idle"]):  # type: ignore[attr-defined]
                     break
                 await asyncio.sleep(0.01)
-            assert stack.store.origin.read(group, ["a-idle"]) == {"a-idle": (5, 1)}  # type: ignore[attr-defined]
+            assert stack.store.origin.read(group, ["a-idle"])["a-idle"][0] == (5, 1)  # type: ignore[attr-defined]
             stop.set()
             assert await task >= 1
 
@@ -192,8 +193,8 @@ def test_a_batch_of_stream_entries_commits_the_last_write_of_each_entity(redis_u
             assert len(resp[0][1]) == 4
             assert await _commit(redis, stack.store.origin, resp[0][1], stack.schema) == 2  # one row per group
             origin = stack.store.origin
-            assert origin.read(schema.AD_STATS, ["a-last"]) == {"a-last": (3, 1)}  # type: ignore[attr-defined]
-            assert origin.read(schema.AD_META, ["a-last"]) == {"a-last": (4, 2, "text")}  # type: ignore[attr-defined]
+            assert origin.read(schema.AD_STATS, ["a-last"])["a-last"][0] == (3, 1)  # type: ignore[attr-defined]
+            assert origin.read(schema.AD_META, ["a-last"])["a-last"][0] == (4, 2, "text")  # type: ignore[attr-defined]
             assert await redis.xlen(STREAM) == 0 and (await redis.xpending(STREAM, GROUP))["pending"] == 0
 
     asyncio.run(go())

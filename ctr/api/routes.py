@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import logging
+import os
 import time
 from typing import Any
 
@@ -27,9 +29,12 @@ from starlette.routing import Route
 from ctr import metrics
 from ctr.api import canary, openapi, request_id, status
 from ctr.api.contract import BadRequest, parse_feedback, parse_predict
+from ctr.features.schema import valid_id
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
 from ctr.serving.overload import Admission, Overloaded
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -61,6 +66,15 @@ async def read_body(request: Request) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_json(request: Request) -> Any:
+    """The body (bounded, as `read_body`) parsed as JSON; BadRequest 400 if it is not JSON."""
+    raw = await read_body(request)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"request body is not valid JSON ({exc})") from None
 
 
 async def predict(request: Request) -> Response:
@@ -116,11 +130,9 @@ async def admin_features(request: Request) -> Response:
     if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
         return _json({"error": "missing or wrong bearer token (Authorization: Bearer $CTR_ADMIN_TOKEN)"}, 401)
     try:
-        body: Any = orjson.loads(await read_body(request))
+        body: Any = await read_json(request)
     except BadRequest as exc:
         return _error(exc)
-    except orjson.JSONDecodeError as exc:
-        return _json({"error": f"request body is not valid JSON ({exc})"}, 400)
     try:
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object with group and rows")
@@ -128,10 +140,47 @@ async def admin_features(request: Request) -> Response:
     except ValueError as exc:
         return _json({"error": str(exc)}, 422)
     try:
-        mode = await writer.put(group, rows)
+        done = await writer.put(group, rows)
     except (*L2_ERRORS, *L3_ERRORS) as exc:
-        return _json({"error": f"write not done, a store is unavailable: {type(exc).__name__}: {exc}"}, 503)
-    return _json({"group": group.name, "written": len(rows), "mode": mode})
+        # No address or driver message in the body: the log has them. Retrying is safe (a
+        # write that did land is only replaced by a newer version of itself).
+        where = "the feature database (L3)" if isinstance(exc, L3_ERRORS) else "the write-behind stream (Redis)"
+        log.warning("feature write of %s refused: %s unavailable: %s: %s", group.name, where, type(exc).__name__, exc)
+        return _json({"error": f"write not done: {where} is unavailable; retry later"}, 503)
+    out: dict[str, Any] = {"group": group.name, "written": len(rows), "mode": done.mode}
+    if done.cache_deferred:  # committed; the caches follow when Redis answers again
+        out["degraded"] = ["cache:l2:deferred"]
+    return _json(out)
+
+
+MAX_READ_IDS = 1000
+
+
+async def admin_features_read(request: Request) -> Response:
+    """POST {"group": "...", "ids": [...]} with the bearer token: what THIS gateway process
+    would serve for those ids (through its L1, L2 and L3), with its pid and whether its L1
+    hears the other processes' writes. For operators, and for the consistency checker."""
+    writer: FeatureWriter | None = getattr(request.app.state, "writer", None)
+    if (refused := canary.authorized(request)) is not None or writer is None:
+        return refused or _json({"error": "the gateway is starting; retry shortly"}, 503)
+    try:
+        body: Any = await read_json(request)
+    except BadRequest as exc:
+        return _error(exc)
+    group = writer.schema.group(body.get("group")) if isinstance(body, dict) else None
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if group is None or not isinstance(ids, list) or not 0 < len(ids) <= MAX_READ_IDS or not all(map(valid_id, ids)):
+        return _json({"error": f"want {{'group': <a feature group>, 'ids': [1-{MAX_READ_IDS} entity ids]}}"}, 422)
+    (values,), degraded = await writer.store.get([(group, ids)])
+    coherence = writer.coherence
+    return _json(
+        {
+            "pid": os.getpid(),
+            "l1_synced": coherence is not None and coherence.listening,
+            "rows": [{"id": i, "values": v} for i, v in zip(ids, values, strict=True)],
+            "degraded": degraded,
+        }
+    )
 
 
 async def model_info(request: Request) -> Response:
@@ -158,6 +207,7 @@ def make_app() -> Starlette:
             Route("/predict", predict, methods=["POST"]),
             Route("/feedback", feedback, methods=["POST"]),
             Route("/admin/features", admin_features, methods=["POST"]),
+            Route("/admin/features/read", admin_features_read, methods=["POST"]),
             Route("/model_info", model_info, methods=["GET", "POST"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             *status.ROUTES,

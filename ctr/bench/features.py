@@ -134,7 +134,7 @@ async def _redis_memory_line(redis: Any, l2: RedisTier, fs: schema.FeatureSchema
     """Redis used_memory per million cached user_static rows, with the store's real keys."""
     info0 = (await redis.info("memory"))["used_memory"]
     keys = [feature_key(fs.user_static, f"bench-u{i}") for i in range(m)]
-    await l2.set_many([(k, (30 + i % 40, "f", i % 50, i % 12), 600.0) for i, k in enumerate(keys)])
+    await l2.set_many([(k, (30 + i % 40, "f", i % 50, i % 12), 1, 600.0) for i, k in enumerate(keys)])
     info1 = (await redis.info("memory"))["used_memory"]
     await l2.delete_many(keys)
     return f"Redis (L2): {(info1 - info0) / m * 1e6 / 2**20:.0f} MiB per million entities (user_static rows)"
@@ -145,7 +145,7 @@ def _memory_line(m: int = 500_000) -> str:
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     tier = MemoryTier(max_entries=m)
-    rows = [(l1_key(schema.USER_STATIC, f"u{i}"), (30 + i % 40, "f", i % 50, i % 12), 86400.0) for i in range(m)]
+    rows = [(l1_key(schema.USER_STATIC, f"u{i}"), (30 + i % 40, "f", i % 50, i % 12), 1, 86400.0) for i in range(m)]
     tier.set_many_now(rows)
     del rows
     gc.collect()

@@ -52,7 +52,8 @@ def features_put(group: str, entity_id: str, values: str) -> None:
 
     async def go() -> str:
         async with opened(s) as stack:
-            return await stack.writer.put(g, rows)
+            done = await stack.writer.put(g, rows)
+        return done.mode + (", caches not updated: Redis did not answer" if done.cache_deferred else "")
 
     click.echo(f"{g.name} {entity_id}: written ({asyncio.run(go())})")
 
@@ -76,15 +77,14 @@ def features_warm(top_users: int | None) -> None:
 
 
 @features.command("writer")
-@click.option("--consumer", default=None, help="Consumer name in the stream's group (default: writer-<host>).")
+@click.option("--consumer", default=None, help="Consumer name in the stream's group (default: unique per process).")
 def features_writer(consumer: str | None) -> None:
     """Run the write-behind writer: commit queued feature writes to L3 until stopped."""
     import asyncio
     import signal
-    import socket
 
     from ctr.features.stack import opened
-    from ctr.features.writes import run_writer
+    from ctr.features.writes import consumer_name, run_writer
 
     async def go() -> int:
         async with opened(_settings()) as stack:
@@ -93,7 +93,7 @@ def features_writer(consumer: str | None) -> None:
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-            name = consumer or f"writer-{socket.gethostname()}"
-            return await run_writer(stack.writer.redis, stack.store.origin, name, stop, fs=stack.schema)
+            return await run_writer(stack.writer.redis, stack.store.origin, consumer or consumer_name(), stop,
+                                    fs=stack.schema, on_commit=stack.writer.refresh)  # fmt: skip
 
     click.echo(f"{asyncio.run(go())} rows committed")

@@ -11,6 +11,7 @@ import numpy as np
 
 from ctr.features import schema
 from ctr.features.stack import open_origin
+from ctr.features.versions import VersionClock
 from ctr.observe.progress import progress
 from ctr.settings import Settings, redact_url
 
@@ -54,12 +55,12 @@ async def _load_features(settings: Settings, force: bool) -> int:
             (schema.AD_META, [(a, m) for a, m, _ in ads]),
             (schema.AD_STATS, [(a, s) for a, _, s in ads]),
         ]
-        n = 0
+        n, version = 0, VersionClock().next()  # the load is one write: newer than every row it replaces
         with progress("feature load", total=sum(len(r) for _, r in groups), unit="rows") as bar:
             for group, rows in groups:
                 bar.note(group.name)
                 for i in range(0, len(rows), LOAD_CHUNK):
-                    n += await db.put_many(group, rows[i : i + LOAD_CHUNK])
+                    n += await db.put_many(group, [(e, v, version) for e, v in rows[i : i + LOAD_CHUNK]])
                     bar.advance(len(rows[i : i + LOAD_CHUNK]))
             bar.note("warm set")
             for kind, items in warm_set_from_log(arrays).items():

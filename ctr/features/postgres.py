@@ -1,4 +1,5 @@
-"""L3 on PostgreSQL through asyncpg: a connection pool, batch reads with `= ANY($2)`."""
+"""L3 on PostgreSQL through asyncpg: a connection pool, batch reads with `= ANY($2)`; rows
+carry their write's version and an upsert only replaces a row with a newer one (as SqliteStore)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncpg
 import orjson
 
 from ctr.features.schema import FeatureGroup
+from ctr.features.versions import newest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS features (
@@ -18,8 +20,10 @@ CREATE TABLE IF NOT EXISTS features (
     entity_id TEXT NOT NULL,
     value JSONB NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL,
+    version BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (grp, entity_id)
 );
+ALTER TABLE features ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS warm_set (kind TEXT NOT NULL, item TEXT NOT NULL, rank INTEGER NOT NULL,
                                      PRIMARY KEY (kind, item));
@@ -52,29 +56,34 @@ class PostgresStore:
 
     async def get_many(
         self, group: FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
-    ) -> dict[str, tuple[Any, ...]]:
+    ) -> dict[str, tuple[tuple[Any, ...], int]]:
         if not ids:
             return {}
         pool = await self.pool()
         rows = await pool.fetch(
-            "SELECT entity_id, value::text FROM features WHERE grp = $1 AND entity_id = ANY($2::text[])",
+            "SELECT entity_id, value::text, version FROM features WHERE grp = $1 AND entity_id = ANY($2::text[])",
             group.name,
             list(ids),
             timeout=timeout_s,
         )
-        return {r[0]: tuple(orjson.loads(r[1])) for r in rows}
+        return {r[0]: (tuple(orjson.loads(r[1])), r[2]) for r in rows}
 
-    async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any]]]) -> int:
+    async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]]) -> int:
+        """Upsert versioned rows in one statement; returns how many were newer (and written)."""
         ts = time.time()
-        data = [(group.name, eid, orjson.dumps(list(v)).decode(), ts) for eid, v in rows]
+        data = [(eid, orjson.dumps(list(v)).decode(), ver) for eid, v, ver in newest(rows)]
+        if not data:
+            return 0
         pool = await self.pool()
         async with pool.acquire() as con, con.transaction():
-            await con.executemany(
-                "INSERT INTO features (grp, entity_id, value, updated_at) VALUES ($1, $2, $3::jsonb, $4) "
-                "ON CONFLICT (grp, entity_id) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                data,
-            )
-        return len(data)
+            status = await con.execute(
+                "INSERT INTO features (grp, entity_id, value, updated_at, version) "
+                "SELECT $1, e, v::jsonb, $2, ver FROM unnest($3::text[], $4::text[], $5::bigint[]) AS t(e, v, ver) "
+                "ON CONFLICT (grp, entity_id) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, "
+                "version = excluded.version WHERE excluded.version > features.version",
+                group.name, ts, [d[0] for d in data], [d[1] for d in data], [d[2] for d in data],
+            )  # fmt: skip
+        return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <n>"
 
     async def get_meta(self, key: str) -> str | None:
         pool = await self.pool()

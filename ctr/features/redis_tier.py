@@ -12,7 +12,8 @@ bounded here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -27,14 +28,33 @@ from ctr.features.tiers import NEGATIVE
 CLUSTER_SCHEME = "redis+cluster://"
 
 
-def encode(value: Any) -> bytes:
-    return b"" if value == NEGATIVE else orjson.dumps(list(value))
+# An entry is b"<version>:<expires at, ms since the epoch>:<JSON row>" (an empty row for a
+# cached unknown entity): the version lets a write and a back-fill race without the older one
+# winning, and the expiry lets an L1 copy keep L2's remaining TTL rather than a fresh one.
+Entry = tuple[Any, int, float]  # (value, version, seconds it has left)
+# Set only when the key holds no entry, or one of an older (or the same) version.
+SET_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local have = tonumber(string.match(cur, '^(%d+):'))
+  if have and have > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 
 
-def decode(raw: bytes | None) -> Any | None:
-    if raw is None:
+def encode(value: Any, version: int, expires_ms: int) -> bytes:
+    row = b"" if value == NEGATIVE else orjson.dumps(list(value))
+    return b"%d:%d:%s" % (version, expires_ms, row)
+
+
+def decode(raw: bytes | None, now_s: float) -> Entry | None:
+    """An entry, or None for a miss (and for an entry of an older format, read as a miss)."""
+    if raw is None or not raw[:1].isdigit():
         return None
-    return NEGATIVE if raw == b"" else tuple(orjson.loads(raw))
+    version, expires_ms, row = raw.split(b":", 2)
+    return (NEGATIVE if row == b"" else tuple(orjson.loads(row))), int(version), int(expires_ms) / 1000.0 - now_s
 
 
 def connect(url: str, timeout_s: float = 0.05) -> Redis | RedisCluster:
@@ -56,14 +76,17 @@ def connect(url: str, timeout_s: float = 0.05) -> Redis | RedisCluster:
 class RedisTier:
     name = "l2"
 
-    def __init__(self, client: Redis | RedisCluster, max_concurrency: int = 32) -> None:
+    def __init__(
+        self, client: Redis | RedisCluster, max_concurrency: int = 32, wall: Callable[[], float] = time.time
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.client = client
+        self.wall = wall
         self.cluster = isinstance(client, RedisCluster)
         self._sem = asyncio.Semaphore(max_concurrency)
 
-    async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         if not keys:
             return []
         async with self._sem:
@@ -71,16 +94,21 @@ class RedisTier:
                 raw = await self.client.mget_nonatomic(list(keys))  # type: ignore[union-attr]
             else:
                 raw = await self.client.mget(list(keys))
-        return [decode(r) for r in raw]
+        now = self.wall()
+        return [decode(r, now) for r in raw]
 
-    async def set_many(self, items: Sequence[tuple[str, Any, float]]) -> None:
-        items = [i for i in items if i[2] > 0]
+    async def set_many(self, items: Sequence[tuple[str, Any, int, float]]) -> None:
+        """Store (key, value, version, ttl_s) entries, each only over an older version (one
+        script call per key, pipelined); a TTL of 0 stores nothing."""
+        items = [i for i in items if i[3] > 0]
         if not items:
             return
+        now_ms = int(self.wall() * 1000)
         async with self._sem:
             pipe = self.client.pipeline(transaction=False)
-            for key, value, ttl_s in items:
-                pipe.set(key, encode(value), px=max(1, int(ttl_s * 1000)))
+            for key, value, version, ttl_s in items:
+                ttl_ms = max(1, int(ttl_s * 1000))
+                pipe.eval(SET_NEWER, 1, key, version, encode(value, version, now_ms + ttl_ms), ttl_ms)
             await pipe.execute()
 
     async def delete_many(self, keys: Sequence[str]) -> None:

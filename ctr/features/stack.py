@@ -3,14 +3,15 @@ the writer, opened and closed together."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from ctr.features import schema
-from ctr.features.redis_tier import RedisTier, connect
+from ctr.features.coherence import Coherence
+from ctr.features.redis_tier import CLUSTER_SCHEME, RedisTier, connect
 from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, FeatureSource, TieredStore
 from ctr.features.tiers import MemoryTier
@@ -34,10 +35,30 @@ class FeatureStack:
     lookup: FeatureLookup
     writer: FeatureWriter
     schema: schema.FeatureSchema
+    coherence: Coherence
+
+    async def start(self) -> None:
+        """Listen for other processes' writes (before warming), start retrying cache repairs."""
+        await self.coherence.start()
+        await self.writer.start()
 
 
-def features(settings: Settings) -> FeatureStack:
-    """L1 (in-process) -> L2 (Redis, when CTR_REDIS_URL is set) -> L3 (CTR_DATABASE_URL)."""
+def _listener(url: str) -> Callable[[], Redis] | None:
+    """Makes the client a process listens for feature writes with: a plain Redis (for a
+    cluster, its first node: PUBLISH reaches every node); None without Redis."""
+    if not url:
+        return None
+    plain = "redis://" + url[len(CLUSTER_SCHEME) :].split(",")[0] if url.startswith(CLUSTER_SCHEME) else url
+    return lambda: Redis.from_url(plain, socket_connect_timeout=0.5, socket_timeout=5.0)
+
+
+def features(settings: Settings, shared: bool = False) -> FeatureStack:
+    """L1 (in-process) -> L2 (Redis, when CTR_REDIS_URL is set) -> L3 (CTR_DATABASE_URL).
+
+    `shared`: this process is one of several serving the same features (a gateway or
+    FeatureService worker): its L1 listens for the others' writes (ctr/features/coherence.py)
+    once `start`ed, and is capped to CTR_L1_UNSYNCED_TTL_S until it hears them. A one-off
+    command (`ctr features put`, a benchmark) only announces its writes."""
     fs = schema.DEFAULT.configured(settings.ttl_s, settings.feature_versions)
     redis = connect(settings.redis_url) if settings.redis_url else None
     store = TieredStore(
@@ -50,11 +71,19 @@ def features(settings: Settings) -> FeatureStack:
         l2_breaker=CircuitBreaker.from_settings(settings, "l2"),
         l3_breaker=CircuitBreaker.from_settings(settings, "l3"),
     )
+    coherence = Coherence(
+        store, redis, _listener(settings.redis_url) if shared else None, ping_s=settings.l1_sync_ping_s,
+        stale_s=settings.l1_sync_stale_s, unsynced_ttl_s=settings.l1_unsynced_ttl_s,
+        l2_probation_s=settings.l2_probation_s,
+    )  # fmt: skip
+    if not shared:
+        store.l1_ttl_cap_s = None  # nothing else serves from this process's L1
     # Write-behind needs a stream on a plain Redis (a cluster would need one stream per slot),
     # on its own client: L2's 50 ms socket timeout would cut the writer's blocking read.
-    stream = connect(settings.redis_url, STREAM_TIMEOUT_S) if isinstance(redis, Redis) else None
-    writer = FeatureWriter(store, dict(settings.write_modes), stream, fs)
-    return FeatureStack(store, FeatureLookup(store, fs=fs), writer, fs)
+    stream_url = settings.stream_redis_url or (settings.redis_url if isinstance(redis, Redis) else "")
+    stream = connect(stream_url, STREAM_TIMEOUT_S) if stream_url else None
+    writer = FeatureWriter(store, dict(settings.write_modes), stream, fs, coherence)  # type: ignore[arg-type]
+    return FeatureStack(store, FeatureLookup(store, fs=fs), writer, fs, coherence)
 
 
 @asynccontextmanager
@@ -62,12 +91,15 @@ async def opened(settings: Settings) -> AsyncIterator[FeatureStack]:
     """The feature stack for a command: opened, then closed however the block ends."""
     stack = features(settings)
     try:
+        await stack.writer.start()
         yield stack
     finally:
         await close(stack)
 
 
 async def close(stack: FeatureStack) -> None:
+    await stack.coherence.close()
+    await stack.writer.close()
     await stack.store.drain()
     await stack.store.origin.close()
     if stack.store.l2 is not None:

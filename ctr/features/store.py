@@ -6,6 +6,13 @@ concurrently, with concurrent misses of the same key coalesced into one read. Va
 found below are backfilled into the tiers above. A failing L2 is skipped behind a
 circuit breaker, so a dead Redis costs no per-request timeout; a failing L3 group gives
 default features. Both are reported in `degraded`.
+
+Every value carries the version of the write that made it (ctr/features/versions.py), and
+no tier takes an older version over a newer one: a read of L3 that was in flight while a
+write happened back-fills nothing over the write (nor over its tombstone in L1). An L1 copy
+of an L2 entry expires with it (it keeps L2's remaining TTL). While this process may miss
+other processes' writes (`l1_ttl_cap_s`, set by ctr/features/coherence.py), L1 keeps
+nothing longer than that cap.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from ctr import metrics
 from ctr.features import schema
 from ctr.features.schema import FeatureGroup
 from ctr.features.tiers import NEGATIVE, CacheTier, MemoryTier, feature_key
+from ctr.features.versions import NONE
 from ctr.resilience.breaker import BreakerOpen, CircuitBreaker
 
 Row = tuple[Any, ...]
@@ -69,15 +77,16 @@ _HIT_RATE_L1, _HIT_RATE_L2 = metrics.CACHE_HIT_RATE.labels("l1"), metrics.CACHE_
 
 
 class FeatureSource(Protocol):
-    """L3: rows by entity id for one group (unknown ids are absent), and writes."""
+    """L3: versioned rows by entity id for one group (unknown ids are absent), and writes that
+    only replace a row with a newer version (they return how many did)."""
 
     name: str
 
     async def get_many(
         self, group: FeatureGroup, ids: Sequence[str], timeout_s: float | None = None
-    ) -> dict[str, Row]: ...
+    ) -> dict[str, tuple[Row, int]]: ...
 
-    async def put_many(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any]]]) -> int: ...
+    async def put_many(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any], int]]) -> int: ...
 
     async def get_warm_set(self, kind: str, limit: int) -> list[str]: ...
 
@@ -104,6 +113,8 @@ class TieredStore:
         l3_breaker: CircuitBreaker | None = None,
     ) -> None:
         self.l1, self.l2, self.origin = l1, l2, origin
+        self.l1_ttl_cap_s: float | None = None  # set while other processes' writes may be missed
+        self.l2_probation = False  # set for a while after Redis came back: L2 is read around, still filled
         self.negative_ttl_s = negative_ttl_s
         self.l2_timeout_s, self.l3_timeout_s = l2_timeout_s, l3_timeout_s
         self.l2_breaker = l2_breaker or CircuitBreaker("l2", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
@@ -118,6 +129,11 @@ class TieredStore:
 
     def ttl(self, group: FeatureGroup, value: Any) -> float:
         return min(group.ttl_s, self.negative_ttl_s) if value == NEGATIVE else group.ttl_s
+
+    def l1_ttl(self, ttl_s: float) -> float:
+        """An L1 entry's TTL: `ttl_s`, capped while writes elsewhere may go unseen."""
+        cap = self.l1_ttl_cap_s
+        return ttl_s if cap is None else min(ttl_s, cap)
 
     async def get(
         self, requests: Sequence[tuple[FeatureGroup, Sequence[str]]]
@@ -144,7 +160,7 @@ class TieredStore:
         self._observe("l1", len(want), len(found), t0)
         self._counts["l1"] += len(found)
         l2_ok = self.l2 is not None
-        if missing and self.l2 is not None:
+        if missing and self.l2 is not None and not self.l2_probation:
             try:
                 missing = await self._from_l2(missing, want, found)
             except (*L2_ERRORS, BreakerOpen) as exc:
@@ -187,14 +203,15 @@ class TieredStore:
             async with asyncio.timeout(self.l2_timeout_s):
                 return await l2.get_many(l2_keys)
 
-        values = await self.l2_breaker.call(read, L2_ERRORS)
+        entries = await self.l2_breaker.call(read, L2_ERRORS)
         still, hits = [], []
-        for k, v in zip(keys, values, strict=True):
-            if v is None:
+        l1 = self.l1
+        for k, e in zip(keys, entries, strict=True):
+            if e is None or l1.newer_than(k, e[1]):  # a miss, or older than a write this process saw
                 still.append(k)
             else:
-                found[k] = v
-                hits.append((k, v, self.ttl(want[k][0], v)))
+                found[k] = e[0]
+                hits.append((k, e[0], e[1], self.l1_ttl(e[2])))  # L2's remaining TTL
         self._observe("l2", len(keys), len(hits), t0)
         self._counts["l2"] += len(hits)
         if hits:
@@ -237,11 +254,13 @@ class TieredStore:
         self, want: dict[Key, tuple[FeatureGroup, str]], futures: dict[Key, asyncio.Future[Row | Absent]], l2_ok: bool
     ) -> None:
         """One read per group, all groups at once; resolves every future (Absent.FAILED where
-        a read failed), then backfills L1 and L2 with what was found. Runs as its own task."""
+        a read failed), then backfills L1 and L2 with what was found, each entry only over an
+        older version. Runs as its own task."""
         t0 = time.perf_counter()
         by_group: dict[FeatureGroup, list[Key]] = {}
         for k, (group, _) in want.items():
             by_group.setdefault(group, []).append(k)
+        versions: dict[Key, int] = {}
         try:
             results = await asyncio.gather(
                 *(self._read(g, [want[k][1] for k in ks]) for g, ks in by_group.items()), return_exceptions=True
@@ -250,8 +269,11 @@ class TieredStore:
                 if isinstance(res, BaseException) and not isinstance(res, (*L3_ERRORS, BreakerOpen)):
                     log.error("unexpected error reading %s from L3", group.name, exc_info=res)
                 for k in ks:
-                    value = Absent.FAILED if isinstance(res, BaseException) else res.get(want[k][1], Absent.UNKNOWN)
-                    futures[k].set_result(value)
+                    got = None if isinstance(res, BaseException) else res.get(want[k][1])
+                    if got is not None:
+                        versions[k] = got[1]
+                    failed = isinstance(res, BaseException)
+                    futures[k].set_result(Absent.FAILED if failed else Absent.UNKNOWN if got is None else got[0])
         finally:
             for k, fut in futures.items():
                 if not fut.done():
@@ -259,16 +281,17 @@ class TieredStore:
                 self._inflight.pop(k, None)
         got = {k: fut.result() for k, fut in futures.items()}
         self._observe("l3", len(got), sum(not isinstance(v, Absent) for v in got.values()), t0)
-        fresh = [(k, cached(v), self.ttl(want[k][0], cached(v))) for k, v in got.items() if v is not Absent.FAILED]
+        fresh = [(k, cached(v), versions.get(k, NONE), self.ttl(want[k][0], cached(v)))
+                 for k, v in got.items() if v is not Absent.FAILED]  # fmt: skip
         if fresh:
-            self.l1.set_many_now(fresh)
+            self.l1.set_many_now([(k, v, ver, self.l1_ttl(ttl)) for k, v, ver, ttl in fresh])
             if l2_ok and self.l2 is not None:
-                await self.l2.set_many([(feature_key(*want[k]), v, ttl) for k, v, ttl in fresh])
+                await self.l2.set_many([(feature_key(*want[k]), v, ver, ttl) for k, v, ver, ttl in fresh])
 
-    async def _read(self, group: FeatureGroup, ids: list[str]) -> dict[str, Row]:
+    async def _read(self, group: FeatureGroup, ids: list[str]) -> dict[str, tuple[Row, int]]:
         """One L3 read, bounded by the L3 timeout, behind the L3 breaker."""
 
-        async def once() -> dict[str, Row]:
+        async def once() -> dict[str, tuple[Row, int]]:
             # the store applies the timeout itself (asyncpg cancels a query cleanly; an outer
             # cancellation can leave its connection mid-operation); this is the backstop
             async with asyncio.timeout(2 * self.l3_timeout_s):

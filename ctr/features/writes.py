@@ -1,13 +1,22 @@
 """Feature writes, in one of two modes per group, and the durable write-behind writer.
 
-- write-through: L3 first (committed), then the caches (L2, and this process's L1);
+Every write carries a version from the writing process's clock (ctr/features/versions.py),
+and every tier keeps only the newest: L3 upserts only a newer version, L2 sets
+compare-newer (a Lua script), L1 likewise, and every other process's L1 is told
+(ctr/features/coherence.py). So a replayed, reordered or claimed write never takes a row
+back, and a read that was in flight during a write never puts the older row back.
+
+- write-through: L3 first (committed: the truth), then the caches (L2, this process's L1,
+  the announcement to the others). Once L3 committed the write is done; a cache update that
+  fails (Redis down) is queued and retried (`Repairs`), and the answer says so;
 - write-behind: the rows are appended to a Redis Stream first, and only once Redis took
   them (XADD answered) the caches are written, so no cache ever holds a value the stream
   lost. A writer in a consumer group commits them to L3 and acknowledges each entry only
-  after the commit, so a writer killed with SIGKILL mid-stream loses nothing: its
-  unacknowledged entries stay pending and the next run of it (same name) or another
-  writer (after `claim_idle_s`, by XAUTOCLAIM) commits them. Upserts are idempotent, so
-  a replay is harmless.
+  after the commit, then refreshes the caches from what L3 holds. A writer killed with
+  SIGKILL mid-stream loses nothing: its unacknowledged entries stay pending and another
+  writer commits them (after `claim_idle_s`, by XAUTOCLAIM); being versioned, a late
+  commit of an older entry changes nothing. Each writer process has a name of its own.
+  The stream must live on a Redis that never evicts it (`check_stream_redis`).
 
 The writer is supervised (`run_writer`): a failing Redis or L3, or a consumer group that
 vanished with a Redis restarted without persistence, is logged, counted
@@ -15,9 +24,6 @@ vanished with a Redis restarted without persistence, is logged, counted
 stop. An entry that cannot be committed (malformed, or rows the schema refuses) is moved
 to a dead-letter stream (`ctr_feature_writes_dead_lettered`) and the rest of its batch is
 committed. How durable an acknowledged write is depends on Redis's persistence (README).
-
-Other processes' L1 copies of an updated entity stay until their TTL (seconds to
-hours by group); L2 is updated at once.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -36,9 +45,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from ctr import metrics
 from ctr.features import schema
+from ctr.features.coherence import Coherence
 from ctr.features.schema import FeatureGroup
-from ctr.features.store import L3_ERRORS, FeatureSource, TieredStore
+from ctr.features.store import L2_ERRORS, L3_ERRORS, FeatureSource, TieredStore
 from ctr.features.tiers import feature_key, l1_key
+from ctr.features.versions import VersionClock
 
 log = logging.getLogger(__name__)
 Mode = Literal["through", "behind"]
@@ -57,6 +68,10 @@ KINDS: dict[str, tuple[type, ...]] = {
     "ad_stats": (int, int),
 }
 Entry = tuple[bytes, dict[bytes, bytes] | None]
+Row = tuple[Any, ...]
+Versioned = tuple[str, Row, int]  # (entity id, values, version)
+# Called after a batch was committed to L3, with each group's committed ids.
+CommitHook = Callable[[FeatureGroup, list[str]], Awaitable[None]]
 # Called with the name of each step of a commit ("read": entries parsed, nothing written;
 # "upserted": L3 has the rows, the entries are not yet acknowledged); a test raises from
 # it to kill a consumer at that point.
@@ -88,6 +103,48 @@ def validate_rows(
     return group, out
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a write did: its mode, and whether a cache update was left to `Repairs`."""
+
+    mode: Mode
+    cache_deferred: bool = False
+
+
+@dataclass(slots=True)
+class Repairs:
+    """Cache updates of committed writes that failed (Redis down): retried until they land,
+    newest version per key, at most `max_items` (past it the oldest are dropped, logged)."""
+
+    max_items: int = 100_000
+    items: dict[tuple[str, int, str], tuple[FeatureGroup, Versioned]] = field(default_factory=dict)
+
+    def add(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
+        for row in rows:
+            key = (group.name, group.version, row[0])
+            have = self.items.get(key)
+            if have is None or have[1][2] <= row[2]:
+                self.items.pop(key, None)
+                self.items[key] = (group, row)
+        while len(self.items) > self.max_items:
+            dropped = next(iter(self.items))
+            del self.items[dropped]
+            metrics.CACHE_REPAIRS.labels("dropped").inc()
+            log.error("cache repair of %s dropped (more than %d queued)", dropped, self.max_items)
+
+    def take(self) -> dict[FeatureGroup, list[Versioned]]:
+        out: dict[FeatureGroup, list[Versioned]] = {}
+        for group, row in self.items.values():
+            out.setdefault(group, []).append(row)
+        return out
+
+    def done(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
+        for row in rows:
+            key = (group.name, group.version, row[0])
+            if (have := self.items.get(key)) is not None and have[1][2] <= row[2]:
+                del self.items[key]
+
+
 class FeatureWriter:
     def __init__(
         self,
@@ -95,34 +152,130 @@ class FeatureWriter:
         modes: dict[str, Mode],
         redis: Redis | None = None,
         fs: schema.FeatureSchema = schema.DEFAULT,
+        coherence: Coherence | None = None,
+        clock: VersionClock | None = None,
     ) -> None:
         self.store = store
         self.modes = modes
-        self.redis = redis
+        self.redis = redis  # the write-behind stream's Redis
         self.schema = fs
+        self.coherence = coherence
+        self.clock = clock or VersionClock()
+        self.repairs = Repairs()
+        self.stream_refused: str | None = None  # why write-behind was refused (check_stream_redis)
+        self._repairing: asyncio.Task[None] | None = None
 
     def mode(self, group: FeatureGroup) -> Mode:
         mode = self.modes.get(group.name, "through")
-        return "behind" if mode == "behind" and self.redis is not None else "through"
+        usable = self.redis is not None and self.stream_refused is None
+        return "behind" if mode == "behind" and usable else "through"
 
-    async def put(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any]]]) -> Mode:
-        """Write rows of one group in the group's mode; returns the mode used. Either way
-        the caches are written only once the write is safe (committed, or queued)."""
+    async def start(self, repair_s: float = 0.25) -> None:
+        """Check the stream's Redis (when a group writes behind), and start retrying repairs."""
+        if self.redis is not None and "behind" in self.modes.values():
+            self.stream_refused = await check_stream_redis(self.redis)
+            if self.stream_refused:
+                log.error("write-behind refused, writing through instead: %s", self.stream_refused)
+        self._repairing = asyncio.create_task(self._repair_forever(repair_s))
+
+    async def close(self) -> None:
+        if self._repairing is not None:
+            self._repairing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._repairing
+        with contextlib.suppress(*L2_ERRORS):
+            await self.repair()  # a last try
+
+    async def put(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any]]]) -> Written:
+        """Write rows of one group in the group's mode, under one new version. Raises (nothing
+        acknowledged) when L3 (through) or the stream (behind) did not take the write; once
+        either did, the write is done and the caches follow (at once, or by `Repairs`)."""
         mode = self.mode(group)
-        items = [(eid, tuple(v)) for eid, v in rows]
+        version = self.clock.next()
+        items: list[Versioned] = [(eid, tuple(v), version) for eid, v in rows]
         if mode == "through":
-            await self.store.origin.put_many(group, rows)
+            if await self.store.origin.put_many(group, items) < len({eid for eid, _, _ in items}):
+                try:  # a newer write of some row won: the caches take what L3 holds
+                    items = await self.truth(group, [eid for eid, _, _ in items])
+                except L3_ERRORS:  # committed all the same; the newer write updates the caches
+                    items = []
         else:
             assert self.redis is not None
-            await self.redis.xadd(STREAM, {"group": group.name, "rows": orjson.dumps([[e, list(v)] for e, v in rows])})
-        await self._cache(group, items)
+            rows_json = orjson.dumps([[e, list(v)] for e, v, _ in items])
+            await self.redis.xadd(STREAM, {"group": group.name, "rows": rows_json, "version": str(version)})
+        deferred = not await self.cache(group, items)
         metrics.FEATURE_WRITES.labels(group.name, mode).inc(len(items))
-        return mode
+        return Written(mode, deferred)
 
-    async def _cache(self, group: FeatureGroup, items: list[tuple[str, tuple[Any, ...]]]) -> None:
+    async def truth(self, group: FeatureGroup, ids: Sequence[str]) -> list[Versioned]:
+        """What L3 holds for `ids` (no timeout: off the request path)."""
+        got = await self.store.origin.get_many(group, list(dict.fromkeys(ids)))
+        return [(eid, row, ver) for eid, (row, ver) in got.items()]
+
+    async def refresh(self, group: FeatureGroup, ids: list[str]) -> None:
+        """After the write-behind writer committed `ids`: the caches take what L3 now holds."""
+        await self.cache(group, await self.truth(group, ids))
+
+    async def cache(self, group: FeatureGroup, rows: Sequence[Versioned]) -> bool:
+        """This process's L1, then L2 and every other process's L1, compare-newer; False (and
+        queued for `repair`) when Redis did not take it."""
+        store = self.store
+        store.l1.set_many_now([(l1_key(group, e), v, ver, store.l1_ttl(group.ttl_s)) for e, v, ver in rows])
+        try:
+            await self._announce(group, rows)
+        except L2_ERRORS as exc:
+            log.warning("cache update of %d %s rows queued for retry (%s)", len(rows), group.name, type(exc).__name__)
+            metrics.CACHE_REPAIRS.labels("queued").inc(len(rows))
+            self.repairs.add(group, rows)
+            return False
+        return True
+
+    async def _announce(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
         if self.store.l2 is not None:
-            await self.store.l2.set_many([(feature_key(group, e), v, group.ttl_s) for e, v in items])
-        self.store.l1.set_many_now([(l1_key(group, e), v, group.ttl_s) for e, v in items])
+            await self.store.l2.set_many([(feature_key(group, e), v, ver, group.ttl_s) for e, v, ver in rows])
+        if self.coherence is not None:
+            await self.coherence.publish(group, [(e, ver) for e, _, ver in rows])
+
+    async def repair(self) -> int:
+        """Retry the queued cache updates once; returns how many landed."""
+        n = 0
+        for group, rows in self.repairs.take().items():
+            await self._announce(group, rows)
+            self.repairs.done(group, rows)
+            metrics.CACHE_REPAIRS.labels("done").inc(len(rows))
+            n += len(rows)
+        return n
+
+    async def _repair_forever(self, interval_s: float) -> None:
+        delay = interval_s
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                if await self.repair():
+                    log.info("queued cache updates landed")
+                delay = interval_s
+            except L2_ERRORS:
+                delay = min(2.0, delay * 2)
+
+
+async def check_stream_redis(redis: Redis) -> str | None:
+    """Why this Redis cannot hold the write-behind stream (None when it can): an
+    `allkeys-*` eviction policy may evict the stream and its unacknowledged writes."""
+    try:
+        policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy", "")
+    except ResponseError:  # CONFIG disabled (managed Redis): cannot tell
+        log.warning("cannot read the stream Redis's maxmemory-policy (CONFIG refused); make sure it is noeviction")
+        return None
+    if str(policy).startswith("allkeys"):
+        return (f"the stream's Redis has maxmemory-policy {policy}, which can evict unacknowledged writes; "
+                "give write-behind a Redis of its own (CTR_STREAM_REDIS_URL) with noeviction")  # fmt: skip
+    return None
+
+
+def consumer_name() -> str:
+    """A writer's name in the consumer group, unique per process (two writers sharing a name
+    would take each other's pending entries)."""
+    return f"writer-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 async def ensure_group(redis: Redis) -> None:
@@ -135,10 +288,22 @@ async def ensure_group(redis: Redis) -> None:
             raise
 
 
+def entry_version(entry_id: bytes, data: dict[bytes, bytes]) -> int:
+    """An entry's write version; an entry written before entries carried one gets its stream
+    id's time in microseconds (the same scale)."""
+    if b"version" in data:
+        try:
+            return int(data[b"version"])
+        except ValueError:
+            raise ValueError("version is not an integer") from None
+    ms, _, seq = entry_id.decode().partition("-")
+    return int(ms) * 1000 + min(int(seq or 0), 999)
+
+
 def parse_entry(
-    data: dict[bytes, bytes] | None, fs: schema.FeatureSchema
-) -> tuple[FeatureGroup, list[tuple[str, list[Any]]]]:
-    """A stream entry's group and rows, checked like any write; ValueError if malformed."""
+    entry_id: bytes, data: dict[bytes, bytes] | None, fs: schema.FeatureSchema
+) -> tuple[FeatureGroup, list[Versioned]]:
+    """A stream entry's group and versioned rows, checked like any write; ValueError if malformed."""
     if data is None:
         raise ValueError("entry has no fields")
     try:
@@ -148,7 +313,9 @@ def parse_entry(
     if not isinstance(raw, list):
         raise ValueError("rows is not a list")
     rows = [{"id": r[0], "values": r[1]} if isinstance(r, list) and len(r) == 2 else None for r in raw]
-    return validate_rows(name, rows, fs)
+    group, parsed = validate_rows(name, rows, fs)
+    version = entry_version(entry_id, data)
+    return group, [(eid, tuple(v), version) for eid, v in parsed]
 
 
 async def _commit(
@@ -157,26 +324,29 @@ async def _commit(
     entries: Sequence[Entry],
     fs: schema.FeatureSchema,
     on_step: StepHook | None = None,
+    on_commit: CommitHook | None = None,
 ) -> int:
-    """Commit a batch of stream entries (one upsert per group, in stream order, so the last
-    write of an entity wins), then acknowledge and drop them all: only after the commit.
-    Entries that cannot be committed go to the dead-letter stream in the same transaction."""
-    rows: dict[str, dict[str, Any]] = {}
+    """Commit a batch of stream entries (one upsert per group; each row lands only over an
+    older version, so the newest write of an entity wins whatever the order of the entries),
+    then acknowledge and drop them all: only after the commit; then `on_commit` refreshes
+    the caches. Entries that cannot be committed go to the dead-letter stream in the same
+    transaction as the acknowledgement."""
+    rows: dict[str, list[Versioned]] = {}
     groups: dict[str, FeatureGroup] = {}
     dead: list[tuple[bytes, dict[bytes, bytes] | None, str]] = []
     for entry_id, data in entries:
         try:
-            group, parsed = parse_entry(data, fs)
+            group, parsed = parse_entry(entry_id, data, fs)
         except ValueError as exc:
             dead.append((entry_id, data, str(exc)))
             continue
         groups[group.name] = group
-        rows.setdefault(group.name, {}).update(parsed)
+        rows.setdefault(group.name, []).extend(parsed)
     if on_step is not None:
         on_step("read")
     n = 0
-    for name, by_id in rows.items():
-        n += await origin.put_many(groups[name], list(by_id.items()))
+    for name, versioned in rows.items():
+        n += await origin.put_many(groups[name], versioned)
     if on_step is not None:
         on_step("upserted")
     pipe = redis.pipeline(transaction=True)
@@ -188,6 +358,9 @@ async def _commit(
     await pipe.xack(STREAM, GROUP, *ids).xdel(STREAM, *ids).execute()
     if dead:
         metrics.DEAD_LETTERS.inc(len(dead))
+    if on_commit is not None:
+        for name, versioned in rows.items():
+            await on_commit(groups[name], list(dict.fromkeys(eid for eid, _, _ in versioned)))
     return n
 
 
@@ -204,13 +377,18 @@ class Consumer:
     block_ms: int = BLOCK_MS
     claim_idle_s: float = 30.0
     on_step: StepHook | None = None
+    on_commit: CommitHook | None = None
 
     async def commit(self, entries: Sequence[Entry]) -> int:
-        return await _commit(self.redis, self.origin, entries, self.fs, self.on_step) if entries else 0
+        if not entries:
+            return 0
+        return await _commit(self.redis, self.origin, entries, self.fs, self.on_step, self.on_commit)
 
     async def recover(self) -> int:
-        """Commit this consumer's own pending entries (a previous run of it died mid-batch)."""
+        """Commit this consumer's own pending entries (a previous run of it died mid-batch), and
+        forget consumers of the group that are idle and hold nothing (writers that ended)."""
         await ensure_group(self.redis)
+        await self.prune()
         total = 0
         while resp := await self.redis.xreadgroup(GROUP, self.name, {STREAM: "0"}, count=self.batch):
             entries = resp[0][1]
@@ -218,6 +396,16 @@ class Consumer:
                 break
             total += await self.commit(entries)
         return total
+
+    async def prune(self, idle_s: float = 3600.0) -> int:
+        """Delete the group's other consumers idle for `idle_s` with no pending entry."""
+        gone = 0
+        for c in await self.redis.xinfo_consumers(STREAM, GROUP):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name != self.name and int(c["pending"]) == 0 and int(c["idle"]) > idle_s * 1000:
+                await self.redis.xgroup_delconsumer(STREAM, GROUP, name)
+                gone += 1
+        return gone
 
     async def claim(self) -> int:
         """Commit entries another consumer left pending for longer than `claim_idle_s`."""
@@ -254,6 +442,7 @@ async def run_writer(
     backoff_s: float = 0.1,
     max_backoff_s: float = 5.0,
     on_step: StepHook | None = None,
+    on_commit: CommitHook | None = None,
 ) -> int:
     """Commit write-behind entries to L3 until `stop` is set; returns rows committed.
 
@@ -263,7 +452,7 @@ async def run_writer(
     needed and committing its own pending entries. Catching every Exception is deliberate:
     a writer that dies loses no data, but stops committing it without a word.
     """
-    c = Consumer(redis, origin, consumer, fs, batch, block_ms, claim_idle_s, on_step)
+    c = Consumer(redis, origin, consumer, fs, batch, block_ms, claim_idle_s, on_step, on_commit)
     total, failures = 0, 0
     while not stop.is_set():
         try:
