@@ -176,9 +176,11 @@ class CTRGateway:
         self.arms = wiring.canary_arms(
             SETTINGS, self.pool, self.art.tag, self.width, INTERNAL_HEADERS
         )  # None without Redis
+        id_key = request_id.resolve_key(SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir)
         self.gateway = wiring.gateway(
-            SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback, self.arms
-        )
+            SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback, self.arms,
+            new_id=request_id.Signer(id_key).issue,
+        )  # fmt: skip
         predict_app.state.canary = self.arms.runtime if self.arms else None
         predict_app.state.stable_arm = Arm(self.art.tag, tuple(u for u in SETTINGS.model_urls.split(",") if u))
         predict_app.state.max_ads = SETTINGS.max_ads
@@ -186,9 +188,7 @@ class CTRGateway:
         predict_app.state.admin_token = SETTINGS.admin_token
         predict_app.state.max_body_bytes = SETTINGS.max_body_bytes
         predict_app.state.model_info = wiring.model_info(self.art)
-        predict_app.state.request_id_key = request_id.resolve_key(
-            SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir
-        )
+        predict_app.state.request_id_key = id_key
         self.status = wiring.status_board(self.gateway, self.stack, workers=GATEWAY_WORKERS)
 
     @bentoml.on_startup

@@ -35,7 +35,8 @@ async def model(x: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
     app = make_app()
-    app.state.gateway = Gateway(features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0)
+    app.state.gateway = Gateway(features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0,
+                                new_id=request_id.Signer(KEY).issue)  # fmt: skip
     app.state.max_ads = 1000
     app.state.max_body_bytes = LIMIT
     app.state.request_id_key = KEY

@@ -120,7 +120,7 @@ def test_above_the_limit_the_segment_table_answers_at_once() -> None:
         return shed, await asyncio.gather(*held)
 
     shed, held = asyncio.run(go())
-    assert shed.fallback is True and shed.degraded == [SHED] and shed.request_id == "r3"
+    assert shed.fallback is True and shed.degraded == [SHED] and shed.request_id
     assert shed.scores == [TABLE.score(CTX["device_type"], CTX["site_category"])] * 2
     assert all(not p.fallback for p in held)
 

@@ -105,14 +105,16 @@ async def _model(x: np.ndarray) -> np.ndarray:
     return np.full(len(x), 0.1, dtype=np.float32)
 
 
-def _predict(n: int) -> None:
-    gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0)
+def _predict(n: int) -> list[str]:
+    """`n` requests, the i-th with the caller's id `client-i`; the ids the gateway issued."""
+    ids = iter(f"req-{i}" for i in range(n))
+    gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
+                 new_id=lambda arm, version: next(ids))  # fmt: skip
 
-    async def go() -> None:
-        for i in range(n):
-            await gw.predict(REQ, f"req-{i}")
+    async def go() -> list[str]:
+        return [(await gw.predict(REQ, f"client-{i}")).request_id for i in range(n)]
 
-    asyncio.run(go())
+    return asyncio.run(go())
 
 
 def test_no_line_per_request_at_info(captured: io.StringIO) -> None:
@@ -131,5 +133,41 @@ def test_debug_has_a_line_per_request_with_its_fields() -> None:
         obslog.configure("text", "INFO")
     reqs = [x for x in lines(out) if x.get("event") == "predict"]
     assert [x["request_id"] for x in reqs] == ["req-0", "req-1", "req-2"]
+    assert [x["client_request_id"] for x in reqs] == ["client-0", "client-1", "client-2"]
     assert reqs[0]["arm"] == "stable" and reqs[0]["model_version"] == "ctr_model:logtest"
     assert reqs[0]["degraded"] == ["features:user:default"] and reqs[0]["level"] == "debug"
+
+
+def test_the_logged_request_id_is_the_one_the_client_holds() -> None:
+    """One id from edge to logs: /predict's answer carries the signed id the gateway issued
+    and logged (the old code logged a uuid and signed another id for the response), the
+    caller's X-Request-ID is echoed and logged beside it, and /feedback accepts the id."""
+    import httpx
+
+    from ctr.api import request_id
+    from ctr.api.routes import make_app
+    from ctr.serving.overload import Admission
+
+    key = b"k" * 32
+    gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
+                 new_id=request_id.Signer(key).issue)  # fmt: skip
+    app = make_app()
+    app.state.gateway, app.state.max_ads, app.state.request_id_key = Admission(gw, None), 10, key
+    body = {"user_id": "u1", "ad_ids": ["a1"], "context": REQ.context.model_dump()}
+    out = io.StringIO()
+    obslog.configure("json", "DEBUG", stream=out)
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            r = await c.post("/predict", json=body, headers={"x-request-id": "client-7"})
+            fb = await c.post("/feedback", json={"request_id": r.json()["request_id"], "ad_id": "a1", "clicked": True})
+            return r, fb
+
+    try:
+        r, fb = asyncio.run(go())
+    finally:
+        obslog.configure("text", "INFO")
+    [line] = [x for x in lines(out) if x.get("event") == "predict"]
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-7"
+    assert line["request_id"] == r.json()["request_id"] and line["client_request_id"] == "client-7"
+    assert request_id.verify(line["request_id"], key) is not None and fb.status_code == 202

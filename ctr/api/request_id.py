@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,17 @@ def _unb64(text: str) -> bytes:
 
 def _tag(key: bytes, payload: str) -> bytes:
     return hmac.new(key, payload.encode(), hashlib.sha256).digest()[:TAG_BYTES]
+
+
+class Signer:
+    """Issues the one id of a request, at the edge, when its arm and model version are known:
+    the same id goes to the logs, the response and (through /feedback) the canary's join."""
+
+    def __init__(self, key: bytes, clock: Callable[[], float] = time.time) -> None:
+        self.key, self.clock = key, clock
+
+    def issue(self, arm: str, model_version: str) -> str:
+        return issue(arm, model_version, self.key, self.clock())
 
 
 def issue(arm: str, model_version: str, key: bytes, now: float) -> str:

@@ -13,7 +13,6 @@ Every body is bounded (CTR_MAX_BODY_BYTES) before it is read into memory or pars
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import logging
 import os
@@ -88,7 +87,8 @@ async def predict(request: Request) -> Response:
         return _error(exc)
     t0 = time.perf_counter()
     try:
-        result = await gateway.predict(req)
+        client_id = request.headers.get("x-request-id")  # echoed and logged beside ours, to join the client's logs
+        result = await gateway.predict(req, client_id)
     except Overloaded as exc:
         gateway.failed(time.perf_counter() - t0)  # a 503 counts against availability
         body = orjson.dumps({"error": str(exc)})
@@ -96,10 +96,8 @@ async def predict(request: Request) -> Response:
     except Exception:  # answered 500 by Starlette; counted against availability first
         gateway.failed(time.perf_counter() - t0)
         raise
-    signed = request_id.issue(result.arm, result.model_version, request.app.state.request_id_key, time.time())
-    client_id = request.headers.get("x-request-id")  # echoed as a header only, to join the client's logs
     headers = {"x-request-id": client_id} if client_id else None
-    return _json(dataclasses.replace(result, request_id=signed), headers=headers)
+    return _json(result, headers=headers)
 
 
 async def feedback(request: Request) -> Response:

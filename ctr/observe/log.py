@@ -108,11 +108,14 @@ _requests = get("ctr.requests")
 _REQUESTS_STDLIB = logging.getLogger("ctr.requests")
 
 
-def request(request_id: str, arm: str, model_version: str, degraded: list[str], latency_ms: float) -> None:
-    """A request's line: DEBUG only (callers check `request_logging()` first, it is the hot path)."""
+def request(
+    request_id: str, arm: str, model_version: str, degraded: list[str], latency_ms: float, client_id: str | None = None
+) -> None:
+    """A request's line: DEBUG only (callers check `request_logging()` first, it is the hot path);
+    `client_request_id` is the caller's X-Request-ID, when it sent one."""
     _requests.debug(
         "predict", request_id=request_id, arm=arm, model_version=model_version, degraded=degraded,
-        latency_ms=round(latency_ms, 3),
+        latency_ms=round(latency_ms, 3), **({"client_request_id": client_id} if client_id else {}),
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,6 +60,10 @@ class ArmRouter(Protocol):
     def record(self, arm: str, latency_s: float, failed: bool) -> None: ...
 
 
+def _random_id(arm: str, model_version: str) -> str:
+    return uuid.uuid4().hex
+
+
 class ModelFailed(Exception):
     """The model gave no scores in time; `reason` names why (a `model:` degradation)."""
 
@@ -76,7 +81,10 @@ class Gateway:
         model_version: str,
         deadline_s: float,
         arms: ArmRouter | None = None,
+        new_id: Callable[[str, str], str] | None = None,
     ) -> None:
+        """`new_id(arm, model_version)` issues each request's one id (the edge's signer;
+        default a random hex id)."""
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.features = features
@@ -85,6 +93,7 @@ class Gateway:
         self.model_version = model_version
         self.deadline_s = deadline_s
         self.arms = arms
+        self.new_id = new_id or _random_id
         self._inference_h = sli.stage("inference")
         self._request_h = sli.stage("request")
         self.sli = sli.RECORDER  # SLIs of this process (the status page reads them)
@@ -121,7 +130,9 @@ class Gateway:
         self._inference_h.observe(time.perf_counter() - t0)
         return np.clip(y.astype(np.float64), 1e-6, 1 - 1e-6).tolist()
 
-    async def predict(self, req: PredictRequest, request_id: str | None = None) -> Prediction:
+    async def predict(self, req: PredictRequest, client_id: str | None = None) -> Prediction:
+        """The scores of one request; `client_id` (the caller's X-Request-ID) is logged beside
+        the request's own id."""
         t0 = time.perf_counter()
         deadline = t0 + self.deadline_s
         context = req.context.model_dump()
@@ -143,11 +154,11 @@ class Gateway:
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
         if self.arms is not None:
             self.arms.record(arm, elapsed, failed is not None)
-        pred = Prediction(request_id or uuid.uuid4().hex, scores, version, arm, failed is not None, degraded)
-        self.observe(pred, failed, elapsed)
+        pred = Prediction(self.new_id(arm, version), scores, version, arm, failed is not None, degraded)
+        self.observe(pred, failed, elapsed, client_id)
         return pred
 
-    def observe(self, pred: Prediction, failed: str | None, elapsed_s: float) -> None:
+    def observe(self, pred: Prediction, failed: str | None, elapsed_s: float, client_id: str | None = None) -> None:
         """The request's SLIs (recorder and ctr_sli_* metrics; also of a request shed at the edge),
         the fallback-burst log, and
         at DEBUG only its own log line."""
@@ -159,7 +170,7 @@ class Gateway:
         if failed is not None:
             self.bursts.record(failed, pred.request_id, pred.arm, pred.model_version, pred.degraded)
         if obslog.request_logging():
-            obslog.request(pred.request_id, pred.arm, pred.model_version, pred.degraded, elapsed_s * 1000)
+            obslog.request(pred.request_id, pred.arm, pred.model_version, pred.degraded, elapsed_s * 1000, client_id)
 
     def failed(self, elapsed_s: float) -> None:
         """A request that raised (its answer is a 5xx): an error against availability."""

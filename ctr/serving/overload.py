@@ -11,7 +11,6 @@ The requests it admits stay inside the deadline, and their outcomes steer the li
 
 from __future__ import annotations
 
-import uuid
 from typing import Literal
 
 from ctr import metrics
@@ -45,14 +44,14 @@ class Admission:
             raise ValueError(f"mode must be 'fallback' or 'reject', got {mode!r}")
         self.gateway, self.limiter, self.mode, self.retry_after_s = gateway, limiter, mode, retry_after_s
 
-    async def predict(self, req: PredictRequest, request_id: str | None = None) -> Prediction:
+    async def predict(self, req: PredictRequest, client_id: str | None = None) -> Prediction:
         if self.limiter is None:
-            return await self.gateway.predict(req, request_id)
+            return await self.gateway.predict(req, client_id)
         lease = self.limiter.try_acquire()
         if lease is None:
-            return self.shed(req, request_id)
+            return self.shed(req, client_id)
         try:
-            result = await self.gateway.predict(req, request_id)
+            result = await self.gateway.predict(req, client_id)
         except BaseException:
             lease.ignore()
             raise
@@ -65,7 +64,7 @@ class Admission:
             lease.success()
         return result
 
-    def shed(self, req: PredictRequest, request_id: str | None) -> Prediction:
+    def shed(self, req: PredictRequest, client_id: str | None) -> Prediction:
         """The answer to a request above the limit: the segment table, or Overloaded."""
         if self.mode == "reject":
             metrics.REQUESTS.labels("rejected").inc()
@@ -74,8 +73,8 @@ class Admission:
         metrics.FALLBACKS.labels(SHED).inc()
         scores = self.gateway.fallback.table.scores(req.context.model_dump(), len(req.ad_ids))
         version = f"fallback:{self.gateway.model_version}"
-        pred = Prediction(request_id or uuid.uuid4().hex, scores, version, "stable", True, [SHED])
-        self.gateway.observe(pred, SHED, 0.0)  # a shed answer is a fallback in the SLIs too
+        pred = Prediction(self.gateway.new_id("stable", version), scores, version, "stable", True, [SHED])
+        self.gateway.observe(pred, SHED, 0.0, client_id)  # a shed answer is a fallback in the SLIs too
         return pred
 
     def failed(self, elapsed_s: float) -> None:

@@ -146,6 +146,7 @@ def gateway(
     features_call: Callable[..., Awaitable[Any]] | None = None,
     fallback_call: RemoteFallback | None = None,
     arms: Arms | None = None,
+    new_id: Callable[[str, str], str] | None = None,
 ) -> Gateway:
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
@@ -162,7 +163,7 @@ def gateway(
             fallback_call, CircuitBreaker.from_settings(settings, "fallback"), settings.fallback_timeout_ms / 1000.0
         )
     deadline_s = settings.deadline_ms / 1000.0
-    return Gateway(provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s, arms)
+    return Gateway(provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s, arms, new_id)
 
 
 async def warm_pool(pool: ModelPool, width: int, deadline_s: float, round_s: float = 180.0) -> None:
