@@ -231,10 +231,12 @@ def test_redis_l2_is_backfilled_and_serves_other_processes(redis_url: str, tmp_p
         db = SqliteStore(tmp_path / "f.db")
         ad = f"a{uuid.uuid4().hex[:6]}"
         db.write(schema.AD_META, [(ad, [1, 2, "video"], 1)])
-        first = TieredStore(MemoryTier(), db, RedisTier(connect(redis_url)))
+        first = TieredStore(MemoryTier(), db, RedisTier(connect(redis_url, timeout_s=2.0)))
         await first.get([(schema.AD_META, [ad])])
         await first.drain()
-        second = TieredStore(MemoryTier(), SlowOrigin({}), RedisTier(connect(redis_url)))
+        second = TieredStore(
+            MemoryTier(), SlowOrigin({}), RedisTier(connect(redis_url, timeout_s=2.0)), l2_timeout_s=2.0
+        )
         values, degraded = await second.get([(schema.AD_META, [ad])])
         assert values == [[(1, 2, "video")]] and degraded == []
         assert second.origin.reads == 0  # type: ignore[attr-defined]

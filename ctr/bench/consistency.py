@@ -187,7 +187,8 @@ class Driver:
             if body is not None:
                 row = body["rows"][0]["values"]
                 seq = -1 if row is None else int(row[0])
-                self.history.reads.append(Read(mode, entity, body["pid"], t0, self.now(), seq, bool(body["degraded"])))
+                defaults = f"features:{MODES[mode]}:default" in body["degraded"]  # L3 down: not a staleness sample
+                self.history.reads.append(Read(mode, entity, body["pid"], t0, self.now(), seq, defaults))
             await asyncio.sleep(0.005)
 
 

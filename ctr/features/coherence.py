@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from ctr import metrics
 from ctr.features.schema import FeatureGroup
 from ctr.features.store import TieredStore
+from ctr.features.versions import VersionClock
 
 log = logging.getLogger(__name__)
 CHANNEL = "ctr:features:written"
@@ -72,6 +73,7 @@ class Coherence:
         unsynced_ttl_s: float = 1.0,
         l2_probation_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        versions: VersionClock | None = None,
     ) -> None:
         """`publisher`: a Redis (or cluster) client to PUBLISH with, or None; `subscriber`: makes
         the plain Redis client to listen with (a cluster node is enough: PUBLISH reaches every
@@ -81,6 +83,7 @@ class Coherence:
         self.store, self.publisher, self.subscriber = store, publisher, subscriber
         self.ping_s, self.stale_s, self.unsynced_ttl_s = ping_s, stale_s, unsynced_ttl_s
         self.l2_probation_s = l2_probation_s
+        self.versions = versions or VersionClock()  # this process's write clock: kept above what it hears
         self.lost = 0  # times the channel was lost
         self.clock = clock
         self.listening = False
@@ -112,6 +115,8 @@ class Coherence:
         """Tombstone this process's L1 copies of the written ids."""
         self.store.l1.invalidate_now([((name, group_version, i), v) for i, v in items])
         self.applied += len(items)
+        if items:
+            self.versions.observe(max(v for _, v in items))
 
     async def start(self, wait_s: float = 2.0) -> None:
         """Start listening; wait up to `wait_s` for the subscription (start before warming L1,
@@ -137,7 +142,9 @@ class Coherence:
             client = self.subscriber()
             try:
                 await self._listen(client)
-            except LISTEN_ERRORS as exc:
+            except Exception as exc:
+                if not isinstance(exc, LISTEN_ERRORS):
+                    log.exception("feature-write listener failed; restarting it")
                 if self.listening:
                     log.warning("feature-write channel lost (%s: %s)", type(exc).__name__, exc)
                     self._flush("the feature-write channel was lost; writes elsewhere may be unseen")
@@ -158,11 +165,14 @@ class Coherence:
             heard = self.clock()
             pinged = heard
             while True:
-                msg = await ps.get_message(timeout=self.ping_s)
+                async with asyncio.timeout(self.stale_s):  # the client must not hang past the bound
+                    msg = await ps.get_message(timeout=self.ping_s)
                 now = self.clock()
                 if msg is not None:
                     heard = now
                     kind = msg["type"]
+                    if kind == "subscribe" and self.listening:  # subscribed again under us: a loss
+                        raise ConnectionError("the feature-write channel was subscribed again")
                     if kind == "subscribe":
                         self._flush("subscribed to the feature-write channel (writes before it may be unseen)")
                         if self.lost:

@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ctr.features import schema
 from ctr.features.coherence import Coherence
@@ -49,7 +51,9 @@ def _listener(url: str) -> Callable[[], Redis] | None:
     if not url:
         return None
     plain = "redis://" + url[len(CLUSTER_SCHEME) :].split(",")[0] if url.startswith(CLUSTER_SCHEME) else url
-    return lambda: Redis.from_url(plain, socket_connect_timeout=0.5, socket_timeout=5.0)
+    # No retries of its own: redis-py would reconnect and subscribe again inside get_message,
+    # and the messages published meanwhile would be missed without the listener knowing.
+    return lambda: Redis.from_url(plain, socket_connect_timeout=0.5, socket_timeout=5.0, retry=Retry(NoBackoff(), 0))
 
 
 def features(settings: Settings, shared: bool = False) -> FeatureStack:

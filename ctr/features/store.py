@@ -136,9 +136,10 @@ class TieredStore:
         return ttl_s if cap is None else min(ttl_s, cap)
 
     async def get(
-        self, requests: Sequence[tuple[FeatureGroup, Sequence[str]]]
+        self, requests: Sequence[tuple[FeatureGroup, Sequence[str]]], l3_timeout_s: float | None = None
     ) -> tuple[list[list[Row | None]], list[str]]:
-        """Values per request (None for an unknown entity or a failed read), and what was degraded."""
+        """Values per request (None for an unknown entity or a failed read), and what was degraded.
+        `l3_timeout_s` replaces the L3 budget of the reads this call starts (warming)."""
         t0 = time.perf_counter()
         req_keys = [[(g.name, g.version, i) for i in ids] for g, ids in requests]  # l1_key, inlined (hot path)
         req_vals = [self.l1.get_many_now(keys) for keys in req_keys]
@@ -169,7 +170,7 @@ class TieredStore:
                 if not isinstance(exc, BreakerOpen):
                     metrics.CACHE_ERRORS.labels("l2").inc()
         if missing:
-            await self._from_origin(missing, want, found, l2_ok, degraded)
+            await self._from_origin(missing, want, found, l2_ok, degraded, l3_timeout_s or self.l3_timeout_s)
         self._count(len(want))
         return [[self._value(found.get(k)) for k in keys] for keys in req_keys], degraded
 
@@ -197,6 +198,7 @@ class TieredStore:
         assert self.l2 is not None
         l2 = self.l2
         t0 = time.perf_counter()
+        epoch = self.l1.epoch
         l2_keys = [feature_key(*want[k]) for k in keys]
 
         async def read() -> list[Any | None]:
@@ -214,7 +216,7 @@ class TieredStore:
                 hits.append((k, e[0], e[1], self.l1_ttl(e[2])))  # L2's remaining TTL
         self._observe("l2", len(keys), len(hits), t0)
         self._counts["l2"] += len(hits)
-        if hits:
+        if hits and epoch == l1.epoch:  # a flush while L2 answered: its copies may predate missed writes
             self.l1.set_many_now(hits)
         return still
 
@@ -225,11 +227,12 @@ class TieredStore:
         found: dict[Key, Any],
         l2_ok: bool,
         degraded: list[str],
+        timeout_s: float,
     ) -> None:
         """Values of `keys` from L3: joins the reads already in flight, starts one for the rest.
         Each caller waits on its own shield, so a caller whose deadline cancels it never
         cancels a read that other callers (or the one that started it) still wait on."""
-        flights = self._flights(keys, want, l2_ok)
+        flights = self._flights(keys, want, l2_ok, timeout_s)
         values = await asyncio.shield(asyncio.gather(*flights.values()))
         found.update(zip(flights, values, strict=True))
         for name in sorted({want[k][0].name for k in keys if found[k] is Absent.FAILED}):
@@ -238,7 +241,7 @@ class TieredStore:
             degraded.append(reason)
 
     def _flights(
-        self, keys: list[Key], want: dict[Key, tuple[FeatureGroup, str]], l2_ok: bool
+        self, keys: list[Key], want: dict[Key, tuple[FeatureGroup, str]], l2_ok: bool, timeout_s: float
     ) -> dict[Key, asyncio.Future[Row | Absent]]:
         """Single flight: the shared future of every key, starting one read for the keys
         nobody is reading yet."""
@@ -247,23 +250,29 @@ class TieredStore:
             loop = asyncio.get_running_loop()
             futures = {k: loop.create_future() for k in new}
             self._inflight.update(futures)
-            self._background(self._read_origin({k: want[k] for k in new}, futures, l2_ok))
+            self._background(self._read_origin({k: want[k] for k in new}, futures, l2_ok, timeout_s))
         return {k: self._inflight[k] for k in keys}
 
     async def _read_origin(
-        self, want: dict[Key, tuple[FeatureGroup, str]], futures: dict[Key, asyncio.Future[Row | Absent]], l2_ok: bool
+        self,
+        want: dict[Key, tuple[FeatureGroup, str]],
+        futures: dict[Key, asyncio.Future[Row | Absent]],
+        l2_ok: bool,
+        timeout_s: float,
     ) -> None:
         """One read per group, all groups at once; resolves every future (Absent.FAILED where
         a read failed), then backfills L1 and L2 with what was found, each entry only over an
         older version. Runs as its own task."""
         t0 = time.perf_counter()
+        epoch = self.l1.epoch
         by_group: dict[FeatureGroup, list[Key]] = {}
         for k, (group, _) in want.items():
             by_group.setdefault(group, []).append(k)
         versions: dict[Key, int] = {}
         try:
             results = await asyncio.gather(
-                *(self._read(g, [want[k][1] for k in ks]) for g, ks in by_group.items()), return_exceptions=True
+                *(self._read(g, [want[k][1] for k in ks], timeout_s) for g, ks in by_group.items()),
+                return_exceptions=True,
             )
             for (group, ks), res in zip(by_group.items(), results, strict=True):
                 if isinstance(res, BaseException) and not isinstance(res, (*L3_ERRORS, BreakerOpen)):
@@ -283,19 +292,22 @@ class TieredStore:
         self._observe("l3", len(got), sum(not isinstance(v, Absent) for v in got.values()), t0)
         fresh = [(k, cached(v), versions.get(k, NONE), self.ttl(want[k][0], cached(v)))
                  for k, v in got.items() if v is not Absent.FAILED]  # fmt: skip
-        if fresh:
+        if fresh and epoch == self.l1.epoch:  # a flush during the read: what it read may predate missed writes
             self.l1.set_many_now([(k, v, ver, self.l1_ttl(ttl)) for k, v, ver, ttl in fresh])
-            if l2_ok and self.l2 is not None:
-                await self.l2.set_many([(feature_key(*want[k]), v, ver, ttl) for k, v, ver, ttl in fresh])
+        # L2 never takes a row older than a write this process has heard of (a write-behind
+        # write whose L2 entry was evicted before the writer committed it)
+        fresh = [f for f in fresh if not self.l1.newer_than(f[0], f[2])]
+        if fresh and l2_ok and self.l2 is not None:
+            await self.l2.set_many([(feature_key(*want[k]), v, ver, ttl) for k, v, ver, ttl in fresh])
 
-    async def _read(self, group: FeatureGroup, ids: list[str]) -> dict[str, tuple[Row, int]]:
-        """One L3 read, bounded by the L3 timeout, behind the L3 breaker."""
+    async def _read(self, group: FeatureGroup, ids: list[str], timeout_s: float) -> dict[str, tuple[Row, int]]:
+        """One L3 read, bounded by `timeout_s`, behind the L3 breaker."""
 
         async def once() -> dict[str, tuple[Row, int]]:
             # the store applies the timeout itself (asyncpg cancels a query cleanly; an outer
             # cancellation can leave its connection mid-operation); this is the backstop
-            async with asyncio.timeout(2 * self.l3_timeout_s):
-                return await self.origin.get_many(group, ids, timeout_s=self.l3_timeout_s)
+            async with asyncio.timeout(2 * timeout_s):
+                return await self.origin.get_many(group, ids, timeout_s=timeout_s)
 
         try:
             return await self.l3_breaker.call(once, L3_ERRORS)

@@ -81,6 +81,7 @@ class MemoryTier:
             max_entries = max(1, min(max_entries, max_bytes // self.ENTRY_BYTES))
         self.clock = clock
         self.tombstone_s = tombstone_s
+        self.epoch = 0  # counts flushes: a fill from a read that started before one is dropped
         self._cache = LRU(max_entries)
 
     def __len__(self) -> int:
@@ -124,6 +125,7 @@ class MemoryTier:
 
     def clear(self) -> None:
         self._cache.clear()
+        self.epoch += 1
 
     async def delete_many(self, keys: Sequence[Hashable]) -> None:
         for k in keys:

@@ -1,7 +1,8 @@
 """Write versions: every feature write carries one, and every tier keeps the newest.
 
 A version is a hybrid logical clock stamp: microseconds since the epoch, strictly increasing
-within a process (`max(wall, last + 1)`). It fits a double exactly (below 2**53 until the
+within a process (`max(wall, last + 1)`), and above every version the process has seen
+(`observe`: other processes' announced writes, rows its writes lost to). It fits a double exactly (below 2**53 until the
 year 2255), so Redis's Lua compares it without loss. Two writes acknowledged one after the
 other get increasing versions whichever process took them, as long as the processes' wall
 clocks agree to better than the time between the two (on one host they share one clock).
@@ -22,6 +23,11 @@ class VersionClock:
     def __init__(self, wall_ns: Callable[[], int] = time.time_ns) -> None:
         self._wall_ns = wall_ns
         self._last = NONE
+
+    def observe(self, version: int) -> None:
+        """A version seen elsewhere: the next one issued here will be newer."""
+        if version > self._last:
+            self._last = version
 
     def next(self) -> int:
         """A version newer than every one this clock issued before, and than the wall clock's now."""

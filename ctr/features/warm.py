@@ -18,6 +18,7 @@ from ctr.observe.progress import progress
 
 log = logging.getLogger(__name__)
 CHUNK = 2000
+WARM_L3_TIMEOUT_S = 30.0  # a chunk of 2,000 ids is one query: far past a request's budget, off the request path
 
 
 def warm_set_from_log(arrays: dict[str, np.ndarray], last_days: float = 1.0) -> dict[str, list[str]]:
@@ -41,7 +42,7 @@ def warm_set_from_log(arrays: dict[str, np.ndarray], last_days: float = 1.0) -> 
 async def _fetch(store: TieredStore, groups: Sequence[schema.FeatureGroup], ids: list[str], bar: Any) -> None:
     for i in range(0, len(ids), CHUNK):
         chunk = ids[i : i + CHUNK]
-        await store.get([(g, chunk) for g in groups])
+        await store.get([(g, chunk) for g in groups], l3_timeout_s=WARM_L3_TIMEOUT_S)
         bar.advance(len(chunk))
 
 

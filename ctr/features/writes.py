@@ -160,7 +160,7 @@ class FeatureWriter:
         self.redis = redis  # the write-behind stream's Redis
         self.schema = fs
         self.coherence = coherence
-        self.clock = clock or VersionClock()
+        self.clock = clock or (coherence.versions if coherence is not None else VersionClock())
         self.repairs = Repairs()
         self.stream_refused: str | None = None  # why write-behind was refused (check_stream_redis)
         self._repairing: asyncio.Task[None] | None = None
@@ -194,11 +194,7 @@ class FeatureWriter:
         version = self.clock.next()
         items: list[Versioned] = [(eid, tuple(v), version) for eid, v in rows]
         if mode == "through":
-            if await self.store.origin.put_many(group, items) < len({eid for eid, _, _ in items}):
-                try:  # a newer write of some row won: the caches take what L3 holds
-                    items = await self.truth(group, [eid for eid, _, _ in items])
-                except L3_ERRORS:  # committed all the same; the newer write updates the caches
-                    items = []
+            items = await self._through(group, items)
         else:
             assert self.redis is not None
             rows_json = orjson.dumps([[e, list(v)] for e, v, _ in items])
@@ -206,6 +202,23 @@ class FeatureWriter:
         deferred = not await self.cache(group, items)
         metrics.FEATURE_WRITES.labels(group.name, mode).inc(len(items))
         return Written(mode, deferred)
+
+    async def _through(self, group: FeatureGroup, items: list[Versioned]) -> list[Versioned]:
+        """Commit to L3. A row L3 refused holds a newer version: a concurrent write, or one from a
+        process whose clock is ahead of ours. This write is acknowledged after it, so it is
+        committed again above that version (once; the rows L3 then holds go to the caches)."""
+        if await self.store.origin.put_many(group, items) == len({eid for eid, _, _ in items}):
+            return items
+        try:
+            held = {eid: ver for eid, _, ver in await self.truth(group, [eid for eid, _, _ in items])}
+            self.clock.observe(max(held.values(), default=0))
+            again = self.clock.next()
+            redo = [(eid, v, again) for eid, v, ver in items if held.get(eid, ver) > ver]
+            if redo:
+                await self.store.origin.put_many(group, redo)
+            return await self.truth(group, [eid for eid, _, _ in items])
+        except L3_ERRORS:  # committed; the caches are left to whichever write is newest
+            return []
 
     async def truth(self, group: FeatureGroup, ids: Sequence[str]) -> list[Versioned]:
         """What L3 holds for `ids` (no timeout: off the request path)."""
@@ -265,6 +278,10 @@ async def check_stream_redis(redis: Redis) -> str | None:
         policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy", "")
     except ResponseError:  # CONFIG disabled (managed Redis): cannot tell
         log.warning("cannot read the stream Redis's maxmemory-policy (CONFIG refused); make sure it is noeviction")
+        return None
+    except (RedisError, OSError) as exc:  # down: the service starts all the same (XADD fails until it is back)
+        log.warning("cannot check the stream Redis's maxmemory-policy now (%s); make sure it is noeviction",
+                    type(exc).__name__)  # fmt: skip
         return None
     if str(policy).startswith("allkeys"):
         return (f"the stream's Redis has maxmemory-policy {policy}, which can evict unacknowledged writes; "
