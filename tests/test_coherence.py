@@ -405,6 +405,7 @@ def test_a_lost_or_silent_channel_flushes_l1_and_caps_it(tmp_path: Path) -> None
         assert len(store.l1) == 0 and store.l1_ttl_cap_s == 0.5 and coh.flushes > flushes
         redis.start()
         await until(lambda: coh.listening, 5, "subscribed again")
+        assert coh._run_id is not None
         assert store.l1_ttl_cap_s is None
         assert store.l2_probation  # Redis may be back with entries older than writes made meanwhile
         await until(lambda: not store.l2_probation, 2, "L2 trusted again after the probation")
@@ -537,3 +538,36 @@ def test_a_gateway_starts_while_redis_is_down(tmp_path: Path) -> None:
             await feature_stack.close(stack)
 
     asyncio.run(go())
+
+
+def test_after_a_redis_restart_no_l2_entry_from_before_it_survives(tmp_path: Path) -> None:
+    """Redis restarted from its AOF brings back entries older than writes made while it was
+    down; the process that queued their cache update may have died meanwhile (review). The
+    first listener to see Redis's new run id deletes L2's feature entries, once."""
+    redis = RedisProcess("--appendonly", "yes", "--appendfsync", "always")
+
+    async def go() -> None:
+        store, writer, coh = process(redis.url, tmp_path / "f.db", ping_s=0.05, stale_s=0.3)
+        other = process(redis.url, tmp_path / "f.db", ping_s=0.05, stale_s=0.3)
+        await coh.start()
+        await other[2].start()
+        key = feature_key(G, "a-old")
+        await store.l2.set_many([(key, (1, 1), 1, 86400.0)])  # type: ignore[union-attr]
+        redis.kill()
+        redis.start()  # the entry is back from the AOF
+        await until(lambda: coh.listening and other[2].listening, 5, "both subscribed again")
+        await until(lambda: _gone(store, key), 5, "the old entry deleted")
+        raw = Redis.from_url(redis.url)
+        assert len([k async for k in raw.scan_iter(match="ctr:features:l2-reset:*")]) == 1  # one wiper
+        await raw.aclose()
+        for p in ((store, writer, coh), other):
+            await close(*p)
+
+    try:
+        asyncio.run(go())
+    finally:
+        redis.close()
+
+
+async def _gone(store: TieredStore, key: str) -> bool:
+    return await store.l2.get_many([key]) == [None]  # type: ignore[union-attr]

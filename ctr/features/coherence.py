@@ -11,9 +11,11 @@ listener that has heard nothing from Redis (not even the answer to its own ping,
 `ping_s`) for `stale_s` counts as cut off: it flushes L1 and, until it is subscribed again,
 keeps L1 entries at most `unsynced_ttl_s`; when it is subscribed again it flushes L1 once
 more, and for `l2_probation_s` reads L3 rather than L2: a Redis restarted from its
-append-only file brings back entries older than the writes made while it was down, until
-the writers' queued cache updates (`writes.Repairs`) or these reads' back-fills (newer
-versions) replace them. A process that cannot hear at all (no Redis) runs capped for good. The bound this
+append-only file brings back entries older than the writes made while it was down. The
+first listener to see Redis's new run id deletes every L2 feature entry (SCAN + UNLINK, one
+process per restart), so no such entry outlives the probation, even when the process
+holding the queued cache update of a write made meanwhile (`writes.Repairs`) died. A
+process that cannot hear at all (no Redis) runs capped for good. The bound this
 gives (a write acknowledged at t is read everywhere by t + S) is stated in
 docs/feature-store.md and measured by `make consistency` (ctr/bench/consistency.py).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,7 +45,21 @@ from ctr.features.versions import VersionClock
 
 log = logging.getLogger(__name__)
 CHANNEL = "ctr:features:written"
+RESET_KEY = "ctr:features:l2-reset"  # + Redis's run id: the one process that wipes L2 after a restart
 LISTEN_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, ValueError)
+
+
+async def wipe_l2(client: Redis, batch: int = 1000) -> int:
+    """Delete every L2 feature entry (keys `f:*`, ctr/features/tiers.py) of a plain Redis."""
+    n, keys = 0, []
+    async for key in client.scan_iter(match="f:*", count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            n += await client.unlink(*keys)
+            keys = []
+    if keys:
+        n += await client.unlink(*keys)
+    return n
 
 
 def message(group: FeatureGroup, items: Sequence[tuple[str, int]]) -> bytes:
@@ -91,6 +108,8 @@ class Coherence:
         self.applied = 0
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._probation_end: asyncio.TimerHandle | None = None
+        self._run_id: str | None = None  # Redis's, when this process last listened
         self._unsynced()
 
     def _unsynced(self) -> None:
@@ -158,8 +177,19 @@ class Coherence:
                 with contextlib.suppress(*LISTEN_ERRORS):
                     await client.aclose()
 
+    async def _check_restart(self, client: Redis) -> None:
+        """When Redis restarted since this process last listened, the first listener to notice
+        deletes L2's feature entries (some may be older than writes made while it was down)."""
+        run_id = str((await client.info("server"))["run_id"])
+        restarted = self._run_id is not None and run_id != self._run_id
+        if restarted and await client.set(f"{RESET_KEY}:{run_id}", os.getpid(), nx=True, ex=3600):
+            n = await wipe_l2(client)
+            log.warning("Redis restarted (run id %s): %d L2 feature entries deleted", run_id, n)
+        self._run_id = run_id
+
     async def _listen(self, client: Redis) -> None:
         """Subscribe, then apply messages until nothing (not even a pong) was heard for `stale_s`."""
+        await self._check_restart(client)
         async with client.pubsub() as ps:
             await ps.subscribe(CHANNEL)
             heard = self.clock()
@@ -197,7 +227,9 @@ class Coherence:
         def end() -> None:
             store.l2_probation = False
 
-        asyncio.get_running_loop().call_later(self.l2_probation_s, end)
+        if self._probation_end is not None:  # a new loss: the probation starts over
+            self._probation_end.cancel()
+        self._probation_end = asyncio.get_running_loop().call_later(self.l2_probation_s, end)
 
     def _on_message(self, data: bytes) -> None:
         try:

@@ -23,7 +23,6 @@ CREATE TABLE IF NOT EXISTS features (
     version BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (grp, entity_id)
 );
-ALTER TABLE features ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS warm_set (kind TEXT NOT NULL, item TEXT NOT NULL, rank INTEGER NOT NULL,
                                      PRIMARY KEY (kind, item));
@@ -51,6 +50,13 @@ class PostgresStore:
                     )  # fmt: skip
                     async with pool.acquire() as con:
                         await con.execute(SCHEMA)
+                        # a table made before rows carried versions (ALTER takes an exclusive
+                        # lock even when the column exists: only when it is missing)
+                        if not await con.fetchval(
+                            "SELECT 1 FROM information_schema.columns WHERE table_name = 'features' "
+                            "AND column_name = 'version' AND table_schema = current_schema()"
+                        ):
+                            await con.execute("ALTER TABLE features ADD COLUMN version BIGINT NOT NULL DEFAULT 0")
                     self._pool = pool
         return self._pool
 

@@ -138,5 +138,5 @@ class SqliteStore:
         return await self._run(self._get_warm_set, kind, limit)
 
     async def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        await asyncio.to_thread(self._thread.shutdown, wait=True)  # lets a running query finish, off the loop
         self._db.close()
