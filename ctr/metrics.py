@@ -56,7 +56,9 @@ L1_SYNCED = Gauge(
 )  # fmt: skip
 L1_FLUSHES = Counter("ctr_l1_flushes", "L1 flushes because feature writes elsewhere may have been missed.")
 CACHE_REPAIRS = Counter(
-    "ctr_cache_repairs", "Cache updates after a committed write that failed and were queued, by outcome.", ["outcome"]
+    "ctr_cache_repairs",
+    "Write announcements (L2 and every L1) that failed (queued) and were made later (done).",
+    ["outcome"],
 )
 RETRIES = Counter("ctr_retries", "Retries of idempotent calls, by dependency.", ["dependency"])
 RETRY_BUDGET_EXHAUSTED = Counter(

@@ -96,8 +96,11 @@ class PausedOrigin:
         await self.gate.wait()
         return rows
 
-    async def put_many(self, group: schema.FeatureGroup, rows: Any) -> int:
-        return await self.db.put_many(group, rows)
+    async def put_many(self, group: schema.FeatureGroup, rows: Any, announce: bool = False) -> int:
+        return await self.db.put_many(group, rows, announce)
+
+    async def announced(self, group: schema.FeatureGroup, items: Any) -> None:
+        await self.db.announced(group, items)
 
 
 def test_a_stale_read_never_overwrites_a_fresh_write(redis_url: str, tmp_path: Path) -> None:
@@ -235,7 +238,7 @@ def test_write_through_with_redis_down_is_done_and_repaired_after_an_aof_restart
         assert store.l1.get_many_now([l1_key(schema.AD_META, "a-aof")]) == [(2, 2, "new")]
         redis.start()  # from its AOF: the old entry is back
         assert (await store.l2.get_many([key]))[0][0] == (1, 1, "old")  # type: ignore[union-attr,index]
-        assert await writer.repair() == 1
+        assert await writer.repair(older_than_s=0) == 1
         [entry] = await store.l2.get_many([key])  # type: ignore[union-attr]
         assert entry is not None and entry[0] == (2, 2, "new")
         await store.l2.close()  # type: ignore[union-attr]
@@ -571,3 +574,65 @@ def test_after_a_redis_restart_no_l2_entry_from_before_it_survives(tmp_path: Pat
 
 async def _gone(store: TieredStore, key: str) -> bool:
     return await store.l2.get_many([key]) == [None]  # type: ignore[union-attr]
+
+
+def test_an_announcement_outlives_the_process_that_owed_it(redis_url: str, tmp_path: Path) -> None:
+    """Process A commits a write-through while Redis does not answer it and dies before it
+    could announce the write (review and attack: the retry lived in A's memory, and B served
+    the old row for the rest of its TTL). The commit noted the announcement in L3, and B's
+    repair loop makes it: B (and every listener) reads the new row."""
+
+    async def go() -> None:
+        db_path = tmp_path / "f.db"
+        b = process(redis_url, db_path)
+        c = process(redis_url, db_path)
+        for p in (b, c):
+            await p[2].start()
+        SqliteStore(db_path).write(schema.AD_META, [("a-owed", [1, 1, "old"], 1)])
+        for p in (b, c):
+            assert await read(p[0], schema.AD_META, "a-owed") == (1, 1, "old")
+        a = process(f"redis://127.0.0.1:{free_port()}/0", db_path, listen=False)  # Redis unreachable from A
+        done = await a[1].put(schema.AD_META, [("a-owed", [2, 2, "new"])])
+        assert done.mode == "through" and done.cache_deferred
+        await close(*a)  # A is gone, its announcement owed
+        assert await read(c[0], schema.AD_META, "a-owed") == (1, 1, "old")  # nobody told C yet
+        assert await b[1].repair(older_than_s=0) == 1
+        await until(lambda: _reads_new(c[0]), 2, "C reads the new row")
+        assert await read(b[0], schema.AD_META, "a-owed") == (2, 2, "new")
+        assert await b[1].repair(older_than_s=0) == 0  # nothing owed any more
+        for p in (b, c):
+            await close(*p)
+
+    asyncio.run(go())
+
+
+async def _reads_new(store: TieredStore) -> bool:
+    return await read(store, schema.AD_META, "a-owed") == (2, 2, "new")
+
+
+def test_a_large_write_is_announced_in_chunks(redis_url: str, tmp_path: Path) -> None:
+    """5,000 rows in one write-through, L2 at its production timeout: the announcement goes in
+    chunks, so it lands (attack: one pipeline of 19,000 scripts outlasted the 50 ms socket
+    timeout, the message was never sent, and another process kept the old rows)."""
+
+    async def go() -> None:
+        db_path = tmp_path / "f.db"
+        ids = [f"big{i}" for i in range(5000)]
+        SqliteStore(db_path).write(schema.AD_META, [(i, [1, 1, "old"], 1) for i in ids])
+        a = process(redis_url, db_path)
+        b = process(redis_url, db_path)
+        for p in (a, b):
+            await p[2].start()
+        assert await read(b[0], schema.AD_META, "big4999") == (1, 1, "old")
+        a[0].l2 = RedisTier(connect(redis_url))  # 50 ms, as served
+        done = await a[1].put(schema.AD_META, [(i, [2, 2, "new"]) for i in ids])
+        assert not done.cache_deferred
+        await until(lambda: _reads_meta(b[0], "big4999", (2, 2, "new")), 2.5, "B reads the new row")
+        for p in (a, b):
+            await close(*p)
+
+    asyncio.run(go())
+
+
+async def _reads_meta(store: TieredStore, entity: str, want: tuple[Any, ...]) -> bool:
+    return await read(store, schema.AD_META, entity) == want

@@ -142,13 +142,22 @@ class Driver:
     def entity(self, mode: str, i: int) -> str:
         return f"{self.prefix}{mode}-{i}"
 
-    def _client(self) -> httpx.AsyncClient:
-        return self.rng.choice(self._clients)
+    def _new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        return httpx.AsyncClient(base_url=self.url, headers=self.auth, timeout=2.0, limits=limits)
+
+    async def _client(self) -> httpx.AsyncClient:
+        """A pooled connection; one in 20 times a new one first (a keep-alive connection stays
+        with the process that accepted it: new ones spread the operations over every process,
+        the one restarted after a kill included)."""
+        i = self.rng.randrange(len(self._clients))
+        if self.rng.random() < 0.05:
+            old, self._clients[i] = self._clients[i], self._new_client()
+            await old.aclose()
+        return self._clients[i]
 
     async def run(self, duration_s: float, write_every_s: float = 0.02, readers: int = 6) -> History:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self._clients = [httpx.AsyncClient(base_url=self.url, headers=self.auth, timeout=2.0, limits=limits)
-                         for _ in range(self.connections)]  # fmt: skip
+        self._clients = [self._new_client() for _ in range(self.connections)]
         end = self.now() + duration_s
         try:
             await asyncio.gather(*(self._writer(m, end, write_every_s) for m in MODES),
@@ -167,7 +176,7 @@ class Driver:
             rows = [{"id": entity, "values": values(mode, seq)}, {"id": ledger, "values": values(mode, seq)}]
             t0 = self.now()
             try:
-                r = await self._client().post("/admin/features", json={"group": group, "rows": rows})
+                r = await (await self._client()).post("/admin/features", json={"group": group, "rows": rows})
                 ok = r.status_code == 200 and r.json().get("mode") == mode
             except httpx.HTTPError:
                 ok = False
@@ -180,7 +189,8 @@ class Driver:
             entity = self.entity(mode, self.rng.randrange(self.entities))
             t0 = self.now()
             try:
-                r = await self._client().post("/admin/features/read", json={"group": MODES[mode], "ids": [entity]})
+                client = await self._client()
+                r = await client.post("/admin/features/read", json={"group": MODES[mode], "ids": [entity]})
                 body = r.json() if r.status_code == 200 else None
             except (httpx.HTTPError, ValueError):
                 body = None

@@ -14,7 +14,7 @@ more, and for `l2_probation_s` reads L3 rather than L2: a Redis restarted from i
 append-only file brings back entries older than the writes made while it was down. The
 first listener to see Redis's new run id deletes every L2 feature entry (SCAN + UNLINK, one
 process per restart), so no such entry outlives the probation, even when the process
-holding the queued cache update of a write made meanwhile (`writes.Repairs`) died. A
+whose announcement of a write made meanwhile is still pending (`writes.FeatureWriter.repair`) died. A
 process that cannot hear at all (no Redis) runs capped for good. The bound this
 gives (a write acknowledged at t is read everywhere by t + S) is stated in
 docs/feature-store.md and measured by `make consistency` (ctr/bench/consistency.py).
@@ -125,7 +125,7 @@ class Coherence:
         metrics.L1_FLUSHES.inc()
 
     async def publish(self, group: FeatureGroup, items: Sequence[tuple[str, int]]) -> None:
-        """Announce a write (raises the client's error: the caller retries, see writes.Repairs)."""
+        """Announce a write (raises the client's error: the repair loop announces it later)."""
         self.apply(group.name, group.version, items)
         if self.publisher is not None and items:
             await self.publisher.publish(CHANNEL, message(group, items))

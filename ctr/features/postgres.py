@@ -23,6 +23,10 @@ CREATE TABLE IF NOT EXISTS features (
     version BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (grp, entity_id)
 );
+CREATE TABLE IF NOT EXISTS announce (
+    grp TEXT NOT NULL, entity_id TEXT NOT NULL, version BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (grp, entity_id)
+);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS warm_set (kind TEXT NOT NULL, item TEXT NOT NULL, rank INTEGER NOT NULL,
                                      PRIMARY KEY (kind, item));
@@ -74,8 +78,11 @@ class PostgresStore:
         )
         return {r[0]: (tuple(orjson.loads(r[1])), r[2]) for r in rows}
 
-    async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]]) -> int:
-        """Upsert versioned rows in one statement; returns how many were newer (and written)."""
+    async def put_many(
+        self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]], announce: bool = False
+    ) -> int:
+        """Upsert versioned rows in one statement; returns how many were newer (and written);
+        `announce`: in the same transaction, note each row as still to be announced."""
         ts = time.time()
         data = [(eid, orjson.dumps(list(v)).decode(), ver) for eid, v, ver in newest(rows)]
         if not data:
@@ -89,7 +96,28 @@ class PostgresStore:
                 "version = excluded.version WHERE excluded.version > features.version",
                 group.name, ts, [d[0] for d in data], [d[1] for d in data], [d[2] for d in data],
             )  # fmt: skip
+            if announce:
+                await con.execute(
+                    "INSERT INTO announce (grp, entity_id, version, at) SELECT $1, e, ver, $2 "
+                    "FROM unnest($3::text[], $4::bigint[]) AS t(e, ver) ON CONFLICT (grp, entity_id) DO UPDATE "
+                    "SET version = excluded.version, at = excluded.at WHERE excluded.version > announce.version",
+                    group.name, ts, [d[0] for d in data], [d[2] for d in data],
+                )  # fmt: skip
         return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <n>"
+
+    async def announced(self, group: FeatureGroup, items: Sequence[tuple[str, int]]) -> None:
+        pool = await self.pool()
+        await pool.execute(
+            "DELETE FROM announce AS a USING unnest($2::text[], $3::bigint[]) AS t(e, ver) "
+            "WHERE a.grp = $1 AND a.entity_id = t.e AND a.version <= t.ver",
+            group.name, [e for e, _ in items], [v for _, v in items],
+        )  # fmt: skip
+
+    async def unannounced(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+        pool = await self.pool()
+        rows = await pool.fetch("SELECT grp, entity_id FROM announce WHERE at < $1 LIMIT $2",
+                                time.time() - older_than_s, limit)  # fmt: skip
+        return [(r[0], r[1]) for r in rows]
 
     async def get_meta(self, key: str) -> str | None:
         pool = await self.pool()

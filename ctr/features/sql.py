@@ -34,10 +34,18 @@ CREATE TABLE IF NOT EXISTS features (
     version INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (grp, entity_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS announce (
+    grp TEXT NOT NULL, entity_id TEXT NOT NULL, version INTEGER NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (grp, entity_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS warm_set (kind TEXT NOT NULL, item TEXT NOT NULL, rank INTEGER NOT NULL,
                                      PRIMARY KEY (kind, item));
 """
+ANNOUNCE = (
+    "INSERT INTO announce (grp, entity_id, version, at) VALUES (?, ?, ?, ?) ON CONFLICT (grp, entity_id) "
+    "DO UPDATE SET version = excluded.version, at = excluded.at WHERE excluded.version > announce.version"
+)
 # Only a newer version replaces a row (an equal one is the same write, replayed).
 UPSERT = (
     "INSERT INTO features (grp, entity_id, value, updated_at, version) VALUES (?, ?, ?, ?, ?) "
@@ -80,13 +88,36 @@ class SqliteStore:
         ).fetchall()
         return {eid: (tuple(orjson.loads(v)), ver) for eid, v, ver in rows}
 
-    def write(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]]) -> int:
+    def write(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]], announce: bool = False) -> int:
         """Upsert versioned rows of one group in one transaction; returns how many were newer
-        than what the table held (and so written)."""
+        than what the table held (and so written). `announce`: in the same transaction, note
+        each row as still to be announced to the caches (ctr/features/writes.py)."""
         ts = time.time()
         data = [(group.name, eid, orjson.dumps(list(v)).decode(), ts, ver) for eid, v, ver in newest(rows)]
         with self._db:
-            return self._db.executemany(UPSERT, data).rowcount
+            n = self._db.executemany(UPSERT, data).rowcount
+            if announce:
+                self._db.executemany(ANNOUNCE, [(g, eid, ver, at) for g, eid, _, at, ver in data])
+            return n
+
+    def _announced(self, group: FeatureGroup, items: Sequence[tuple[str, int]]) -> None:
+        with self._db:
+            self._db.executemany("DELETE FROM announce WHERE grp = ? AND entity_id = ? AND version <= ?",
+                                 [(group.name, eid, ver) for eid, ver in items])  # fmt: skip
+
+    def _unannounced(self, older_than_s: float, limit: int) -> list[tuple[str, str]]:
+        rows = self._db.execute("SELECT grp, entity_id FROM announce WHERE at < ? LIMIT ?",
+                                (time.time() - older_than_s, limit))  # fmt: skip
+        return [(g, e) for g, e in rows.fetchall()]
+
+    async def announced(self, group: FeatureGroup, items: Sequence[tuple[str, int]]) -> None:
+        """The caches have heard of these writes (versions up to these): nothing left to announce."""
+        await self._run(self._announced, group, list(items))
+
+    async def unannounced(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """(group, id) of committed writes not announced for `older_than_s` (their writer died or
+        Redis did not answer it)."""
+        return await self._run(self._unannounced, older_than_s, limit)
 
     def count(self, group: FeatureGroup) -> int:
         return int(self._db.execute("SELECT count(*) FROM features WHERE grp = ?", (group.name,)).fetchone()[0])
@@ -104,8 +135,10 @@ class SqliteStore:
     ) -> dict[str, Versioned]:
         return await self._run(self.read, group, ids, timeout_s=timeout_s)
 
-    async def put_many(self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]]) -> int:
-        return await self._run(self.write, group, list(rows))
+    async def put_many(
+        self, group: FeatureGroup, rows: Iterable[tuple[str, Sequence[Any], int]], announce: bool = False
+    ) -> int:
+        return await self._run(self.write, group, list(rows), announce)
 
     def _get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()

@@ -40,7 +40,7 @@ class FeatureStack:
     coherence: Coherence
 
     async def start(self) -> None:
-        """Listen for other processes' writes (before warming), start retrying cache repairs."""
+        """Listen for other processes' writes (before warming), start the repair loop."""
         await self.coherence.start()
         await self.writer.start()
 

@@ -7,8 +7,10 @@ compare-newer (a Lua script), L1 likewise, and every other process's L1 is told
 back, and a read that was in flight during a write never puts the older row back.
 
 - write-through: L3 first (committed: the truth), then the caches (L2, this process's L1,
-  the announcement to the others). Once L3 committed the write is done; a cache update that
-  fails (Redis down) is queued and retried (`Repairs`), and the answer says so;
+  the announcement to the others). Once L3 committed the write is done. The commit also
+  notes the write as still to be announced, in the same transaction; the note goes once the
+  announcement landed, and the repair loop of every process announces what stayed noted for
+  a second (Redis did not answer, or the process died): the answer says when it is deferred;
 - write-behind: the rows are appended to a Redis Stream first, and only once Redis took
   them (XADD answered) the caches are written, so no cache ever holds a value the stream
   lost. A writer in a consumer group commits them to L3 and acknowledges each entry only
@@ -36,7 +38,7 @@ import random
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -59,6 +61,7 @@ DEAD_MAXLEN = 100_000  # the dead-letter stream keeps about the last this many e
 GROUP = "ctr-writers"
 BLOCK_MS = 200  # the writer's blocking read; the stream's client must time out later
 STREAM_TIMEOUT_S = 2.0
+ANNOUNCE_CHUNK = 500  # rows per announcement message and per L2 pipeline
 MAX_INT = 2**53  # values stay exact in JSON and in the model's int64 input
 # The kind each value of a group must have, in field order.
 KINDS: dict[str, tuple[type, ...]] = {
@@ -105,44 +108,11 @@ def validate_rows(
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What a write did: its mode, and whether a cache update was left to `Repairs`."""
+    """What a write did: its mode, and whether its announcement to the caches was left to
+    the repair loop (Redis did not take it)."""
 
     mode: Mode
     cache_deferred: bool = False
-
-
-@dataclass(slots=True)
-class Repairs:
-    """Cache updates of committed writes that failed (Redis down): retried until they land,
-    newest version per key, at most `max_items` (past it the oldest are dropped, logged)."""
-
-    max_items: int = 100_000
-    items: dict[tuple[str, int, str], tuple[FeatureGroup, Versioned]] = field(default_factory=dict)
-
-    def add(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
-        for row in rows:
-            key = (group.name, group.version, row[0])
-            have = self.items.get(key)
-            if have is None or have[1][2] <= row[2]:
-                self.items.pop(key, None)
-                self.items[key] = (group, row)
-        while len(self.items) > self.max_items:
-            dropped = next(iter(self.items))
-            del self.items[dropped]
-            metrics.CACHE_REPAIRS.labels("dropped").inc()
-            log.error("cache repair of %s dropped (more than %d queued)", dropped, self.max_items)
-
-    def take(self) -> dict[FeatureGroup, list[Versioned]]:
-        out: dict[FeatureGroup, list[Versioned]] = {}
-        for group, row in self.items.values():
-            out.setdefault(group, []).append(row)
-        return out
-
-    def done(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
-        for row in rows:
-            key = (group.name, group.version, row[0])
-            if (have := self.items.get(key)) is not None and have[1][2] <= row[2]:
-                del self.items[key]
 
 
 class FeatureWriter:
@@ -161,7 +131,6 @@ class FeatureWriter:
         self.schema = fs
         self.coherence = coherence
         self.clock = clock or (coherence.versions if coherence is not None else VersionClock())
-        self.repairs = Repairs()
         self.stream_refused: str | None = None  # why write-behind was refused (check_stream_redis)
         self._repairing: asyncio.Task[None] | None = None
 
@@ -170,26 +139,30 @@ class FeatureWriter:
         usable = self.redis is not None and self.stream_refused is None
         return "behind" if mode == "behind" and usable else "through"
 
-    async def start(self, repair_s: float = 0.25) -> None:
-        """Check the stream's Redis (when a group writes behind), and start retrying repairs."""
-        if self.redis is not None and "behind" in self.modes.values():
-            self.stream_refused = await check_stream_redis(self.redis)
-            if self.stream_refused:
-                log.error("write-behind refused, writing through instead: %s", self.stream_refused)
+    async def start(self, repair_s: float = 0.5) -> None:
+        """Check the stream's Redis (when a group writes behind), and start the repair loop."""
+        await self.check_stream()
         self._repairing = asyncio.create_task(self._repair_forever(repair_s))
+
+    async def check_stream(self) -> None:
+        """Refuse write-behind on a stream Redis that may evict it (checked at start and again
+        by the repair loop: a policy can change, a failover can bring another Redis)."""
+        if self.redis is not None and "behind" in self.modes.values():
+            refused = await check_stream_redis(self.redis)
+            if refused and refused != self.stream_refused:
+                log.error("write-behind refused, writing through instead: %s", refused)
+            self.stream_refused = refused
 
     async def close(self) -> None:
         if self._repairing is not None:
             self._repairing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._repairing
-        with contextlib.suppress(*L2_ERRORS):
-            await self.repair()  # a last try
 
     async def put(self, group: FeatureGroup, rows: Sequence[tuple[str, Sequence[Any]]]) -> Written:
         """Write rows of one group in the group's mode, under one new version. Raises (nothing
         acknowledged) when L3 (through) or the stream (behind) did not take the write; once
-        either did, the write is done and the caches follow (at once, or by `Repairs`)."""
+        either did, the write is done and the caches follow (at once, or by the repair loop)."""
         mode = self.mode(group)
         version = self.clock.next()
         items: list[Versioned] = [(eid, tuple(v), version) for eid, v in rows]
@@ -207,7 +180,7 @@ class FeatureWriter:
         """Commit to L3. A row L3 refused holds a newer version: a concurrent write, or one from a
         process whose clock is ahead of ours. This write is acknowledged after it, so it is
         committed again above that version (once; the rows L3 then holds go to the caches)."""
-        if await self.store.origin.put_many(group, items) == len({eid for eid, _, _ in items}):
+        if await self.store.origin.put_many(group, items, announce=True) == len({eid for eid, _, _ in items}):
             return items
         try:
             held = {eid: ver for eid, _, ver in await self.truth(group, [eid for eid, _, _ in items])}
@@ -215,7 +188,7 @@ class FeatureWriter:
             again = self.clock.next()
             redo = [(eid, v, again) for eid, v, ver in items if held.get(eid, ver) > ver]
             if redo:
-                await self.store.origin.put_many(group, redo)
+                await self.store.origin.put_many(group, redo, announce=True)
             return await self.truth(group, [eid for eid, _, _ in items])
         except L3_ERRORS:  # committed; the caches are left to whichever write is newest
             return []
@@ -230,44 +203,66 @@ class FeatureWriter:
         await self.cache(group, await self.truth(group, ids))
 
     async def cache(self, group: FeatureGroup, rows: Sequence[Versioned]) -> bool:
-        """This process's L1, then L2 and every other process's L1, compare-newer; False (and
-        queued for `repair`) when Redis did not take it."""
+        """This process's L1, then every other process's L1 (the announcement) and L2, both
+        compare-newer; False when Redis did not take it all. A committed write's announcement
+        is also noted in L3 (`put_many(announce=True)`) until it landed, so the repair loop of
+        any process makes it even when this one dies."""
         store = self.store
         store.l1.set_many_now([(l1_key(group, e), v, ver, store.l1_ttl(group.ttl_s)) for e, v, ver in rows])
         try:
             await self._announce(group, rows)
         except L2_ERRORS as exc:
-            log.warning("cache update of %d %s rows queued for retry (%s)", len(rows), group.name, type(exc).__name__)
+            log.warning("announcement of %d %s rows left to the repair loop (%s)", len(rows), group.name,
+                        type(exc).__name__)  # fmt: skip
             metrics.CACHE_REPAIRS.labels("queued").inc(len(rows))
-            self.repairs.add(group, rows)
             return False
         return True
 
     async def _announce(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
-        if self.store.l2 is not None:
-            await self.store.l2.set_many([(feature_key(group, e), v, ver, group.ttl_s) for e, v, ver in rows])
-        if self.coherence is not None:
-            await self.coherence.publish(group, [(e, ver) for e, _, ver in rows])
+        """In chunks (a pipeline of thousands of scripts outlasts L2's socket timeout): first the
+        message (a listener's tombstone makes it read around an older L2 entry), then L2; then
+        L3 forgets the pending announcement."""
+        for i in range(0, len(rows), ANNOUNCE_CHUNK):
+            chunk = rows[i : i + ANNOUNCE_CHUNK]
+            if self.coherence is not None:
+                await self.coherence.publish(group, [(e, ver) for e, _, ver in chunk])
+            if self.store.l2 is not None:
+                await self.store.l2.set_many([(feature_key(group, e), v, ver, group.ttl_s) for e, v, ver in chunk])
+        with contextlib.suppress(*L3_ERRORS):  # left pending: announced again later, harmlessly
+            await self.store.origin.announced(group, [(e, ver) for e, _, ver in rows])
 
-    async def repair(self) -> int:
-        """Retry the queued cache updates once; returns how many landed."""
+    async def repair(self, older_than_s: float = 1.0) -> int:
+        """Announce committed writes whose announcement is still pending after `older_than_s`
+        (from what L3 holds now); returns how many landed. Any process may do it, twice is
+        harmless."""
+        pending = await self.store.origin.unannounced(older_than_s)
+        by_group: dict[str, list[str]] = {}
+        for name, eid in pending:
+            by_group.setdefault(name, []).append(eid)
         n = 0
-        for group, rows in self.repairs.take().items():
+        for name, ids in by_group.items():
+            group = self.schema.group(name)
+            if group is None:  # a group this process does not serve
+                continue
+            rows = await self.truth(group, ids)
             await self._announce(group, rows)
-            self.repairs.done(group, rows)
             metrics.CACHE_REPAIRS.labels("done").inc(len(rows))
             n += len(rows)
         return n
 
     async def _repair_forever(self, interval_s: float) -> None:
-        delay = interval_s
+        delay, rounds = interval_s, 0
         while True:
             await asyncio.sleep(delay)
+            rounds += 1
             try:
-                if await self.repair():
-                    log.info("queued cache updates landed")
+                if rounds % 60 == 0:
+                    await self.check_stream()
+                if n := await self.repair():
+                    log.info("%d pending feature-write announcements made", n)
                 delay = interval_s
-            except L2_ERRORS:
+            except (*L2_ERRORS, *L3_ERRORS) as exc:
+                log.warning("feature-write repair failed (%s: %s); retrying", type(exc).__name__, exc)
                 delay = min(2.0, delay * 2)
 
 
@@ -363,7 +358,7 @@ async def _commit(
         on_step("read")
     n = 0
     for name, versioned in rows.items():
-        n += await origin.put_many(groups[name], versioned)
+        n += await origin.put_many(groups[name], versioned, announce=True)
     if on_step is not None:
         on_step("upserted")
     pipe = redis.pipeline(transaction=True)
