@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MIN_REQUEST_ID_KEY_BYTES = 32  # as long as HMAC-SHA256's output (RFC 2104: shorter keys weaken the tag)
+
+
+def short_key_message(n_bytes: int) -> str:
+    return (f"CTR_REQUEST_ID_KEY is {n_bytes} bytes; it must be at least {MIN_REQUEST_ID_KEY_BYTES} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")  # fmt: skip
 
 
 def redact_url(url: str) -> str:
@@ -77,8 +83,8 @@ class Settings(BaseSettings):
     request_id_key: str = Field(
         "",
         repr=False,
-        description="Key signing the request ids /feedback accepts; default: derived from admin_token, else a "
-        "random key kept in <data_dir>/request-id.key (shared by the processes of one machine).",
+        description="Key signing the request ids /feedback accepts, at least 32 bytes; default: derived from "
+        "admin_token, else a random key kept in <data_dir>/request-id.key (shared by the processes of one machine).",
     )
     max_body_bytes: int = Field(
         1_048_576, ge=1, description="Largest request body of /predict, /feedback and /admin/*; larger is a 413."
@@ -254,6 +260,13 @@ class Settings(BaseSettings):
     fallback_burst_gap_s: float = Field(
         10.0, gt=0, description="A fallback burst ends after this long without a fallback (one log line each end)."
     )
+
+    @field_validator("request_id_key")
+    @classmethod
+    def _key_long_enough(cls, value: str) -> str:
+        if value and len(value.encode()) < MIN_REQUEST_ID_KEY_BYTES:
+            raise ValueError(short_key_message(len(value.encode())))
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.resilience",),
     ("ctr.features",),
     ("ctr.model",),
-    ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
+    ("ctr.api.contract", "ctr.api.body", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
     ("ctr.serving",),
     ("ctr.api.routes", "ctr.api.status", "ctr.api.canary"),
     ("ctr.bench", "ctr.ship", "ctr.cli"),

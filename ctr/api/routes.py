@@ -8,7 +8,7 @@ answer carries a signed request id (ctr.api.request_id).
 not issue are refused.
 /admin/features: authenticated feature writes (write-through or write-behind per group).
 /openapi.json: the OpenAPI document of these routes (ctr.api.openapi).
-Every body is bounded (CTR_MAX_BODY_BYTES) before it is read into memory or parsed.
+Every body is bounded (CTR_MAX_BODY_BYTES, ctr.api.body) before it is read into memory or parsed.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from starlette.routing import Route
 
 from ctr import metrics
 from ctr.api import canary, openapi, request_id, status
-from ctr.api.contract import BadRequest, parse_feedback, parse_predict
+from ctr.api.body import BodyTooLarge, read_body
+from ctr.api.contract import MAX_FEATURE_ROWS, BadRequest, parse_feedback, parse_predict
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
 from ctr.serving.overload import Admission, Overloaded
 
 JSON = "application/json"
-DEFAULT_MAX_BODY_BYTES = 1_048_576
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -40,27 +40,9 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 def _error(exc: BadRequest) -> Response:
-    return Response(exc.body(), exc.status, media_type=JSON)
-
-
-async def read_body(request: Request) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed the limit: from its
-    Content-Length before reading, or while streaming it when there is none."""
-    limit: int = getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-    too_large = BadRequest(413, f"request body over {limit} bytes (CTR_MAX_BODY_BYTES)")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(400, "Content-Length is not a number")
-        if int(declared) > limit:
-            raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    # A 413's body may not have been read to its end: the connection is not reused.
+    headers = {"connection": "close"} if isinstance(exc, BodyTooLarge) else None
+    return Response(exc.body(), exc.status, headers=headers, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
@@ -124,6 +106,8 @@ async def admin_features(request: Request) -> Response:
     try:
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object with group and rows")
+        if isinstance(rows := body.get("rows"), list) and len(rows) > MAX_FEATURE_ROWS:  # before any row is read
+            raise ValueError(f"too many rows: {len(rows)} given, at most {MAX_FEATURE_ROWS} per write")
         group, rows = validate_rows(body.get("group"), body.get("rows"), writer.schema)
     except ValueError as exc:
         return _json({"error": str(exc)}, 422)
