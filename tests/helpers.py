@@ -6,9 +6,13 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import uvicorn
+
+from ctr.model.segments import SegmentTable
 
 # The context of a /predict request, valid for every model and the segment table.
 CTX: dict[str, Any] = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1,
@@ -60,3 +64,39 @@ def serve_in_thread(app: Any, timeout_s: float = 10.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout_s)
         sock.close()
+
+
+# A segment table with one known segment, and features that need no store.
+TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
+
+
+async def fake_features(
+    user_id: str, ad_ids: list[str], context: dict[str, Any], deadline: float
+) -> tuple[np.ndarray, list[str]]:
+    return np.arange(len(ad_ids) * 2, dtype=np.int64).reshape(len(ad_ids), 2), []
+
+
+def routes_app(tmp_path: Path, *, max_ads: int = 1000, max_body_bytes: int = 1_048_576, token: str = "tok") -> Any:
+    """The gateway's routes (ctr.api.routes) over a constant model, no store but SQLite in
+    `tmp_path`: what the contract tests and the in-process fuzzing call."""
+    from ctr.api.routes import make_app
+    from ctr.features.sql import SqliteStore
+    from ctr.features.store import TieredStore
+    from ctr.features.tiers import MemoryTier
+    from ctr.features.writes import FeatureWriter
+    from ctr.serving.coalesce import Coalescer
+    from ctr.serving.fallback import Fallback
+    from ctr.serving.gateway import Gateway
+
+    async def model(x: np.ndarray) -> np.ndarray:
+        return np.full(len(x), 0.25, dtype=np.float32)
+
+    app = make_app()
+    app.state.gateway = Gateway(fake_features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0)
+    app.state.max_ads = max_ads
+    app.state.max_body_bytes = max_body_bytes
+    app.state.request_id_key = b"k" * 32
+    app.state.admin_token = token
+    app.state.model_info = {"model_version": "ctr_model:test"}
+    app.state.writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})
+    return app

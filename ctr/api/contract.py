@@ -23,6 +23,10 @@ from ctr.features import schema
 MAX_FEATURE_ROWS = 10_000  # rows in one /admin/features write
 
 
+# No C0/C1 control characters (schema.CONTROL_CHARS), as ECMA-262 (JSON Schema) writes it.
+NO_CONTROL_CHARS = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+
+
 def _no_control_chars(value: str) -> str:
     if schema.CONTROL_CHARS.search(value):
         raise ValueError("must not contain control characters")
@@ -31,7 +35,12 @@ def _no_control_chars(value: str) -> str:
 
 EntityId = Annotated[
     StrictStr,
-    Field(min_length=1, max_length=schema.MAX_ID_CHARS, description="1-128 characters, no control characters"),
+    Field(
+        min_length=1,
+        max_length=schema.MAX_ID_CHARS,
+        description="1-128 characters, no control characters",
+        json_schema_extra={"pattern": NO_CONTROL_CHARS},  # declared; checked by _no_control_chars
+    ),
     AfterValidator(_no_control_chars),
 ]
 
@@ -44,17 +53,20 @@ def _integral(value: object) -> object:
     return value
 
 
-# An integer as JSON Schema defines one (a number with no fractional part), no strings or booleans.
-JsonInt = Annotated[StrictInt, BeforeValidator(_integral)]
+def json_int(**bounds: int) -> Any:
+    """An integer as JSON Schema defines one (a number with no fractional part), within `bounds`
+    (ge, lt, ...); no strings or booleans. The bounds come before the validator: after it,
+    pydantic wrote them into the JSON schema as unknown keys ("ge") instead of "minimum"."""
+    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_integral)]  # type: ignore[arg-type]
 
 
 class Context(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    hour: Annotated[JsonInt, Field(ge=0, lt=schema.HOURS)]
+    hour: json_int(ge=0, lt=schema.HOURS)  # type: ignore[valid-type]
     device_type: Literal[schema.DEVICE_TYPES]  # type: ignore[valid-type]
     site_category: Literal[schema.SITE_CATEGORIES]  # type: ignore[valid-type]
-    banner_pos: Annotated[JsonInt, Field(ge=0, lt=schema.BANNER_POSITIONS)]
+    banner_pos: json_int(ge=0, lt=schema.BANNER_POSITIONS)  # type: ignore[valid-type]
     conn_type: Literal[schema.CONN_TYPES]  # type: ignore[valid-type]
 
 
@@ -73,7 +85,12 @@ class Feedback(BaseModel):
 
     request_id: Annotated[
         StrictStr,
-        Field(min_length=1, max_length=request_id.MAX_CHARS, description="the request_id of a /predict answer"),
+        Field(
+            min_length=1,
+            max_length=request_id.MAX_CHARS,
+            description="the request_id of a /predict answer; any other is refused (403)",
+            json_schema_extra={"pattern": request_id.PATTERN},
+        ),
     ]
     ad_id: EntityId
     clicked: StrictBool

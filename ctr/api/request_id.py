@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 TAG_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 allows down to half the output)
 NONCE_BYTES = 8  # two requests in the same millisecond get different ids
 MAX_CHARS = 512
+PATTERN = "^[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$"  # what issue() makes (verify() refuses anything else)
 KEY_FILE = "request-id.key"
 
 

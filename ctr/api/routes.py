@@ -89,6 +89,14 @@ async def feedback(request: Request) -> Response:
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 
+def _integral_values(rows: Any) -> Any:
+    """Values such as 1052.0 as 1052: an integer by JSON Schema, as the OpenAPI document says."""
+    if not isinstance(rows, list):
+        return rows
+    return [{**r, "values": [int(v) if isinstance(v, float) and v.is_integer() else v for v in r["values"]]}
+            if isinstance(r, dict) and isinstance(r.get("values"), list) else r for r in rows]  # fmt: skip
+
+
 async def admin_features(request: Request) -> Response:
     """POST {"group": "...", "rows": [{"id": "...", "values": [...]}]} with a bearer token."""
     token: str = getattr(request.app.state, "admin_token", "")
@@ -108,7 +116,7 @@ async def admin_features(request: Request) -> Response:
             raise ValueError("body must be a JSON object with group and rows")
         if isinstance(rows := body.get("rows"), list) and len(rows) > MAX_FEATURE_ROWS:  # before any row is read
             raise ValueError(f"too many rows: {len(rows)} given, at most {MAX_FEATURE_ROWS} per write")
-        group, rows = validate_rows(body.get("group"), body.get("rows"), writer.schema)
+        group, rows = validate_rows(body.get("group"), _integral_values(rows), writer.schema)
     except ValueError as exc:
         return _json({"error": str(exc)}, 422)
     try:
@@ -130,7 +138,7 @@ async def model_info(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return Response(openapi.document_bytes(), media_type=JSON)
+    return Response(openapi.document_bytes(getattr(request.app.state, "max_ads", 1000)), media_type=JSON)
 
 
 def make_app() -> Starlette:
