@@ -20,17 +20,19 @@ CTX: dict[str, Any] = {"hour": 14, "device_type": "mobile", "site_category": "ne
 
 
 class FakeClock:
-    """A monotonic clock the test moves by hand: `now()` for the code, `advance(s)` for the test."""
+    """A monotonic clock the test moves by hand (the `clock` the code takes, a `() -> float`):
+    set `t` or `advance(s)`; `sleep(s)` is an async sleep that only moves the clock."""
 
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
 
-    def now(self) -> float:
+    def __call__(self) -> float:
         return self.t
 
-    __call__ = now
-
     def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+    async def sleep(self, seconds: float) -> None:
         self.t += seconds
 
 
@@ -46,24 +48,36 @@ class _Server(uvicorn.Server):
         self.ready.set()
 
 
-@contextmanager
-def serve_in_thread(app: Any, timeout_s: float = 10.0) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn (the server BentoML runs, same defaults) in a thread on a
-    loopback port of its own; its base URL while the block runs, stopped afterwards."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        if not server.ready.wait(timeout_s):
+class ThreadServer:
+    """An ASGI app served by uvicorn (the server BentoML runs, same defaults) in a thread, on a
+    loopback port of its own: `url` once constructed, `stop()` ends it."""
+
+    def __init__(self, app: Any, timeout_s: float = 10.0) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        if not self.server.ready.wait(timeout_s):
+            self.stop()
             raise RuntimeError(f"uvicorn did not start within {timeout_s} s")
-        yield f"http://127.0.0.1:{port}"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.sock.close()
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """ThreadServer for the length of a block: its base URL."""
+    server = ThreadServer(app)
+    try:
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(timeout_s)
-        sock.close()
+        server.stop()
 
 
 # A segment table with one known segment, and features that need no store.

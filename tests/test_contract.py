@@ -64,6 +64,7 @@ def test_a_405_names_the_allowed_methods(client: TestClient) -> None:
     assert r.status_code == 405 and set(r.headers["allow"].split(", ")) >= {"GET", "POST"}
 
 
+@pytest.mark.integration  # ~20 s of schemathesis
 def test_schemathesis_with_every_check_finds_nothing_in_process(tmp_path: Path) -> None:
     """The routes over a constant model, served by uvicorn in a thread: schemathesis with
     `--checks all` (positive and negative data, Allow on 405, conformance) finds no failure.

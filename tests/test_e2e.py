@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from conftest import Server
-
-CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
+from helpers import CTX
 
 
 def predict(server: Server, body: object, **kw: object) -> httpx.Response:

@@ -11,46 +11,25 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pytest
 import requests
-from helpers import serve_in_thread
+from helpers import CTX, routes_app, serve_in_thread
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
-from test_gateway import CTX, TABLE, features
 
 from ctr.api import body as bodies
 from ctr.api import request_id
-from ctr.api.routes import make_app
 from ctr.features import schema
-from ctr.features.sql import SqliteStore
-from ctr.features.store import TieredStore
-from ctr.features.tiers import MemoryTier
-from ctr.features.writes import FeatureWriter
-from ctr.serving.coalesce import Coalescer
-from ctr.serving.fallback import Fallback
-from ctr.serving.gateway import Gateway
 
 KEY = b"k" * 32
 LIMIT = 4096
 AUTH = {"authorization": "Bearer tok"}
 
 
-async def model(x: np.ndarray) -> np.ndarray:
-    return np.full(len(x), 0.25, dtype=np.float32)
-
-
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    app = make_app()
-    app.state.gateway = Gateway(features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0)
-    app.state.max_ads = 1000
-    app.state.max_body_bytes = LIMIT
-    app.state.request_id_key = KEY
-    app.state.admin_token = "tok"
-    app.state.writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})
-    return TestClient(app)
+    return TestClient(routes_app(tmp_path, max_body_bytes=LIMIT))
 
 
 def body(user: str = "u1", ads: list[str] | None = None) -> dict:
