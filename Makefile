@@ -14,7 +14,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK := true
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install setup serve test lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak canary-sim consistency
+.PHONY: install setup serve test test-fast lint bench loadtest clean servers bento image smoke fuzz cluster cluster-stop soak canary-sim consistency
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ servers:
 
 test: setup servers
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The unit tests alone (no Redis, PostgreSQL, bentoml serve, image or browser; tests/conftest.py
+# says which are integration tests): about a minute, for every change; `make test` runs all.
+test-fast: install
+	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
 
 # A longer schemathesis run against a real `bentoml serve` (make test runs 100 examples an
 # operation and phase, about 1,300 requests).

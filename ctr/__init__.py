@@ -3,30 +3,11 @@
 The library behind service.py, one package per concern (README, "Architecture"):
 `api` (the HTTP contract and routes), `serving` (the gateway's request path),
 `resilience` (breaker, retries, deadlines), `observe` (SLIs, logs, progress),
-`features` (schema, transform, tiered store),
-`model` (runner, model store, segment table), `bench`, `ship` and `cli` (the outer shell).
-Everything here runs without a server.
+`features` (schema, transform, tiered store), `model` (network, runner, model store,
+segment table), `bench`, `ship` and `cli` (the outer shell). Everything here runs
+without a server.
+
+This `__init__` imports nothing: `import ctr.settings` (training, the CLI) must not load
+BentoML, aiohttp or Starlette (tests/test_layout.py checks it in a fresh interpreter).
+Import what you use from its module, e.g. `from ctr.serving.gateway import Gateway`.
 """
-
-from ctr.api.contract import BadRequest, Context, PredictRequest, parse_predict
-from ctr.features.transform import Transformer, TransformSpec
-from ctr.model.segments import SegmentTable
-from ctr.serving.coalesce import Coalescer
-from ctr.serving.gateway import Gateway, Prediction
-from ctr.serving.pool import ModelPool
-from ctr.settings import Settings
-
-__all__ = [
-    "BadRequest",
-    "Coalescer",
-    "Context",
-    "Gateway",
-    "ModelPool",
-    "PredictRequest",
-    "Prediction",
-    "SegmentTable",
-    "Settings",
-    "TransformSpec",
-    "Transformer",
-    "parse_predict",
-]

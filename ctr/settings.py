@@ -1,15 +1,27 @@
-"""All settings, read from CTR_* environment variables (pydantic-settings)."""
+"""All settings, read from CTR_* environment variables (pydantic-settings), in sections.
+
+docs/settings.md is generated from this module: `python -m ctr.settings --write` rewrites
+it, and tests/test_settings_doc.py fails when it differs from what this code says.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MIN_REQUEST_ID_KEY_BYTES = 32  # as long as HMAC-SHA256's output (RFC 2104: shorter keys weaken the tag)
+
+
+def short_key_message(n_bytes: int) -> str:
+    return (f"CTR_REQUEST_ID_KEY is {n_bytes} bytes; it must be at least {MIN_REQUEST_ID_KEY_BYTES} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")  # fmt: skip
 
 
 def redact_url(url: str) -> str:
@@ -28,81 +40,67 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+# The sections of Settings, in the order the class declares its fields (a test keeps the two
+# in step): the headings of docs/settings.md and the `# ---` comments in the class.
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ('The request and the edge', (
+        'max_ads', 'deadline_ms', 'max_body_bytes', 'admin_token', 'request_id_key', 'internal_token',
+    )),
+    ('The gateway: workers, batching, overload', (
+        'gateway_workers', 'batch_window_ms', 'batch_max_rows', 'batch_max_inflight', 'overload', 'limit',
+        'limit_initial', 'limit_min', 'limit_max', 'limit_latency_ms',
+    )),
+    ('The model', (
+        'model_tag', 'model_replica', 'local_forward', 'device', 'model_precision', 'torch_threads',
+        'model_workers', 'model_hop', 'model_max_batch_rows', 'model_max_latency_ms', 'warm_model_round_s',
+        'model_delay_ms',
+    )),
+    ('The model pool (ctr/serving/pool) and services run alone (ctr serve)', (
+        'model_urls', 'lb_policy', 'model_weights', 'hash_load_factor', 'replica_p99_ms', 'replica_min_success',
+        'outlier_factor', 'outlier_min_ms', 'health_window_s', 'health_min_calls', 'max_ejected_percent',
+        'ejection_base_s', 'ejection_max_s', 'probe_interval_s', 'probe_timeout_ms', 'probe_passes',
+        'probe_failures', 'hedge', 'dns_refresh_s', 'features_url', 'fallback_url',
+    )),
+    ('Breakers and retries', (
+        'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_calls', 'breaker_cooldown_s', 'retry_attempts',
+        'retry_budget_ratio',
+    )),
+    ('Features: the tiered store (L1 in process, L2 Redis, L3 SQL)', (
+        'data_dir', 'database_url', 'redis_url', 'stream_redis_url', 'l1_sync_ping_s', 'l1_sync_stale_s',
+        'l2_probation_s', 'l1_unsynced_ttl_s', 'l2_timeout_ms', 'l3_timeout_ms', 'l1_max_entries',
+        'l1_max_bytes', 'encoded_rows', 'negative_ttl_s', 'ttl_s', 'feature_versions', 'write_modes', 'warm',
+        'warm_top_users', 'features_remote', 'features_workers',
+    )),
+    ('Fallback', (
+        'fallback_remote', 'fallback_timeout_ms', 'fallback_workers', 'fallback_burst_gap_s',
+    )),
+    ('Canary releases (ctr/serving/canary)', (
+        'canary_redis_url', 'canary_urls', 'canary_sync_s', 'canary_alpha',
+    )),
+    ('Observability: logs, tracing, SLIs and objectives', (
+        'log_format', 'log_level', 'tracing', 'sli', 'slo_availability', 'slo_model_scored', 'slo_p99_ms',
+        'slo_burn_page',
+    )),
+)  # fmt: skip
+
+
 class Settings(BaseSettings):
     """Defaults run on one machine with nothing else installed."""
 
     model_config = SettingsConfigDict(env_prefix="CTR_", frozen=True)
 
-    data_dir: Path = Field(PROJECT_ROOT / "data", description="Generated click log and the SQLite feature database.")
-    database_url: str = Field(
-        "",
-        repr=False,
-        description="L3 feature database: sqlite:///path or postgresql://…; default sqlite:///<data_dir>/features.db.",
+    # --- The request and the edge
+    max_ads: int = Field(1000, ge=1, description="Most candidate ads accepted in one /predict request.")
+    deadline_ms: float = Field(50.0, gt=0, description="Budget of one /predict request; past it the fallback answers.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, description="Largest request body of /predict, /feedback and /admin/*; larger is a 413."
     )
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
-        repr=False,
-        description="L2 cache: redis://… or redis+cluster://host:port (any node); empty disables L2.",
-    )
-    stream_redis_url: str = Field(
-        "",
-        repr=False,
-        description="The write-behind stream's Redis (it must not evict keys); default: CTR_REDIS_URL when a plain "
-        "redis://. Write-behind refuses a Redis whose maxmemory-policy is allkeys-* and writes through instead.",
-    )
-    l1_sync_ping_s: float = Field(
-        0.5, gt=0, description="Each process pings Redis on the feature-write channel this often when it is quiet."
-    )
-    l1_sync_stale_s: float = Field(
-        1.5, gt=0, description="A process that heard nothing on the feature-write channel this long flushes its L1."
-    )
-    l2_probation_s: float = Field(
-        5.0,
-        ge=0,
-        description="After a process lost the feature-write channel it reads L3, not L2, this long (a Redis "
-        "restarted from its AOF holds entries older than the writes made while it was down).",
-    )
-    l1_unsynced_ttl_s: float = Field(
-        1.0, ge=0, description="L1 entries live at most this long while a process may miss other processes' writes."
-    )
-    l2_timeout_ms: float = Field(20.0, gt=0, description="Budget of one L2 read; past it L2 counts as failed.")
-    l3_timeout_ms: float = Field(25.0, gt=0, description="Budget of one L3 read; past it the group gets defaults.")
-    breaker_failure_ratio: float = Field(0.5, gt=0, lt=1, description="Breakers open above this failure share (ε).")
-    breaker_window_s: float = Field(10.0, gt=0, description="Breakers count failures over this window (T).")
-    breaker_min_calls: int = Field(10, ge=1, description="Calls a breaker needs in its window before it may open.")
-    breaker_cooldown_s: float = Field(5.0, ge=0, description="How long a breaker stays open before a trial call.")
-    retry_attempts: int = Field(3, ge=1, description="Tries of an idempotent model call (1 = no retries).")
-    retry_budget_ratio: float = Field(0.1, ge=0, le=1, description="Retries allowed per call, on average.")
-    fallback_remote: bool = Field(
-        False,
-        description="Fallback scores from FallbackService over HTTP (global CTR if it fails) instead of in-process.",
-    )
-    fallback_timeout_ms: float = Field(10.0, gt=0, description="Budget of one call to FallbackService.")
-    ttl_s: dict[str, float] = Field(
-        default_factory=dict, description='TTL overrides per feature group, JSON, e.g. {"ad_stats": 600}.'
-    )
-    feature_versions: dict[str, int] = Field(
-        default_factory=dict, description="Version overrides per feature group, JSON; a bump invalidates its keys."
-    )
-    write_modes: dict[str, Literal["through", "behind"]] = Field(
-        default_factory=lambda: {"user_static": "through", "ad_meta": "through",
-                                 "user_behavioral": "behind", "ad_stats": "behind"},
-        description="Write mode per feature group, JSON (behind needs L2 Redis; without it writes go through).",
-    )  # fmt: skip
-    warm: bool = Field(True, description="Warm the caches from the warm set before /readyz turns ready.")
-    warm_model_round_s: float = Field(
-        180.0, gt=0, description="/readyz waits for the model to answer in time; each round this long logs why not."
-    )
-    warm_top_users: int = Field(10_000, ge=0, description="K: how many of the most active users to warm.")
     admin_token: str = Field("", repr=False, description="Bearer token of the admin endpoints; empty disables them.")
     request_id_key: str = Field(
         "",
         repr=False,
-        description="Key signing the request ids /feedback accepts; default: derived from admin_token, else a "
-        "random key kept in <data_dir>/request-id.key (shared by the processes of one machine).",
-    )
-    max_body_bytes: int = Field(
-        1_048_576, ge=1, description="Largest request body of /predict, /feedback and /admin/*; larger is a 413."
+        description="Key signing the request ids /feedback accepts, at least 32 bytes; default: derived from "
+        "admin_token, else a random key kept in <data_dir>/request-id.key (shared by the processes of one machine).",
     )
     internal_token: str = Field(
         "",
@@ -110,9 +108,17 @@ class Settings(BaseSettings):
         description="Shared token internal services (CTRModel, FeatureService, FallbackService) require in "
         "X-CTR-Internal-Token; unset, `bentoml serve` draws a random one for its process tree.",
     )
-    model_tag: str = Field("ctr_model:latest", description="BentoML model served by CTRModel and read by the gateway.")
-    max_ads: int = Field(1000, ge=1, description="Most candidate ads accepted in one /predict request.")
-    deadline_ms: float = Field(50.0, gt=0, description="Budget of one /predict request; past it the fallback answers.")
+
+    # --- The gateway: workers, batching, overload
+    gateway_workers: int = Field(
+        0,
+        ge=0,
+        description="CTRGateway processes (each with its own L1, coalescer, breakers and, when local, model); "
+        "0 = one per core when the model runs in the gateway (CTR_MODEL_REPLICA=local), else half the cores.",
+    )
+    batch_window_ms: float = Field(0.0, ge=0, description="How long the gateway waits for company before a model call.")
+    batch_max_rows: int = Field(8192, ge=1, description="Most rows in one coalesced call to CTRModel.")
+    batch_max_inflight: int = Field(2, ge=1, description="Most concurrent model calls from one gateway process.")
     overload: Literal["fallback", "reject"] = Field(
         "fallback",
         description="A request above the concurrency limit: answered at once from the segment table (200, "
@@ -127,45 +133,9 @@ class Settings(BaseSettings):
     limit_latency_ms: float = Field(
         25.0, gt=0, description="A request slower than this (or past its deadline) cuts the limit by 10 %."
     )
-    batch_window_ms: float = Field(0.0, ge=0, description="How long the gateway waits for company before a model call.")
-    batch_max_rows: int = Field(8192, ge=1, description="Most rows in one coalesced call to CTRModel.")
-    batch_max_inflight: int = Field(2, ge=1, description="Most concurrent model calls from one gateway process.")
-    model_max_batch_rows: int = Field(
-        65536, ge=1, description="CTRModel's max_batch_size (rows); keep above batch_max_rows so calls never split."
-    )
-    l1_max_entries: int = Field(500_000, ge=1, description="Bound of the in-process L1 feature cache (entries).")
-    encoded_rows: int = Field(
-        100_000,
-        ge=0,
-        description="Pre-encoded feature rows remembered per process, per kind (users, ads; ~250 B each); 0 = off.",
-    )
-    l1_max_bytes: int | None = Field(
-        None, ge=1, description="Approximate memory bound of L1 (bytes, ~460 an entry); lowers l1_max_entries."
-    )
-    negative_ttl_s: float = Field(60.0, ge=0, description="How long an unknown user or ad is remembered as unknown.")
-    tracing: bool = Field(
-        False,
-        description="Run BentoML's OpenTelemetry middleware on each request (give it an exporter in BentoML's "
-        "config). Off, every URL is excluded from it: it cost 12 % of the gateway's CPU, 19 % of CTRModel's.",
-    )
-    model_hop: Literal["binary", "bentoml"] = Field(
-        "binary", description="Gateway -> CTRModel: raw bytes on /infer (lean), or BentoML's client and batcher."
-    )
-    features_remote: bool = Field(
-        False, description="Gateway fetches features from FeatureService over HTTP instead of in-process."
-    )
-    model_max_latency_ms: int = Field(
-        60_000, ge=1, description="CTRModel's BentoML cut-off; far above the deadline so nothing is shed."
-    )
-    device: str = Field(
-        "auto", description="The model's torch device (CTRModel or local): auto (GPU when present), cpu, cuda, cuda:N."
-    )
-    gateway_workers: int = Field(
-        0,
-        ge=0,
-        description="CTRGateway processes (each with its own L1, coalescer, breakers and, when local, model); "
-        "0 = one per core when the model runs in the gateway (CTR_MODEL_REPLICA=local), else half the cores.",
-    )
+
+    # --- The model
+    model_tag: str = Field("ctr_model:latest", description="BentoML model served by CTRModel and read by the gateway.")
     model_replica: Literal["auto", "local", "in-graph"] = Field(
         "auto",
         description="With CTR_MODEL_URLS empty, where the model runs: local = in each gateway process "
@@ -176,18 +146,35 @@ class Settings(BaseSettings):
         description="CTR_MODEL_REPLICA=local: run each forward pass on the event loop, or in a worker thread "
         "(measured slower here: the two threads contend for the GIL).",
     )
-    model_workers: int = Field(1, ge=1, description="CTRModel processes (each loads the model; one per device).")
-    features_workers: int = Field(1, ge=1, description="FeatureService processes.")
-    fallback_workers: int = Field(1, ge=1, description="FallbackService processes.")
-    torch_threads: int = Field(
-        1, ge=1, description="Torch intra-op threads of a forward pass (1 is fastest on 2 cores)."
+    device: str = Field(
+        "auto", description="The model's torch device (CTRModel or local): auto (GPU when present), cpu, cuda, cuda:N."
     )
     model_precision: Literal["auto", "float32", "int8", "float16", "bfloat16"] = Field(
         "auto",
         description="The model's numeric precision: int8 = dynamic quantization (CPU), float16/bfloat16 for a GPU; "
         "auto = float32, the fastest measured here (`ctr bench precision`).",
     )
-    # --- the model pool (ctr/serving/pool) and services run alone (ctr serve)
+    torch_threads: int = Field(
+        1, ge=1, description="Torch intra-op threads of a forward pass (1 is fastest on 2 cores)."
+    )
+    model_workers: int = Field(1, ge=1, description="CTRModel processes (each loads the model; one per device).")
+    model_hop: Literal["binary", "bentoml"] = Field(
+        "binary", description="Gateway -> CTRModel: raw bytes on /infer (lean), or BentoML's client and batcher."
+    )
+    model_max_batch_rows: int = Field(
+        65536, ge=1, description="CTRModel's max_batch_size (rows); keep above batch_max_rows so calls never split."
+    )
+    model_max_latency_ms: int = Field(
+        60_000, ge=1, description="CTRModel's BentoML cut-off; far above the deadline so nothing is shed."
+    )
+    warm_model_round_s: float = Field(
+        180.0, gt=0, description="/readyz waits for the model to answer in time; each round this long logs why not."
+    )
+    model_delay_ms: float = Field(
+        0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
+    )
+
+    # --- The model pool (ctr/serving/pool) and services run alone (ctr serve)
     model_urls: str = Field(
         "",
         description="CTRModel replicas, comma-separated http://host:port; a host name is re-resolved every "
@@ -238,7 +225,90 @@ class Settings(BaseSettings):
     fallback_url: str = Field(
         "http://127.0.0.1:3002", description="FallbackService's URL for a gateway run alone (ctr serve)."
     )
-    # --- canary releases (ctr/serving/canary)
+
+    # --- Breakers and retries
+    breaker_failure_ratio: float = Field(0.5, gt=0, lt=1, description="Breakers open above this failure share (ε).")
+    breaker_window_s: float = Field(10.0, gt=0, description="Breakers count failures over this window (T).")
+    breaker_min_calls: int = Field(10, ge=1, description="Calls a breaker needs in its window before it may open.")
+    breaker_cooldown_s: float = Field(5.0, ge=0, description="How long a breaker stays open before a trial call.")
+    retry_attempts: int = Field(3, ge=1, description="Tries of an idempotent model call (1 = no retries).")
+    retry_budget_ratio: float = Field(0.1, ge=0, le=1, description="Retries allowed per call, on average.")
+
+    # --- Features: the tiered store (L1 in process, L2 Redis, L3 SQL)
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="Generated click log and the SQLite feature database.")
+    database_url: str = Field(
+        "",
+        repr=False,
+        description="L3 feature database: sqlite:///path or postgresql://…; default sqlite:///<data_dir>/features.db.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        repr=False,
+        description="L2 cache: redis://… or redis+cluster://host:port (any node); empty disables L2.",
+    )
+    stream_redis_url: str = Field(
+        "",
+        repr=False,
+        description="The write-behind stream's Redis (it must not evict keys); default: CTR_REDIS_URL when a plain "
+        "redis://. Write-behind refuses a Redis whose maxmemory-policy is allkeys-* and writes through instead.",
+    )
+    l1_sync_ping_s: float = Field(
+        0.5, gt=0, description="Each process pings Redis on the feature-write channel this often when it is quiet."
+    )
+    l1_sync_stale_s: float = Field(
+        1.5, gt=0, description="A process that heard nothing on the feature-write channel this long flushes its L1."
+    )
+    l2_probation_s: float = Field(
+        5.0,
+        ge=0,
+        description="After a process lost the feature-write channel it reads L3, not L2, this long (a Redis "
+        "restarted from its AOF holds entries older than the writes made while it was down).",
+    )
+    l1_unsynced_ttl_s: float = Field(
+        1.0, ge=0, description="L1 entries live at most this long while a process may miss other processes' writes."
+    )
+    l2_timeout_ms: float = Field(20.0, gt=0, description="Budget of one L2 read; past it L2 counts as failed.")
+    l3_timeout_ms: float = Field(25.0, gt=0, description="Budget of one L3 read; past it the group gets defaults.")
+    l1_max_entries: int = Field(500_000, ge=1, description="Bound of the in-process L1 feature cache (entries).")
+    l1_max_bytes: int | None = Field(
+        None, ge=1, description="Approximate memory bound of L1 (bytes, ~460 an entry); lowers l1_max_entries."
+    )
+    encoded_rows: int = Field(
+        100_000,
+        ge=0,
+        description="Pre-encoded feature rows remembered per process, per kind (users, ads; ~250 B each); 0 = off.",
+    )
+    negative_ttl_s: float = Field(60.0, ge=0, description="How long an unknown user or ad is remembered as unknown.")
+    ttl_s: dict[str, float] = Field(
+        default_factory=dict, description='TTL overrides per feature group, JSON, e.g. {"ad_stats": 600}.'
+    )
+    feature_versions: dict[str, int] = Field(
+        default_factory=dict, description="Version overrides per feature group, JSON; a bump invalidates its keys."
+    )
+    write_modes: dict[str, Literal["through", "behind"]] = Field(
+        default_factory=lambda: {"user_static": "through", "ad_meta": "through",
+                                 "user_behavioral": "behind", "ad_stats": "behind"},
+        description="Write mode per feature group, JSON (behind needs L2 Redis; without it writes go through).",
+    )  # fmt: skip
+    warm: bool = Field(True, description="Warm the caches from the warm set before /readyz turns ready.")
+    warm_top_users: int = Field(10_000, ge=0, description="K: how many of the most active users to warm.")
+    features_remote: bool = Field(
+        False, description="Gateway fetches features from FeatureService over HTTP instead of in-process."
+    )
+    features_workers: int = Field(1, ge=1, description="FeatureService processes.")
+
+    # --- Fallback
+    fallback_remote: bool = Field(
+        False,
+        description="Fallback scores from FallbackService over HTTP (global CTR if it fails) instead of in-process.",
+    )
+    fallback_timeout_ms: float = Field(10.0, gt=0, description="Budget of one call to FallbackService.")
+    fallback_workers: int = Field(1, ge=1, description="FallbackService processes.")
+    fallback_burst_gap_s: float = Field(
+        10.0, gt=0, description="A fallback burst ends after this long without a fallback (one log line each end)."
+    )
+
+    # --- Canary releases (ctr/serving/canary)
     canary_redis_url: str = Field(
         "",
         description="Redis holding the canary's rollout state and counters (redis://…); empty: CTR_REDIS_URL "
@@ -255,14 +325,17 @@ class Settings(BaseSettings):
     canary_alpha: float = Field(
         0.0125, gt=0, lt=1, description="Error probability of each canary gate over a whole rollout (4 gates: <= 5 %)."
     )
-    model_delay_ms: float = Field(
-        0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
-    )
 
+    # --- Observability: logs, tracing, SLIs and objectives
     log_format: Literal["json", "text"] = Field(
         "text", description="Log lines as JSON objects (json) or key=value text (text), with request id, arm, etc."
     )
     log_level: str = Field("INFO", description="Level of the ctr loggers; DEBUG adds one line per request.")
+    tracing: bool = Field(
+        False,
+        description="Run BentoML's OpenTelemetry middleware on each request (give it an exporter in BentoML's "
+        "config). Off, every URL is excluded from it: it cost 12 % of the gateway's CPU, 19 % of CTRModel's.",
+    )
     sli: bool = Field(
         True, description="Per-request SLI bookkeeping (status page, ctr_sli_* metrics); off only to measure its cost."
     )
@@ -272,10 +345,70 @@ class Settings(BaseSettings):
     slo_burn_page: float = Field(
         14.4, gt=0, description="Page when the burn rate over 1 h and over 5 min both exceed this (SRE workbook)."
     )
-    fallback_burst_gap_s: float = Field(
-        10.0, gt=0, description="A fallback burst ends after this long without a fallback (one log line each end)."
-    )
+
+    @field_validator("request_id_key")
+    @classmethod
+    def _key_long_enough(cls, value: str) -> str:
+        if value and len(value.encode()) < MIN_REQUEST_ID_KEY_BYTES:
+            raise ValueError(short_key_message(len(value.encode())))
+        return value
 
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'features.db'}"
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, Path):
+        return f"`{value}`".replace(str(PROJECT_ROOT), "<checkout>")
+    if value == "":
+        return "empty"
+    if value is None:
+        return "unset"
+    return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
+
+
+def _kind(field: FieldInfo) -> str:
+    """The type as a person reads it, with its bounds: `int >= 1`, `one of: aimd, off`."""
+    ann, optional = field.annotation, False
+    if type(None) in get_args(ann):  # `int | None`: unset means "no bound"
+        ann, optional = next(a for a in get_args(ann) if a is not type(None)), True
+    if get_origin(ann) is Literal:
+        return "one of: " + ", ".join(str(a) for a in get_args(ann))
+    name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+    if get_origin(ann) is dict or get_origin(ann) is list:
+        name = f"JSON {str(ann).replace('typing.', '')}"
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    bounds = [f"{ops[k]} {getattr(m, k)}" for m in field.metadata for k in ops if hasattr(m, k)]
+    return " ".join([name, *bounds]) + (", or unset" if optional else "")
+
+
+def markdown() -> str:
+    """docs/settings.md: every setting by section, with its type, bounds, default and meaning."""
+    fields = Settings.model_fields
+    out = ["# Settings", "",
+           "Every setting is an environment variable `CTR_<NAME>`, read once per process by one",
+           "pydantic-settings object (`ctr/settings.py`); the defaults run on one machine with nothing",
+           "else installed. This page is generated: `python -m ctr.settings --write` rewrites it from",
+           "the code, and `tests/test_settings_doc.py` fails when it is out of date.", ""]  # fmt: skip
+    for title, names in SECTIONS:
+        out += [f"## {title}", "", "| variable | type | default | meaning |", "|---|---|---|---|"]
+        for name in names:
+            f = fields[name]
+            cells = [f"`CTR_{name.upper()}`", _kind(f), _default(f), f.description or ""]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+DOC = PROJECT_ROOT / "docs" / "settings.md"
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        DOC.write_text(markdown())
+        print(f"wrote {DOC}")
+    else:
+        sys.stdout.write(markdown())

@@ -14,10 +14,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from ctr.features import schema
 from ctr.features.transform import TransformSpec, ad_columns, fit_spec, user_columns
+from ctr.model.network import DeepFM
 from ctr.model.segments import SegmentTable
 from ctr.observe.progress import progress
 from models import data as clicklog
-from models.deepfm import DeepFM
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,32 @@ BIN = Path(sys.executable).parent
 SMALL = ["--users", "2000", "--ads", "300", "--impressions", "60000", "--max-epochs", "3"]
 
 
+# Integration tests start real servers (Redis, PostgreSQL, `bentoml serve`, a container, a
+# browser) or train models: a test needing one of these fixtures, a test of these modules (each
+# about running servers), a tier test run against Redis, or one marked by hand. The rest are
+# unit tests: `make test-fast` runs them alone (`-m "not integration"`), `make test` runs all.
+SERVER_FIXTURES = {"redis_url", "cluster_url", "pg_url", "served_redis_url", "small_setup", "gateway"}
+SERVER_MODULES = {"test_container", "test_soak", "test_fuzz", "test_status_browser", "test_canary_sim",
+                  "test_canary_e2e", "test_canary_redis", "test_e2e", "test_faults", "test_pool_faults",
+                  "test_internal", "test_writer_faults", "test_writes", "test_private_redis", "test_coherence",
+                  "test_consistency"}  # fmt: skip
+
+
+def _integration(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool(
+        SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        or item.module.__name__ in SERVER_MODULES  # type: ignore[attr-defined]
+        or params.get("cache") in ("redis", "cluster")  # test_tiers' shared suite, against a real Redis
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _integration(item):
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_TMP, ignore_errors=True)
 

@@ -8,24 +8,17 @@ import math
 import random
 
 import pytest
+from helpers import FakeClock
 
 from ctr.serving.pool.balancer import Balancer, ConsistentHash, Lease, Slot, make_policy
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def slots(n: int, weights: list[float] | None = None) -> list[Slot]:
     return [Slot(f"10.0.0.{i}:3000", i, (weights or [1.0] * n)[i]) for i in range(n)]
 
 
-def balancer(policy: str, seed: int = 7, clock: Clock | None = None) -> tuple[Balancer, Clock]:
-    clock = clock or Clock()
+def balancer(policy: str, seed: int = 7, clock: FakeClock | None = None) -> tuple[Balancer, FakeClock]:
+    clock = clock or FakeClock()
     return Balancer(make_policy(policy, random.Random(seed), clock), clock), clock
 
 
@@ -170,4 +163,4 @@ def test_consistent_hash_one_hot_user_never_pushes_a_replica_over_the_bound() ->
 
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown load-balancing policy 'fastest'"):
-        make_policy("fastest", random.Random(), Clock())
+        make_policy("fastest", random.Random(), FakeClock())

@@ -6,26 +6,19 @@ import asyncio
 import contextlib
 
 import pytest
+from helpers import FakeClock
 
 from ctr.resilience.breaker import BreakerOpen, CircuitBreaker, State
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def breaker(clock: Clock, **kw: float) -> CircuitBreaker:
+def breaker(clock: FakeClock, **kw: float) -> CircuitBreaker:
     opts = {"failure_ratio": 0.5, "window_s": 10.0, "min_calls": 4, "cooldown_s": 5.0, "trial_timeout_s": 1.0} | kw
     return CircuitBreaker("test", clock=clock, **opts)  # type: ignore[arg-type]
 
 
 def test_opens_only_past_the_ratio_with_enough_calls() -> None:
     """One failure does not open it; more than half failing among >= min_calls does."""
-    c = Clock()
+    c = FakeClock()
     b = breaker(c)
     b.record_failure()
     assert b.state is State.CLOSED
@@ -39,11 +32,11 @@ def test_opens_only_past_the_ratio_with_enough_calls() -> None:
 
 def test_failures_leave_the_window() -> None:
     """Failures older than the window no longer count."""
-    c = Clock()
+    c = FakeClock()
     b = breaker(c)
     for _ in range(3):
         b.record_failure()
-    c.now = 11
+    c.t = 11
     b.record_failure()
     b.record_success()
     b.record_success()
@@ -53,18 +46,18 @@ def test_failures_leave_the_window() -> None:
 
 def test_half_open_trials_close_or_reopen() -> None:
     """After the cooldown one trial is admitted; success closes, failure reopens."""
-    c = Clock()
+    c = FakeClock()
     b = breaker(c)
     for _ in range(4):
         b.record_failure()
-    c.now = 4.9
+    c.t = 4.9
     assert b.state is State.OPEN
-    c.now = 5.0
+    c.t = 5.0
     assert b.state is State.HALF_OPEN
     assert b.allow() and not b.allow()  # one trial slot
     b.record_failure()
     assert b.state is State.OPEN
-    c.now = 10.0
+    c.t = 10.0
     assert b.allow()
     b.record_success()
     assert b.state is State.CLOSED and b.allow()
@@ -72,23 +65,23 @@ def test_half_open_trials_close_or_reopen() -> None:
 
 def test_a_silent_trial_frees_its_slot_after_its_deadline() -> None:
     """A trial that never reports does not keep the breaker half-open forever."""
-    c = Clock()
+    c = FakeClock()
     b = breaker(c)
     for _ in range(4):
         b.record_failure()
-    c.now = 5.0
+    c.t = 5.0
     assert b.allow() and not b.allow()
-    c.now = 6.0
+    c.t = 6.0
     assert b.allow()
 
 
 def test_concurrent_half_open_admits_exactly_the_trial_limit() -> None:
     """N tasks arrive together at a half-open breaker; exactly half_open_max_calls get through."""
-    c = Clock()
+    c = FakeClock()
     b = breaker(c, half_open_max_calls=2)
     for _ in range(4):
         b.record_failure()
-    c.now = 5.0
+    c.t = 5.0
     gate = asyncio.Event()
     admitted = 0
 
@@ -117,4 +110,4 @@ def test_concurrent_half_open_admits_exactly_the_trial_limit() -> None:
 def test_rejects_bad_config(kw: dict[str, float]) -> None:
     """Impossible settings are refused."""
     with pytest.raises(ValueError):
-        breaker(Clock(), **kw)
+        breaker(FakeClock(), **kw)

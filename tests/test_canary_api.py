@@ -3,7 +3,6 @@ private Redis: tokens are checked in constant time, refused calls change nothing
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,9 +11,8 @@ import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
-import uvicorn
 from click.testing import CliRunner
-from servers import free_port
+from helpers import ThreadServer
 
 from ctr.api import request_id
 from ctr.api.routes import make_app
@@ -39,23 +37,15 @@ class Served:
         app.state.stable_arm = Arm("ctr_model:stable", ("http://model:3000",))
         app.state.admin_token = token
         app.state.request_id_key = KEY
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        self.served = ThreadServer(app)
+        self.url, self.server = self.served.url, self.served.server
 
     def state(self) -> bytes | None:
         assert self.redis_url is not None
         return redis.Redis.from_url(self.redis_url).get(self.prefix + "state")
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.served.stop()
 
 
 @pytest.fixture()

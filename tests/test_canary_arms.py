@@ -6,15 +6,13 @@ Responses carry the arm and the version that scored them; counters reach Redis p
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import uuid
 from typing import Any
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
+from helpers import CTX, ThreadServer
 from servers import free_port
 from starlette.responses import Response
 from starlette.routing import Route
@@ -32,7 +30,6 @@ from ctr.serving.gateway import Gateway
 from ctr.serving.wiring import model_pool
 from ctr.settings import Settings
 
-CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
 
 
@@ -43,17 +40,11 @@ class ModelServer:
         app = make_model_app()
         app.state.runner = lambda x: np.full(len(x), score, dtype=np.float32)
         app.router.routes.append(Route("/readyz", lambda request: Response(b"ok")))
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self.served = ThreadServer(app)
+        self.url = self.served.url
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.served.stop()
 
 
 @pytest.fixture()

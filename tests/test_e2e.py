@@ -9,9 +9,9 @@ from typing import TypeVar
 import httpx
 import pytest
 from conftest import Server
+from helpers import CTX
 
 T = TypeVar("T")
-CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 
 
 def predict(server: Server, body: object, **kw: object) -> httpx.Response:

@@ -22,11 +22,10 @@ import httpx
 import psutil
 import pytest
 from conftest import BIN, ROOT, Server
+from helpers import CTX
 from servers import PostgresProcess, RedisProcess
 
 from ctr.bench.profile import service_workers
-
-CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 
 
 @dataclass

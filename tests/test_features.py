@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 
 from ctr.features import schema
 from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, TieredStore
 from ctr.features.tiers import MemoryTier, feature_key, l1_key
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class CountingSource:
@@ -63,13 +56,13 @@ def get(store: TieredStore, group: schema.FeatureGroup, ids: list[str]) -> list[
 
 def test_memory_tier_expires_per_entry_ttl() -> None:
     """Each entry lives its own TTL on the injected clock; TTL 0 is never stored."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     tier = MemoryTier(clock=clock)
     tier.set_many_now([("short", (1,), 1, 10.0), ("long", (2,), 1, 100.0), ("never", (3,), 1, 0.0)])
     assert tier.get_many_now(["short", "long", "never"]) == [(1,), (2,), None]
-    clock.now += 50
+    clock.t += 50
     assert tier.get_many_now(["short", "long"]) == [None, (2,)]
-    clock.now += 51
+    clock.t += 51
     assert tier.get_many_now(["long"]) == [None]
 
 
@@ -116,13 +109,13 @@ def test_lower_tier_hit_backfills_upper_tier_only_with_its_misses(db: SqliteStor
 
 def test_unknown_ids_are_cached_negatively_for_a_short_ttl(db: SqliteStore) -> None:
     """Cold-start ids hit the database once per negative TTL, not once per request."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     origin = CountingSource(db)
     store = TieredStore(MemoryTier(clock=clock), origin, negative_ttl_s=30.0)
     assert get(store, schema.AD_META, ["ghost"]) == [None]
     assert get(store, schema.AD_META, ["ghost"]) == [None]
     assert len(origin.calls) == 1
-    clock.now += 31
+    clock.t += 31
     get(store, schema.AD_META, ["ghost"])
     assert len(origin.calls) == 2
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import CTX, TABLE, fake_features
 
 from ctr.api.contract import BadRequest, PredictRequest, parse_predict
 from ctr.features.transform import Transformer, TransformSpec
-from ctr.model.segments import SegmentTable
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
 from ctr.resilience.retry import Retrier, RetryBudget
@@ -23,15 +23,8 @@ from ctr.serving.gateway import Gateway
 
 SPEC = TransformSpec(0.04, tuple(np.linspace(0.02, 0.06, 19)), tuple(np.linspace(0.02, 0.06, 19)))
 
-CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
-TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
 REQ = PredictRequest.model_validate({"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX})
-
-
-async def features(
-    user_id: str, ad_ids: list[str], context: dict[str, Any], deadline: float
-) -> tuple[np.ndarray, list[str]]:
-    return np.arange(len(ad_ids) * 2, dtype=np.int64).reshape(len(ad_ids), 2), []
+features = fake_features
 
 
 def gateway(model: Any, deadline_s: float = 1.0, remote_fallback: Any = None) -> Gateway:

@@ -2,47 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import numpy as np
+import orjson
 import pytest
+import requests
+from helpers import CTX, routes_app, serve_in_thread
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
-from test_gateway import CTX, TABLE, features
 
+from ctr.api import body as bodies
 from ctr.api import request_id
-from ctr.api.routes import make_app
 from ctr.features import schema
-from ctr.features.sql import SqliteStore
-from ctr.features.store import TieredStore
-from ctr.features.tiers import MemoryTier
-from ctr.features.writes import FeatureWriter
-from ctr.serving.coalesce import Coalescer
-from ctr.serving.fallback import Fallback
-from ctr.serving.gateway import Gateway
 
 KEY = b"k" * 32
 LIMIT = 4096
 AUTH = {"authorization": "Bearer tok"}
 
 
-async def model(x: np.ndarray) -> np.ndarray:
-    return np.full(len(x), 0.25, dtype=np.float32)
-
-
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    app = make_app()
-    app.state.gateway = Gateway(features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0,
-                                new_id=request_id.Signer(KEY).issue)  # fmt: skip
-    app.state.max_ads = 1000
-    app.state.max_body_bytes = LIMIT
-    app.state.request_id_key = KEY
-    app.state.admin_token = "tok"
-    app.state.writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})
-    return TestClient(app)
+    return TestClient(routes_app(tmp_path, max_body_bytes=LIMIT))
 
 
 def body(user: str = "u1", ads: list[str] | None = None) -> dict:
@@ -85,10 +72,25 @@ def test_anything_not_issued_with_the_key_is_refused(forge: object) -> None:
     assert request_id.verify(forge(rid), KEY) is None  # type: ignore[operator]
 
 
+def test_a_request_id_key_under_32_bytes_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """CTR_REQUEST_ID_KEY of 31 bytes: Settings and resolve_key both say what is wrong and how to
+    make one (a one-byte key used to be accepted)."""
+    from pydantic import ValidationError
+
+    from ctr.settings import Settings
+
+    with pytest.raises(ValidationError, match="CTR_REQUEST_ID_KEY is 31 bytes; it must be at least 32"):
+        Settings(request_id_key="k" * 31)
+    with pytest.raises(ValueError, match="at least 32"):
+        request_id.resolve_key("k" * 31, "", tmp_path)
+    assert Settings(request_id_key="k" * 32).request_id_key == "k" * 32
+
+
 def test_the_key_is_explicit_derived_or_shared_through_a_file(tmp_path: Path) -> None:
     """CTR_REQUEST_ID_KEY wins; else derived from the admin token (never the token itself);
     else one random key per data dir, the same for every process that reads it."""
-    assert request_id.resolve_key("explicit", "tok", tmp_path) == b"explicit"
+    explicit = "e" * 32
+    assert request_id.resolve_key(explicit, "tok", tmp_path) == explicit.encode()
     derived = request_id.resolve_key("", "tok", tmp_path)
     assert derived == request_id.resolve_key("", "tok", tmp_path) and b"tok" not in derived and len(derived) == 32
     assert not (tmp_path / request_id.KEY_FILE).exists()
@@ -200,3 +202,117 @@ def test_openapi_lists_every_public_route(client: TestClient) -> None:
     assert "413" in doc["paths"]["/predict"]["post"]["responses"]
     assert "403" in doc["paths"]["/feedback"]["post"]["responses"]
     assert doc["components"]["schemas"]["PredictRequest"]["properties"]["user_id"]["maxLength"] == schema.MAX_ID_CHARS
+
+
+# --- the edge: no body stalls a process or gets an unreadable answer --------------------
+
+
+def _asgi_post(app: object, path: str, payload: bytes) -> tuple[int, bytes]:
+    """One POST through the ASGI app, its body in 64 kB chunks as uvicorn hands them over."""
+    chunks = [payload[i : i + 65536] for i in range(0, len(payload), 65536)] or [b""]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "root_path": "", "app": app}  # fmt: skip
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_300000_ids_are_refused_before_any_is_validated(client: TestClient) -> None:
+    """300,000 empty ids (900 kB, under the body limit): a 422 under 1 kB in under 5 ms of CPU
+    (it cost 3.6 s and a 17 MB body when every element was validated before the count)."""
+    app = client.app
+    app.state.max_body_bytes = 1_048_576  # type: ignore[attr-defined]
+    payload = orjson.dumps(body("u1", [""] * 300_000))
+    cpu_ms = []
+    for _ in range(3):  # the least of three: the first run also pays for warming allocations
+        t0 = time.process_time()
+        status, answer = _asgi_post(app, "/predict", payload)
+        cpu_ms.append((time.process_time() - t0) * 1000)
+    print(f"300,000 ids: {len(payload)} B in, {status} with {len(answer)} B out, {min(cpu_ms):.2f} ms CPU")
+    assert status == 422 and len(answer) < 1024 and "too many ad_ids: 300000" in answer.decode()
+    assert min(cpu_ms) < 5.0
+
+
+def test_error_detail_is_capped_to_the_first_items_and_a_count(client: TestClient) -> None:
+    """1,000 bad ids and a 10 kB unknown key: the first five problems, each clipped, and how many
+    more (the detail listed every element)."""
+    client.app.state.max_body_bytes = 1_048_576  # type: ignore[attr-defined]
+    r = client.post("/predict", json=body("u1", ["a\x00"] * 1000))
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and len(r.content) < 1024
+    assert len(detail) == 6 and detail[0].startswith("ad_ids.0: ") and detail[-1] == "... and 995 more"
+    wide = {**body(), "context": {**CTX, "k" * 10_000: 1}}
+    r = client.post("/predict", json=wide)
+    assert r.status_code == 422 and len(r.content) < 1024 and "context.kkk" in r.json()["error"]
+
+
+def test_admin_feature_writes_are_bounded_in_rows(client: TestClient) -> None:
+    """More rows than MAX_FEATURE_ROWS in one write: 422 before any row is validated."""
+    from ctr.api.contract import MAX_FEATURE_ROWS
+
+    client.app.state.max_body_bytes = 1_048_576  # type: ignore[attr-defined]
+    rows = [{}] * (MAX_FEATURE_ROWS + 1)
+    r = client.post("/admin/features", json={"group": "ad_stats", "rows": rows}, headers=AUTH)
+    assert r.status_code == 422 and f"at most {MAX_FEATURE_ROWS}" in r.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/admin/canary/start", "/admin/canary/rollback"])
+def test_canary_admin_bodies_are_bounded(client: TestClient, path: str) -> None:
+    """The canary's admin endpoints read their body through the same limit: 413 (they read any size)."""
+    client.app.state.canary = object()  # type: ignore[attr-defined]  # present; the body is refused first
+    r = client.post(path, content=b'{"reason": "' + b"x" * (LIMIT + 10) + b'"}', headers=AUTH)
+    assert r.status_code == 413 and "CTR_MAX_BODY_BYTES" in r.json()["error"]
+
+
+@pytest.fixture
+def served(client: TestClient) -> Iterator[str]:
+    with serve_in_thread(client.app) as url:
+        yield url
+
+
+# 20 MB, far past loopback's socket buffers and under the drain bound: answered at once
+# without reading the rest, urllib saw "connection reset" (and "broken pipe" from 2 MB).
+BIG = b'{"user_id": "' + b"x" * 20_000_000 + b'"}'
+
+
+@pytest.mark.parametrize("path", ["/predict", "/admin/features"])
+def test_an_oversized_body_gets_a_413_that_urllib_can_read(served: str, path: str) -> None:
+    """urllib sends the whole body before it reads: it gets the 413, not a connection reset."""
+    req = urllib.request.Request(served + path, data=BIG, headers={**AUTH, "content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 413 and b"CTR_MAX_BODY_BYTES" in err.value.read()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_body_gets_a_413_that_requests_can_read(served: str, chunked: bool) -> None:
+    """requests, with a Content-Length or chunked: the 413 and its message arrive."""
+    data = iter([BIG[i : i + 65536] for i in range(0, len(BIG), 65536)]) if chunked else BIG
+    r = requests.post(served + "/predict", data=data, timeout=10)
+    assert r.status_code == 413 and "CTR_MAX_BODY_BYTES" in r.json()["error"]
+    assert r.headers["connection"] == "close"
+
+
+def test_draining_stops_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is drained past the limit is bounded: nothing when the declared length is beyond the
+    bound, and at most the bound (plus a chunk) when the body does not say."""
+    monkeypatch.setattr(bodies, "DRAIN_MAX_BYTES", 100_000)
+    pulled = []
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            pulled.append(1)
+            yield b"x" * 10_000
+
+    assert asyncio.run(bodies.drain(endless(), 200_000)) == 0 and pulled == []
+    assert asyncio.run(bodies.drain(endless(), None)) == 110_000

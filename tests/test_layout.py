@@ -1,10 +1,13 @@
-"""The package layout keeps its rules: dependencies point one way (shell -> serving ->
-features/model/resilience), and the README's package map names packages that exist."""
+"""The package layout keeps its rules: dependencies point one way (shell -> models/ (the
+offline side) -> serving -> features/model/resilience), `import ctr.settings` loads no server
+stack, `ctr serve` loads no benchmark, and the README's package map names packages that exist."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,14 +22,17 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.resilience",),
     ("ctr.features",),
     ("ctr.model",),
-    ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
+    ("ctr.api.contract", "ctr.api.body", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
     ("ctr.serving",),
     ("ctr.api.routes", "ctr.api.status", "ctr.api.canary"),
+    ("models",),  # the offline side (data generation, training, evaluation): only the shell imports it
     ("ctr.bench", "ctr.ship", "ctr.cli"),
 ]
 SHELL = ("ctr.bench", "ctr.ship", "ctr.cli")
-# ctr/api/__init__.py re-exports the contract only (the routes would be a cycle).
-EXACT = {"ctr.api": 5}
+# ctr/__init__.py imports nothing; ctr/api/__init__.py re-exports the contract only (the routes
+# would be a cycle).
+EXACT = {"ctr": 0, "ctr.api": 5}
+OURS = ("ctr", "models")
 
 
 def _layer(module: str) -> int | None:
@@ -43,13 +49,18 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _ours(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in OURS)
+
+
 def _imports(path: Path) -> set[str]:
-    """Every `ctr.*` module a file imports, at the top or inside a function."""
+    """Every `ctr.*` and `models.*` module a file imports, at the top, inside a function or
+    under TYPE_CHECKING."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("ctr.")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctr"):
+            out |= {a.name for a in node.names if _ours(a.name)}
+        elif isinstance(node, ast.ImportFrom) and node.module and _ours(node.module):
             names = [f"{node.module}.{a.name}" for a in node.names]
             out |= {n for n in names if _layer(n) is not None} or {node.module}
     return out
@@ -68,7 +79,8 @@ def _violations(modules: dict[str, set[str]]) -> list[str]:
     return sorted(bad)
 
 
-MODULES = {_module_name(p): _imports(p) for p in CTR.rglob("*.py") if p.name != "__init__.py" or p.parent != CTR}
+FILES = [*CTR.rglob("*.py"), *(ROOT / "models").glob("*.py")]
+MODULES = {_module_name(p): _imports(p) for p in FILES}
 
 
 def test_every_module_is_in_a_layer() -> None:
@@ -79,6 +91,52 @@ def test_every_module_is_in_a_layer() -> None:
 def test_dependencies_point_one_way() -> None:
     """No module imports a layer above its own (serving never imports bench, ship or cli)."""
     assert _violations(MODULES) == []
+
+
+def test_the_walk_covers_the_package_roots_and_models() -> None:
+    """ctr/__init__.py and every file of models/ are walked (ctr/__init__.py was skipped)."""
+    assert {"ctr", "ctr.api", "models", "models.train", "models.data"} <= set(MODULES)
+    assert MODULES["ctr"] == set()
+
+
+def test_only_the_outer_shell_imports_models() -> None:
+    """Training, data generation and evaluation (models/) sit above the serving layers: no
+    module of ctr below bench/ship/cli imports them (model/store, model/provision and
+    features/load did)."""
+    bad = {m: sorted(t for t in imported if _ours(t) and t.startswith("models"))
+           for m, imported in MODULES.items() if m.startswith("ctr.") and not m.startswith(SHELL)}  # fmt: skip
+    assert {m: t for m, t in bad.items() if t} == {}
+    assert _violations({"ctr.model.store": {"models.train"}}) == ["ctr.model.store imports models.train"]
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The modules a fresh interpreter holds after running `code` (sorted, one per line)."""
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    return out.stdout.split()
+
+
+HEAVY = ("bentoml", "aiohttp", "starlette", "torch", "uvicorn")
+
+
+def test_importing_the_settings_loads_no_server_stack() -> None:
+    """`import ctr.settings` (training and the CLI do) loads no BentoML, aiohttp, Starlette or
+    torch (ctr/__init__.py imported the whole serving path)."""
+    loaded = _loaded_after("import ctr.settings")
+    assert [m for m in loaded if m.split(".")[0] in HEAVY] == []
+
+
+def test_ctr_serve_imports_nothing_from_bench() -> None:
+    """`ctr serve` (down to the exec of the server) loads no ctr.bench module (it used
+    ctr.bench.cluster, and ctr.cli.ship brought in ctr.bench through ctr.ship.smoke)."""
+    code = """
+from ctr.cli import main
+try:
+    main.main(["serve", "--service", "NoSuchService"])  # refused just before the exec
+except SystemExit as exc:
+    assert exc.code == 2, exc
+"""
+    assert [m for m in _loaded_after(code) if m.startswith("ctr.bench")] == []
 
 
 def test_the_rule_catches_a_serving_module_importing_a_benchmark() -> None:

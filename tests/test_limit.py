@@ -8,20 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import FakeClock
 from starlette.testclient import TestClient
 from test_gateway import CTX, REQ, TABLE, gateway
 
 from ctr.api.routes import make_app
 from ctr.resilience.limit import AimdLimit
 from ctr.serving.overload import SHED, Admission, Overloaded
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def limiter(clock: FakeClock, **kw: Any) -> AimdLimit:
@@ -144,7 +137,7 @@ def test_late_answers_cut_the_limit() -> None:
     """A request that fell back on its deadline reports a drop: the limit shrinks."""
 
     async def never(x: np.ndarray) -> np.ndarray:
-        await asyncio.sleep(1)
+        await asyncio.Event().wait()  # never answers: the deadline decides
         raise AssertionError("unreachable")
 
     lim = AimdLimit(10, 2, 20, latency_target_s=0.5)

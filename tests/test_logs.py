@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from helpers import CTX, FakeClock
 
 from ctr.api.contract import PredictRequest
 from ctr.model.segments import SegmentTable
@@ -20,17 +21,8 @@ from ctr.serving.coalesce import Coalescer
 from ctr.serving.fallback import Fallback
 from ctr.serving.gateway import Gateway
 
-CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos": 1, "conn_type": "wifi"}
 REQ = PredictRequest.model_validate({"user_id": "u1", "ad_ids": ["a1", "a2"], "context": CTX})
 TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -47,7 +39,7 @@ def lines(out: io.StringIO) -> list[dict[str, object]]:
 
 def test_breaker_transitions_are_one_json_line_each(captured: io.StringIO) -> None:
     """Open at WARNING, half-open and closed at INFO, each with the breaker's name and counts."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     b = CircuitBreaker("logtest", min_calls=2, cooldown_s=1.0, clock=clock)
     b.record_failure()
     b.record_failure()
@@ -62,7 +54,7 @@ def test_breaker_transitions_are_one_json_line_each(captured: io.StringIO) -> No
 
 def test_a_fallback_burst_is_two_lines_not_one_per_fallback(captured: io.StringIO) -> None:
     """100 fallbacks in a burst: one line when it starts, one when it has been quiet for gap_s."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     bursts = obslog.FallbackBursts(gap_s=10, clock=clock)
     for i in range(100):
         bursts.record("model:timeout" if i % 2 else "model:unavailable", f"r{i}", "stable", "m:1", ["model:timeout"])

@@ -10,6 +10,7 @@ import random
 import aiohttp
 import numpy as np
 import pytest
+from helpers import FakeClock
 
 from ctr.api.contract import PredictRequest
 from ctr.model.segments import SegmentTable
@@ -21,18 +22,10 @@ from ctr.serving.gateway import Gateway
 from ctr.serving.pool import FixedSource, HealthConfig, ModelPool, PoolConfig, Status, UrlSource, parse_urls
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class FakeReplica:
     """Answers x[:, 0] as float scores; `dead` refuses connections; each call advances the clock."""
 
-    def __init__(self, name: str, clock: Clock, latency_s: float = 0.001) -> None:
+    def __init__(self, name: str, clock: FakeClock, latency_s: float = 0.001) -> None:
         self.name, self.clock, self.latency_s = name, clock, latency_s
         self.dead = False
         self.calls: list[int] = []
@@ -57,7 +50,7 @@ HEALTH = HealthConfig(window_s=5.0, min_calls=5, ejection_base_s=2.0, ejection_m
 
 
 def make_pool(names: list[str], policy: str = "round_robin", source=None, budget: RetryBudget | None = None):
-    clock = Clock()
+    clock = FakeClock(100.0)
     replicas = {n: FakeReplica(n, clock) for n in names}
 
     def factory(url: str) -> FakeReplica:

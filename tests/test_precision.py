@@ -8,7 +8,7 @@ import torch
 
 from ctr.features import schema
 from ctr.model import precision
-from models.deepfm import DeepFM
+from ctr.model.network import DeepFM
 
 
 def _model() -> DeepFM:

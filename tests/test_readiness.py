@@ -11,22 +11,12 @@ import httpx
 import numpy as np
 import pytest
 from conftest import Server
+from helpers import FakeClock
 
 from ctr.serving.wiring import warm_model
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    async def sleep(self, s: float) -> None:
-        self.t += s
-
-
-def model(clock: Clock, took_s: float, fail: BaseException | None = None, rows: int | None = None):  # type: ignore[no-untyped-def]
+def model(clock: FakeClock, took_s: float, fail: BaseException | None = None, rows: int | None = None):  # type: ignore[no-untyped-def]
     async def call(x: np.ndarray) -> np.ndarray:
         clock.t += took_s
         if fail is not None:
@@ -38,7 +28,7 @@ def model(clock: Clock, took_s: float, fail: BaseException | None = None, rows: 
 
 def test_a_model_that_answers_in_time_is_ready() -> None:
     """20 bursts in a row within the deadline: ready."""
-    clock = Clock()
+    clock = FakeClock()
     assert asyncio.run(warm_model(model(clock, 0.001), 4, 0.05, 180, clock, clock.sleep)) is True
 
 
@@ -55,7 +45,7 @@ def test_a_model_that_never_answers_in_time_is_not_ready(
 ) -> None:
     """Past the warm-up time without an answer in time: not ready, and the log says why
     (the old warm_model returned after 180 s all the same, and /readyz turned 200)."""
-    clock = Clock()
+    clock = FakeClock()
     with caplog.at_level(logging.WARNING, logger="ctr.serving.wiring"):
         ready = asyncio.run(warm_model(model(clock, took_s, fail, rows), 4, 0.05, 180, clock, clock.sleep))
     assert ready is False

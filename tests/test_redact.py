@@ -40,8 +40,8 @@ def test_setup_prints_the_database_url_redacted(tmp_path: object, monkeypatch: p
     cli_setup = importlib.import_module("ctr.cli.setup")
 
     monkeypatch.setenv("CTR_DATABASE_URL", "postgresql://ctr:hunter2@127.0.0.1:1/ctr")
-    monkeypatch.setattr("ctr.model.provision.ensure_data", lambda *a, **k: {})
-    monkeypatch.setattr("ctr.model.provision.ensure_model", lambda *a, **k: "ctr_model:x")
-    monkeypatch.setattr("ctr.features.load.ensure_features", lambda *a, **k: None)
+    monkeypatch.setattr("ctr.cli.provision.ensure_data", lambda *a, **k: {})
+    monkeypatch.setattr("ctr.cli.provision.ensure_model", lambda *a, **k: "ctr_model:x")
+    monkeypatch.setattr("ctr.cli.provision.ensure_features", lambda *a, **k: None)
     out = CliRunner().invoke(cli_setup.setup, []).output
     assert "postgresql://ctr:***@127.0.0.1:1/ctr" in out and "hunter2" not in out

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ctr.bench.cluster import serve_command, topology
+from ctr.bench.cluster import topology
 from ctr.cli import main
+from ctr.cli.launch import serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import FakeClock
 from prometheus_client import REGISTRY
 
 from ctr.observe import sli
 from ctr.observe.sli import Objectives, SliRecorder
 
 
-class Clock:
-    def __init__(self, t: float = 10_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def traffic(rec: SliRecorder, clock: Clock, seconds: int, rps: int, result: str = "model", arm: str = "stable",
+def traffic(rec: SliRecorder, clock: FakeClock, seconds: int, rps: int, result: str = "model", arm: str = "stable",
             latency_s: float = 0.002, reason: str | None = None) -> None:  # fmt: skip
     """`rps` requests a second for `seconds`, advancing the clock."""
     for _ in range(seconds):
@@ -30,7 +23,7 @@ def traffic(rec: SliRecorder, clock: Clock, seconds: int, rps: int, result: str 
 
 def test_availability_and_model_scored_follow_the_reference_definitions() -> None:
     """availability = successful / requests; model-scored = answers not from the fallback / requests."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(clock=clock)
     for _ in range(90):
         rec.record("stable", "model", 0.002)
@@ -50,7 +43,7 @@ def test_quantiles_are_within_the_bucket_resolution() -> None:
     """p50 and p99 from the log buckets are within 10 % of the exact quantiles."""
     rng = np.random.default_rng(1)
     lat = rng.lognormal(np.log(0.002), 0.6, 20_000)
-    rec = SliRecorder(clock=Clock())
+    rec = SliRecorder(clock=FakeClock(10_000.0))
     for x in lat:
         rec.record("stable", "model", float(x))
     w = rec.window(60)
@@ -61,7 +54,7 @@ def test_quantiles_are_within_the_bucket_resolution() -> None:
 def test_windows_slide_with_the_clock() -> None:
     """A request 61 s old has left the 1-minute window (60 whole seconds and the current one)
     and is still in the 5-minute one."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(clock=clock)
     rec.record("stable", "model", 0.001)
     clock.t += 61
@@ -75,7 +68,7 @@ def test_windows_slide_with_the_clock() -> None:
 
 def test_qps_counts_requests_over_the_window() -> None:
     """Throughput is requests per second over the window; model-scored throughput apart."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(clock=clock)
     clock.t += 600
     traffic(rec, clock, 60, 20)
@@ -88,7 +81,7 @@ def test_qps_counts_requests_over_the_window() -> None:
 
 def test_burn_rate_is_the_bad_share_over_the_budget() -> None:
     """1 % fallbacks against a 99 % model-scored objective burns the budget at rate 1."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(Objectives(model_scored=0.99), clock=clock)
     for _ in range(300):
         for i in range(100):
@@ -102,7 +95,7 @@ def test_burn_rate_is_the_bad_share_over_the_budget() -> None:
 def test_page_needs_both_windows_above_the_threshold() -> None:
     """An outage of the last 5 minutes after a clean hour pages; the same outage over for
     5 minutes does not (the short window resets the alert), though the hour still burns."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(Objectives(availability=0.999), clock=clock)
     traffic(rec, clock, 3300, 2)
     traffic(rec, clock, 300, 2, result="error", arm="none")
@@ -115,7 +108,7 @@ def test_page_needs_both_windows_above_the_threshold() -> None:
 
 def test_a_short_blip_does_not_page() -> None:
     """Ten bad seconds in an hour: the 5-minute window burns fast, the hour does not: no page."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(Objectives(availability=0.999), clock=clock)
     traffic(rec, clock, 3580, 10)
     traffic(rec, clock, 10, 10, result="error", arm="none")
@@ -125,7 +118,7 @@ def test_a_short_blip_does_not_page() -> None:
 
 def test_latency_slo_counts_requests_slower_than_the_objective() -> None:
     """Requests above CTR_SLO_P99_MS are the latency SLO's bad events (budget 1 %)."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(Objectives(p99_ms=10), clock=clock)
     for i in range(1000):
         rec.record("stable", "model", 0.02 if i < 20 else 0.002)
@@ -135,7 +128,7 @@ def test_latency_slo_counts_requests_slower_than_the_objective() -> None:
 
 def test_arms_are_a_bounded_label_set() -> None:
     """Arms are stable and canary; anything else is counted as none (no unbounded labels)."""
-    rec = SliRecorder(clock=Clock())
+    rec = SliRecorder(clock=FakeClock(10_000.0))
     rec.record("canary", "model", 0.001)
     rec.record("stable", "model", 0.001)
     rec.record("user-42", "model", 0.001)
@@ -145,7 +138,7 @@ def test_arms_are_a_bounded_label_set() -> None:
 
 def test_stages_and_series() -> None:
     """Stage means over the window; the chart series has one point per step, oldest first."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(clock=clock)
     for _ in range(120):
         rec.stage("features", 0.001)
@@ -161,7 +154,7 @@ def test_stages_and_series() -> None:
 
 def test_a_disabled_recorder_records_nothing() -> None:
     """CTR_SLI=false: no bookkeeping (used to measure its cost)."""
-    rec = SliRecorder(clock=Clock())
+    rec = SliRecorder(clock=FakeClock(10_000.0))
     rec.enabled = False
     rec.record("stable", "model", 0.001)
     rec.stage("features", 0.001)
@@ -176,7 +169,7 @@ def test_objectives_are_validated(kwargs: dict[str, float]) -> None:
 
 def test_export_sets_the_gauges() -> None:
     """The windows and burn rates land on /metrics as ctr_sli_* and ctr_slo_* gauges."""
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     rec = SliRecorder(Objectives(model_scored=0.99), clock=clock)
     traffic(rec, clock, 10, 9)
     traffic(rec, clock, 10, 1, result="fallback", reason="model:timeout")

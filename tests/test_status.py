@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import FakeClock
 
 from ctr.api.status import fmt, render
 from ctr.observe.sli import SliRecorder
@@ -18,16 +19,8 @@ from ctr.resilience.breaker import CircuitBreaker
 from ctr.serving.status import Sources, StatusBoard
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 5000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def recorder() -> SliRecorder:
-    clock = Clock()
+    clock = FakeClock(5000.0)
     rec = SliRecorder(clock=clock)
     for i in range(300):
         rec.record("stable", "fallback" if i % 20 == 0 else "model", 0.003, "model:timeout" if i % 20 == 0 else None)
@@ -103,7 +96,7 @@ def test_a_slow_provider_does_not_hold_the_page() -> None:
     """A provider past its wait is shown as unknown; another panel is added with add()."""
 
     async def slow(src: Sources) -> dict[str, Any]:
-        await asyncio.sleep(5)
+        await asyncio.Event().wait()  # never answers
         return {}
 
     async def extra(src: Sources) -> dict[str, Any]:
@@ -118,7 +111,7 @@ def test_a_slow_provider_does_not_hold_the_page() -> None:
 
 def test_breakers_panel_shows_live_breakers() -> None:
     """An open breaker shows as open, with its window's calls and failures."""
-    b = CircuitBreaker("status-test", min_calls=2, clock=Clock())
+    b = CircuitBreaker("status-test", min_calls=2, clock=FakeClock(5000.0))
     b.record_failure()
     b.record_failure()
     rows = {r["name"]: r for r in panel(doc(Sources(recorder())), "breakers")["rows"]}  # type: ignore[index]
@@ -231,7 +224,7 @@ def test_the_routes_and_a_request_that_raises() -> None:
 
     table = SegmentTable({}, {}, 1.0, 10.0)
     gw = Gateway(broken, Coalescer(model), Fallback(table), "ctr_model:test", 1.0)
-    gw.sli = SliRecorder(clock=Clock())
+    gw.sli = SliRecorder(clock=FakeClock(5000.0))
     app = make_app()
     app.state.max_ads, app.state.gateway = 10, gw
     client = TestClient(app, raise_server_exceptions=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 from servers import free_port
 
 from ctr.features import schema
@@ -21,14 +22,6 @@ from ctr.features.tiers import NEGATIVE, MemoryTier, l1_key
 from ctr.resilience.breaker import CircuitBreaker, State
 
 TierFactory = Callable[[], Awaitable[Any]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
@@ -107,10 +100,10 @@ def test_cache_contract_ttl(cache: tuple[str, Callable[[], Any]], request: pytes
     async def go() -> None:
         ks = keys(2)
         if kind == "memory":
-            clock = Clock()
+            clock = FakeClock()
             tier = MemoryTier(clock=clock)
             await tier.set_many([(ks[0], (1,), 1, 900.0), (ks[1], (2,), 1, 86400.0)])
-            clock.now = 901
+            clock.t = 901
             assert values(await tier.get_many(ks)) == [None, (2,)]
             return
         tier = make()
@@ -169,12 +162,13 @@ def test_origin_contract(origin: Callable[[], Any]) -> None:
 
 
 class SlowOrigin:
-    """An L3 whose reads wait per group (injected delays) and record their order."""
+    """An L3 whose reads wait per group (injected delays, or at a barrier) and record their order."""
 
     name = "l3"
 
-    def __init__(self, delays: dict[str, float]) -> None:
+    def __init__(self, delays: dict[str, float], barrier: asyncio.Barrier | None = None) -> None:
         self.delays = delays
+        self.barrier = barrier
         self.events: list[str] = []
         self.reads = 0
 
@@ -183,22 +177,27 @@ class SlowOrigin:
     ) -> dict[str, tuple[tuple[Any, ...], int]]:
         self.reads += 1
         self.events.append(f"start:{group.entity}")
-        await asyncio.sleep(self.delays.get(group.entity, 0.0))
+        if self.barrier is not None:
+            await asyncio.wait_for(self.barrier.wait(), 5.0)
+        else:
+            await asyncio.sleep(self.delays.get(group.entity, 0.0))
         self.events.append(f"end:{group.entity}")
         return {i: ((1, 1) if group.entity == "user" and len(group.fields) == 2 else (1, 1, "x"), 1) for i in ids}
 
 
 def test_user_ad_and_context_are_fetched_concurrently() -> None:
-    """With injected delays user 30 ms, ads 60 ms, context 90 ms, all three start before any
-    ends: the feature stage costs the slowest of them, not their sum."""
+    """The two user groups, the two ad groups and the context each wait at one barrier of five:
+    it opens only if all five reads are in flight at once (one after another, it times out), so
+    the feature stage costs the slowest of them, not their sum. No delays, no sleeps."""
 
     async def go() -> None:
-        origin = SlowOrigin({"user": 0.03, "ad": 0.06})
+        barrier = asyncio.Barrier(5)
+        origin = SlowOrigin({}, barrier)
         events = origin.events
 
         async def context(ctx: dict[str, Any]) -> dict[str, Any]:
             events.append("start:context")
-            await asyncio.sleep(0.09)
+            await asyncio.wait_for(barrier.wait(), 5.0)
             events.append("end:context")
             return ctx
 
@@ -207,7 +206,6 @@ def test_user_ad_and_context_are_fetched_concurrently() -> None:
         starts = [i for i, e in enumerate(events) if e.startswith("start")]
         first_end = min(i for i, e in enumerate(events) if e.startswith("end"))
         assert len(starts) == 5 and max(starts) < first_end  # 2 user groups, 2 ad groups, context
-        assert [e for e in events if e.startswith("end")][-1] == "end:context"
 
     asyncio.run(go())
 
@@ -262,7 +260,7 @@ def test_dead_redis_is_bypassed_then_skipped_by_the_breaker(tmp_path: Path) -> N
             return await real(ks)
 
         tier.get_many = counting  # type: ignore[method-assign]
-        clock = Clock()
+        clock = FakeClock()
         breaker = CircuitBreaker("l2-test", min_calls=3, cooldown_s=5.0, clock=clock)
         store = TieredStore(MemoryTier(), db, tier, l2_breaker=breaker, negative_ttl_s=0.0)
         for n in range(6):
@@ -270,7 +268,7 @@ def test_dead_redis_is_bypassed_then_skipped_by_the_breaker(tmp_path: Path) -> N
             values, degraded = await store.get([(schema.AD_META, ["a1"])])
             assert values == [[(1, 2, "video")]] and degraded == ["cache:l2:bypassed"], n
         assert breaker.state is State.OPEN and calls == 3
-        clock.now += 5  # cooldown over: one trial goes to Redis again (and fails)
+        clock.t += 5  # cooldown over: one trial goes to Redis again (and fails)
         store.l1 = MemoryTier()
         await store.get([(schema.AD_META, ["a1"])])
         assert calls == 4 and breaker.state is State.OPEN

@@ -22,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ctr.api.body import BodyTooLarge, read_body
+from ctr.api.contract import BadRequest
 from ctr.serving.canary.controller import CanaryError
 from ctr.serving.canary.plan import Plan, default_plan
 from ctr.serving.canary.runtime import STORE_ERRORS, CanaryRuntime
@@ -30,8 +32,8 @@ from ctr.serving.canary.state import Arm, Rollout
 JSON = "application/json"
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status, media_type=JSON)
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers=headers, media_type=JSON)
 
 
 def authorized(request: Request) -> Response | None:
@@ -46,7 +48,7 @@ def authorized(request: Request) -> Response | None:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await read_body(request)  # bounded by CTR_MAX_BODY_BYTES, as every route's body
     if not raw.strip():
         return {}
     body = orjson.loads(raw)
@@ -94,6 +96,9 @@ def _endpoint(action: Handler) -> Callable[[Request], Awaitable[Response]]:
         try:
             body = await _body(request) if request.method == "POST" else {}
             out = await action(runtime, request, body)
+        except BadRequest as exc:
+            closing = {"connection": "close"} if isinstance(exc, BodyTooLarge) else None
+            return _json({"error": exc.message}, exc.status, closing)
         except (orjson.JSONDecodeError, ValueError) as exc:
             status = 409 if isinstance(exc, CanaryError) else 400 if isinstance(exc, orjson.JSONDecodeError) else 422
             return _json({"error": str(exc)}, status)

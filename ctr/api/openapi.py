@@ -2,9 +2,11 @@
 
 The routes are a plain Starlette app (lean on the hot path), so BentoML's /docs.json does
 not list them; the gateway serves this document at /openapi.json instead. It lists
-/predict, /feedback, /admin/features, BentoML's /model_info and the probes, with every
-status each can answer, so a schema-driven fuzzer (schemathesis, `make fuzz`) can check
-the answers against it.
+/predict, /feedback, /admin/features, /model_info and BentoML's probes, with every
+status each can answer, so a schema-driven fuzzer (schemathesis with every check, `make
+fuzz`) can check the answers against it. It declares what the server refuses (unknown
+context keys, ids with control characters, request ids not of the issued shape, more ads
+than CTR_MAX_ADS), and the server accepts what it allows (13.0 is an integer).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel
 
-from ctr.api.contract import Feedback, Prediction, PredictRequest
+from ctr.api.contract import MAX_FEATURE_ROWS, NO_CONTROL_CHARS, Feedback, Prediction, PredictRequest
 from ctr.features import schema
 from ctr.features.writes import KINDS, MAX_INT
 
@@ -43,7 +45,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
 )  # fmt: skip
 _VALUE = {
     int: {"type": "integer", "minimum": 0, "maximum": MAX_INT - 1},
-    str: {"type": "string", "minLength": 1, "maxLength": schema.MAX_ID_CHARS},
+    str: {"type": "string", "minLength": 1, "maxLength": schema.MAX_ID_CHARS, "pattern": NO_CONTROL_CHARS},
 }
 
 
@@ -54,7 +56,7 @@ def _feature_write(group: schema.FeatureGroup) -> dict[str, Any]:
               "minItems": len(kinds), "maxItems": len(kinds), "description": ", ".join(group.fields)}  # fmt: skip
     entity_id = PredictRequest.model_json_schema()["properties"]["user_id"]
     row = {"type": "object", "required": ["id", "values"], "properties": {"id": entity_id, "values": values}}
-    rows = {"type": "array", "minItems": 1, "items": row}
+    rows = {"type": "array", "minItems": 1, "maxItems": MAX_FEATURE_ROWS, "items": row}
     props = {"group": {"const": group.name}, "rows": rows}
     return {"type": "object", "required": ["group", "rows"], "properties": props}
 
@@ -79,19 +81,23 @@ def _body(model: type[BaseModel] | str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": ref}}}
 
 
-def _components() -> dict[str, Any]:
+def _components(max_ads: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in _MODELS:
         s = m.model_json_schema(ref_template=REF)
         out.update(s.pop("$defs", {}))
         out[m.__name__] = s
+    out["PredictRequest"]["properties"]["ad_ids"]["maxItems"] = max_ads  # CTR_MAX_ADS, a setting
     out["FeatureWrite"] = {"oneOf": [_feature_write(g) for g in schema.GROUPS]}
     return out
 
 
 @functools.cache
-def document() -> dict[str, Any]:
+def document(max_ads: int = 1000) -> dict[str, Any]:
+    """The document for a gateway accepting at most `max_ads` ads a request (CTR_MAX_ADS)."""
     probe = {"200": {"description": "yes"}, "503": {"description": "no"}}
+    info = {"responses": {"200": _json({"type": "object", "required": ["model_version"]}, "the served model"),
+                          **_errors(400, 413, 503)}}  # fmt: skip
     return {
         "openapi": "3.1.0",
         "info": {"title": "ctr-serve gateway", "version": "1"},
@@ -109,21 +115,18 @@ def document() -> dict[str, Any]:
                 "security": [{"bearer": []}],
                 "responses": {"200": _json(FeatureWritten, "written"), **_errors(400, 401, 403, 413, 422, 503)},
             }},
-            "/model_info": {"post": {
-                "operationId": "model_info",
-                "responses": {"200": _json({"type": "object", "required": ["model_version"]}, "the served model"),
-                              **_errors(400, 413, 503)},
-            }},
+            "/model_info": {"get": {"operationId": "model_info_get", **info},
+                            "post": {"operationId": "model_info", **info}},
             "/livez": {"get": {"operationId": "livez", "responses": probe}},
             "/readyz": {"get": {"operationId": "readyz", "responses": probe}},
         },
         "components": {
-            "schemas": _components(),
+            "schemas": _components(max_ads),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }  # fmt: skip
 
 
 @functools.cache
-def document_bytes() -> bytes:
-    return orjson.dumps(document())
+def document_bytes(max_ads: int = 1000) -> bytes:
+    return orjson.dumps(document(max_ads))

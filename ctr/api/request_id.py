@@ -25,10 +25,14 @@ from pathlib import Path
 
 import orjson
 
+from ctr.settings import MIN_REQUEST_ID_KEY_BYTES as MIN_KEY_BYTES
+from ctr.settings import short_key_message
+
 log = logging.getLogger(__name__)
 TAG_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 allows down to half the output)
 NONCE_BYTES = 8  # two requests in the same millisecond get different ids
 MAX_CHARS = 512
+PATTERN = "^[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$"  # what issue() makes (verify() refuses anything else)
 KEY_FILE = "request-id.key"
 
 
@@ -92,7 +96,10 @@ def resolve_key(explicit: str, admin_token: str, data_dir: Path) -> bytes:
     process and replica given the token agrees); else a random key kept in
     `<data_dir>/request-id.key`, made once and shared by the processes of one machine."""
     if explicit:
-        return explicit.encode()
+        key = explicit.encode()
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(short_key_message(len(key)))
+        return key
     if admin_token:
         return hmac.new(admin_token.encode(), b"ctr-serve request id key v1", hashlib.sha256).digest()
     path = data_dir / KEY_FILE
@@ -110,6 +117,6 @@ def resolve_key(explicit: str, admin_token: str, data_dir: Path) -> bytes:
         finally:
             tmp.unlink()
     key = bytes.fromhex(path.read_text().strip())
-    if len(key) < 16:
+    if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"{path} holds a key of {len(key)} bytes; delete it to make a new one")
     return key

@@ -8,7 +8,7 @@ answer carries a signed request id (ctr.api.request_id).
 not issue are refused.
 /admin/features: authenticated feature writes (write-through or write-behind per group).
 /openapi.json: the OpenAPI document of these routes (ctr.api.openapi).
-Every body is bounded (CTR_MAX_BODY_BYTES) before it is read into memory or parsed.
+Every body is bounded (CTR_MAX_BODY_BYTES, ctr.api.body) before it is read into memory or parsed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from starlette.routing import Route
 
 from ctr import metrics
 from ctr.api import canary, openapi, request_id, status
-from ctr.api.contract import BadRequest, parse_feedback, parse_predict
+from ctr.api.body import BodyTooLarge, read_body
+from ctr.api.contract import MAX_FEATURE_ROWS, BadRequest, parse_feedback, parse_predict
 from ctr.features.schema import valid_id
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
@@ -36,7 +37,6 @@ from ctr.serving.overload import Admission, Overloaded
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-DEFAULT_MAX_BODY_BYTES = 1_048_576
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -44,27 +44,9 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 def _error(exc: BadRequest) -> Response:
-    return Response(exc.body(), exc.status, media_type=JSON)
-
-
-async def read_body(request: Request) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed the limit: from its
-    Content-Length before reading, or while streaming it when there is none."""
-    limit: int = getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-    too_large = BadRequest(413, f"request body over {limit} bytes (CTR_MAX_BODY_BYTES)")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(400, "Content-Length is not a number")
-        if int(declared) > limit:
-            raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    # A 413's body may not have been read to its end: the connection is not reused.
+    headers = {"connection": "close"} if isinstance(exc, BodyTooLarge) else None
+    return Response(exc.body(), exc.status, headers=headers, media_type=JSON)
 
 
 async def read_json(request: Request) -> Any:
@@ -119,6 +101,14 @@ async def feedback(request: Request) -> Response:
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 
+def _integral_values(rows: Any) -> Any:
+    """Values such as 1052.0 as 1052: an integer by JSON Schema, as the OpenAPI document says."""
+    if not isinstance(rows, list):
+        return rows
+    return [{**r, "values": [int(v) if isinstance(v, float) and v.is_integer() else v for v in r["values"]]}
+            if isinstance(r, dict) and isinstance(r.get("values"), list) else r for r in rows]  # fmt: skip
+
+
 async def admin_features(request: Request) -> Response:
     """POST {"group": "...", "rows": [{"id": "...", "values": [...]}]} with a bearer token."""
     token: str = getattr(request.app.state, "admin_token", "")
@@ -134,7 +124,9 @@ async def admin_features(request: Request) -> Response:
     try:
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object with group and rows")
-        group, rows = validate_rows(body.get("group"), body.get("rows"), writer.schema)
+        if isinstance(rows := body.get("rows"), list) and len(rows) > MAX_FEATURE_ROWS:  # before any row is read
+            raise ValueError(f"too many rows: {len(rows)} given, at most {MAX_FEATURE_ROWS} per write")
+        group, rows = validate_rows(body.get("group"), _integral_values(rows), writer.schema)
     except ValueError as exc:
         return _json({"error": str(exc)}, 422)
     try:
@@ -193,7 +185,7 @@ async def model_info(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return Response(openapi.document_bytes(), media_type=JSON)
+    return Response(openapi.document_bytes(getattr(request.app.state, "max_ads", 1000)), media_type=JSON)
 
 
 def make_app() -> Starlette:

@@ -22,9 +22,9 @@ def features() -> None:
 @click.option("--force", is_flag=True)
 def features_load(force: bool) -> None:
     """Load user and ad features from the click log into the L3 database."""
-    from ctr.features import load
+    from ctr.cli import provision
 
-    n = load.ensure_features(_settings(), force=force)
+    n = provision.ensure_features(_settings(), force=force)
     click.echo(f"{n} rows written")
 
 

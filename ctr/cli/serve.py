@@ -18,7 +18,7 @@ import click
 def serve(name: str, port: int, host: str) -> None:
     """Serve one service alone; a gateway takes its replicas from CTR_MODEL_URLS and FeatureService
     and FallbackService from CTR_FEATURES_URL and CTR_FALLBACK_URL."""
-    from ctr.bench.cluster import serve_command
+    from ctr.cli.launch import serve_command
 
     try:
         cmd, env = serve_command(name, host, port, os.environ)

@@ -39,13 +39,12 @@ _DATA_FLAGS = (
 @click.option("--force", is_flag=True, help="Regenerate, retrain and reload even when up to date.")
 def setup(force: bool, max_epochs: int | None, **data_cfg: Any) -> None:
     """Everything `make serve` needs: click log, trained model, loaded feature database."""
-    from ctr.features import load
-    from ctr.model import provision as steps
+    from ctr.cli import provision as steps
 
     s = _settings()
     steps.ensure_data(s.data_dir, force=force, **data_cfg)
     tag = steps.ensure_model(s.data_dir, s.model_tag, force=force, **_epochs(max_epochs))
-    load.ensure_features(s, force=force)
+    steps.ensure_features(s, force=force)
     click.echo(f"ready: model {tag}, data {s.data_dir}, features {redact_url(s.resolved_database_url)}")
 
 
@@ -63,7 +62,7 @@ def data() -> None:
 @click.option("--force", is_flag=True)
 def data_generate(force: bool, **cfg: Any) -> None:
     """Generate the synthetic click log into CTR_DATA_DIR."""
-    from ctr.model import provision as steps
+    from ctr.cli import provision as steps
 
     meta = steps.ensure_data(_settings().data_dir, force=force, **cfg)
     click.echo(json.dumps(meta, indent=2))
@@ -74,7 +73,7 @@ def data_generate(force: bool, **cfg: Any) -> None:
 @click.option("--force", is_flag=True, help="Train even if a model of this data is stored.")
 def train(max_epochs: int | None, force: bool) -> None:
     """Train DeepFM on the click log and save it to the BentoML model store."""
-    from ctr.model import provision as steps
+    from ctr.cli import provision as steps
     from ctr.model import store as modelstore
 
     s = _settings()

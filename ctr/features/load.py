@@ -33,16 +33,15 @@ def _ad_rows(a: dict[str, np.ndarray]) -> Iterator[tuple[str, list[Any], list[An
         yield f"a{j}", meta, [int(a["ad_impr"][j]), int(a["ad_clicks"][j])]
 
 
-def ensure_features(settings: Settings, force: bool = False) -> int:
-    """Load users' and ads' features and the warm set from the click log into L3."""
-    return asyncio.run(_load_features(settings, force))
+def ensure_features(settings: Settings, arrays: dict[str, np.ndarray], fp: str, force: bool = False) -> int:
+    """Load users' and ads' features and the warm set from the click log's `arrays` (its
+    fingerprint `fp`) into L3; the caller reads the log (ctr.cli.provision)."""
+    return asyncio.run(_load_features(settings, arrays, fp, force))
 
 
-async def _load_features(settings: Settings, force: bool) -> int:
+async def _load_features(settings: Settings, arrays: dict[str, np.ndarray], fp: str, force: bool) -> int:
     from ctr.features.warm import warm_set_from_log
-    from models import data
 
-    arrays, _cfg, fp = data.load(settings.data_dir)
     db = open_origin(settings.resolved_database_url)
     try:
         if not force and await db.get_meta("data_fingerprint") == f"{fp}/{LOADER_VERSION}":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import bentoml
 
@@ -22,8 +22,7 @@ from ctr.model.segments import SegmentTable
 if TYPE_CHECKING:
     import torch
 
-    from models.deepfm import DeepFM
-    from models.train import TrainResult
+    from ctr.model.network import DeepFM
 
 MODEL_NAME = "ctr_model"
 WEIGHTS = "weights.pt"
@@ -42,7 +41,27 @@ class ModelArtifacts:
     metadata: dict[str, Any]
 
 
-def save(result: TrainResult) -> str:
+class Trained(Protocol):
+    """What `save` stores of a training run (models.train.TrainResult is one): the serving side
+    reads the format, training writes it, and serving never imports training (models/)."""
+
+    @property
+    def model(self) -> DeepFM: ...
+    @property
+    def spec(self) -> TransformSpec: ...
+    @property
+    def segments(self) -> SegmentTable: ...
+    @property
+    def metrics(self) -> dict[str, float]: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def data_config(self) -> dict[str, Any]: ...
+    @property
+    def train_config(self) -> dict[str, Any]: ...
+
+
+def save(result: Trained) -> str:
     """Save a trained model to the BentoML model store; returns its tag."""
     import torch
 
@@ -90,7 +109,7 @@ def load_module(art: ModelArtifacts, device: str | torch.device = "cpu") -> Deep
     """The model network with its weights, in eval mode on `device`."""
     import torch
 
-    from models.deepfm import DeepFM
+    from ctr.model.network import DeepFM
 
     arch = art.architecture
     if arch.get("kind") != "deepfm" or list(arch["cardinalities"]) != list(schema.CARDINALITIES):

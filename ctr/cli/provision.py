@@ -1,5 +1,9 @@
-"""Idempotent set-up steps of the model: generate the click log, train and store a model
-(the feature database is loaded by `ctr.features.load`)."""
+"""Idempotent set-up steps (`ctr setup`, `ctr data`, `ctr train`, `ctr features load`):
+generate the click log, train and store a model, load the feature database from the log.
+
+These join the offline side (`models/`: data generation, training) to the serving core
+(`ctr.model.store`, `ctr.features.load`), so they live in the outer shell: nothing below
+it imports `models`."""
 
 from __future__ import annotations
 
@@ -8,15 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ctr.features import load
 from ctr.model import store as modelstore
+from ctr.settings import Settings
+from models import data
 
 log = logging.getLogger(__name__)
 
 
 def ensure_data(data_dir: Path, force: bool = False, **overrides: Any) -> dict[str, Any]:
     """Generate the click log unless one with the same config is already there."""
-    from models import data
-
     cfg = data.DataConfig(**overrides)
     meta = data.read_meta(data_dir)
     if meta is not None and not force and meta["config"] == asdict(cfg):
@@ -28,7 +33,6 @@ def ensure_data(data_dir: Path, force: bool = False, **overrides: Any) -> dict[s
 
 def ensure_model(data_dir: Path, tag: str, force: bool = False, **overrides: Any) -> str:
     """Train and store a model unless the store already has one trained on this data."""
-    from models import data
     from models.train import TrainConfig, train
 
     meta = data.read_meta(data_dir)
@@ -43,3 +47,9 @@ def ensure_model(data_dir: Path, tag: str, force: bool = False, **overrides: Any
     saved = modelstore.save(result)
     log.info("saved %s: %s", saved, {k: round(v, 4) for k, v in result.metrics.items()})
     return saved
+
+
+def ensure_features(settings: Settings, force: bool = False) -> int:
+    """Load users' and ads' features and the warm set from the click log into L3 (unless loaded)."""
+    arrays, _cfg, fingerprint = data.load(settings.data_dir)
+    return load.ensure_features(settings, arrays, fingerprint, force=force)
