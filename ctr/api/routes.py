@@ -132,8 +132,8 @@ async def admin_features(request: Request) -> Response:
     try:
         done = await writer.put(group, rows)
     except (*L2_ERRORS, *L3_ERRORS) as exc:
-        # No address or driver message in the body: the log has them. Retrying is safe (a
-        # write that did land is only replaced by a newer version of itself).
+        # No address or driver message in the body: the log has them. A retry becomes the
+        # newest write of its rows (as any write does), whether or not this one had landed.
         where = "the feature database (L3)" if isinstance(exc, L3_ERRORS) else "the write-behind stream (Redis)"
         log.warning("feature write of %s refused: %s unavailable: %s: %s", group.name, where, type(exc).__name__, exc)
         return _json({"error": f"write not done: {where} is unavailable; retry later"}, 503)
