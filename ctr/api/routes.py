@@ -82,7 +82,9 @@ async def predict(request: Request) -> Response:
     except Exception:  # answered 500 by Starlette; counted against availability first
         gateway.failed(time.perf_counter() - t0)
         raise
-    signed = request_id.issue(result.arm, result.model_version, request.app.state.request_id_key, time.time())
+    runtime = getattr(request.app.state, "canary", None)
+    unit = runtime.unit(req.user_id) if runtime is not None else 0
+    signed = request_id.issue(result.arm, result.model_version, request.app.state.request_id_key, time.time(), unit)
     client_id = request.headers.get("x-request-id")  # echoed as a header only, to join the client's logs
     headers = {"x-request-id": client_id} if client_id else None
     return _json(dataclasses.replace(result, request_id=signed), headers=headers)
@@ -103,7 +105,9 @@ async def feedback(request: Request) -> Response:
     if fb.clicked:
         metrics.FEEDBACK.labels(claims.arm, "click").inc()
     if (canary_runtime := getattr(request.app.state, "canary", None)) is not None:
-        canary_runtime.record_feedback(claims.arm, fb.clicked, fb.score)  # the canary's CTR and calibration gates
+        canary_runtime.record_feedback(
+            claims.arm, fb.clicked, fb.score, claims.unit
+        )  # the canary's CTR and calibration gates
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 

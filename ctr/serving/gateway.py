@@ -56,7 +56,7 @@ class ArmRouter(Protocol):
     the per-arm counters the canary's gates read."""
 
     def route(self, user_id: str) -> tuple[str, Model, str]: ...
-    def record(self, arm: str, latency_s: float, failed: bool) -> None: ...
+    def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None: ...
 
 
 class ModelFailed(Exception):
@@ -142,7 +142,7 @@ class Gateway:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
         if self.arms is not None:
-            self.arms.record(arm, elapsed, failed is not None)
+            self.arms.record(arm, elapsed, failed is not None, req.user_id)
         pred = Prediction(request_id or uuid.uuid4().hex, scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed)
         return pred

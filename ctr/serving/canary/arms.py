@@ -65,8 +65,8 @@ class Arms:
             return "canary", canary, r.canary.tag
         return "stable", self.stable, self.stable_version
 
-    def record(self, arm: str, latency_s: float, failed: bool) -> None:
-        self.runtime.record_request(arm, latency_s, failed)
+    def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None:
+        self.runtime.record_request(arm, latency_s, failed, self.runtime.unit(user_id))
 
     async def sync(self) -> None:
         """Sync the rollout, then build or close the canary pool to match it."""

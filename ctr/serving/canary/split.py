@@ -41,3 +41,8 @@ def in_canary(user_id: str, salt: str, share: float) -> bool:
 def arm_of(user_id: str, salt: str, share: float) -> str:
     """`canary` or `stable` for this user at this share."""
     return "canary" if share > 0 and in_canary(user_id, salt, share) else "stable"
+
+
+def unit_of(user_id: str, salt: str, n_units: int) -> int:
+    """The user's unit (hash sub-bucket) for the gates' variance: independent of the arm's bucket."""
+    return min(n_units - 1, int(bucket(user_id, salt + ":unit") * n_units))
