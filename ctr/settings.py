@@ -232,7 +232,11 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often a gateway syncs the rollout and flushes its counters."
     )
     canary_alpha: float = Field(
-        0.0125, gt=0, lt=1, description="Error probability of each canary gate over a whole rollout (4 gates: <= 5 %)."
+        0.05,
+        gt=0,
+        lt=1,
+        description="Canary false rollbacks over a whole rollout, all 4 gates (alpha/4 each); each gate's "
+        "non-inferiority is read at alpha (intersection-union).",
     )
     model_delay_ms: float = Field(
         0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
