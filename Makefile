@@ -86,7 +86,7 @@ loadtest: setup $(VENV)/.load-installed
 # Whole canary rollouts under a fake clock with real trained models (README "Canary releases"):
 # five bad canaries, a good one and 200 A/A seeds under the default plan at 10,000 requests/s.
 canary-sim: install
-	$(BIN)/ctr canary simulate --aa-seeds 200 --workdir build/canary-sim --json-out build/canary-sim/outcomes.json
+	$(BIN)/ctr canary simulate --aa-seeds 240 --margin-seeds 240 --workdir build/canary-sim --json-out build/canary-sim/outcomes.json
 
 clean:
 	rm -rf $(VENV) data bentoml_home reports build

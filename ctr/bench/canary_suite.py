@@ -201,3 +201,31 @@ def full(plan: Plan, arms: dict[str, ArmProfile], trained: dict[str, ArmProfile]
         lines += list(margin_lines(f"{cfg.rps[0]:,.0f} req/s, spread {SPREADS[-1]}", gate, outs))
         outcomes[f"margin/{gate}"] = [o.to_dict() for o in outs]
     return {"lines": lines, "outcomes": outcomes}
+
+
+# ---- the bounded suite (make test) and its mutation check -----------------------------------
+BOUNDED_TRAFFIC = Traffic(rps=10_000.0, population=100_000)
+MARGIN_BUDGET = 3  # harm + wrongly-ok readings allowed over the bounded margin rollouts
+
+
+def bounded_margin_failures(
+    arms: dict[str, ArmProfile], plan: Plan, per_gate: int = 16, horizon_s: float = 4 * 3600.0, seed: int = 500
+) -> int:
+    """Canaries exactly at each gate's margin, looked at every plan interval for `horizon_s`:
+    how many were rolled back by that gate or read "ok" on it. Stops once over the budget."""
+    failures = 0
+    for gate, name in MARGIN_CANARY.items():
+        for i in range(per_gate):
+            traffic = dataclasses.replace(BOUNDED_TRAFFIC, start_hour=float((i * 7) % 24))
+            o = asyncio.run(rollout(arms, name, seed + i, plan, traffic, max_time_s=horizon_s))
+            failures += (o.status == "rolled_back" and o.gate == gate) + (gate in o.ever_ok)
+            if failures > MARGIN_BUDGET:
+                return failures
+    return failures
+
+
+def fixed_horizon_halfwidth(var: float, tau: float, alpha: float) -> float:
+    """The mutation: a fixed-horizon z interval, looked at every interval (not always valid)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(max(var, 0.0))
