@@ -228,6 +228,11 @@ class Settings(BaseSettings):
         description="Canary CTRModel replicas used when a rollout is started with a model tag and no URLs "
         "(comma-separated, e.g. http://ctr-model-canary:3000).",
     )
+    canary_baseline_urls: str = Field(
+        "",
+        description="Baseline CTRModel replicas (the stable model, as many as the canary's): during a rollout "
+        "they serve an equal share of stable users, and the latency gate compares the canary with them.",
+    )
     canary_sync_s: float = Field(
         1.0, gt=0, description="How often a gateway syncs the rollout and flushes its counters."
     )

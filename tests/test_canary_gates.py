@@ -211,3 +211,12 @@ def test_calibration_gate_catches_scores_times_three_that_the_ctr_gate_passes() 
 def test_evaluate_gives_every_gate() -> None:
     c = reqs(reqs(Counts(), "stable", "0:0", 100_000, 50), "canary", "0:0", 10_000, 5)
     assert set(evaluate(c, CFG, 0, 4)) == {"errors", "latency", "ctr", "calibration"}
+
+
+def test_latency_gate_compares_with_the_baseline_of_equal_capacity_when_there_is_one() -> None:
+    """Defect 3: the canary's few replicas are as loaded as the baseline's (stable's model on the
+    canary's capacity), both 10 ms slower than the big stable pool: the model is not slower."""
+    c = Counts().put("stable", "0:0", 3.0, requests=500_000).put("canary", "0:0", 13.0, requests=20_000)
+    assert latency_gate(c, CFG).verdict == "harm"  # against the big pool: capacity, not the model
+    c.put("baseline", "0:0", 13.0, requests=20_000)
+    assert latency_gate(c, CFG).verdict == "ok"

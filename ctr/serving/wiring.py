@@ -229,7 +229,8 @@ def canary_arms(
     store = RedisStore(aioredis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2))
     urls = tuple(u for u in settings.canary_urls.split(",") if u)
     controller = Controller(store, GateConfig(alpha=settings.canary_alpha))
-    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls)
+    baseline = tuple(u for u in settings.canary_baseline_urls.split(",") if u)
+    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls, baseline_urls=baseline)
 
     def make_pool(urls: tuple[str, ...]) -> ModelPool:
         return model_pool(settings, width=width, name="canary", urls=",".join(urls), headers=headers)

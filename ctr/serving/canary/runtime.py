@@ -42,8 +42,10 @@ class CanaryRuntime:
         clock: Clock = time.time,
         sync_s: float = 1.0,
         canary_urls: tuple[str, ...] = (),
+        baseline_urls: tuple[str, ...] = (),
     ) -> None:
         self.store = store
+        self.baseline_urls = baseline_urls  # CTR_CANARY_BASELINE_URLS: stable's model at the canary's size
         self.canary_urls = canary_urls  # CTR_CANARY_URLS: for a rollout started with a model tag only
         self.controller = controller
         self.clock = clock
@@ -169,6 +171,7 @@ class CanaryRuntime:
         if self.counters is not None:
             n_phases = Plan.from_dict(r.plan).n_phases()
             gates = evaluate(self.counters, self.controller.cfg, r.phase, n_phases)
-            out["arms"] = {a: self.counters.total(a).to_dict() for a in ("stable", "canary")}
+            arms = {a for a, _ in self.counters.cells} | {"stable", "canary"}
+            out["arms"] = {a: self.counters.total(a).to_dict() for a in sorted(arms)}
             out["gates"] = {k: g.to_dict() for k, g in gates.items()}
         return out

@@ -32,7 +32,7 @@ from ctr.serving.canary.counts import FIELD, FIELDS, Cell, Counts
 
 Status = Literal["running", "paused", "held", "promoted", "rolled_back"]
 ACTIVE: tuple[str, ...] = ("running", "paused", "held")
-ARMS = ("stable", "canary")
+ARMS = ("stable", "canary", "baseline")  # baseline: stable's model on the canary's capacity
 PREFIX = "ctr:canary:"
 
 

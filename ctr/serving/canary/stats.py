@@ -244,7 +244,9 @@ def latency_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int 
     q, m = cfg.latency_quantile, cfg.latency_margin_ms
     what = f"canary p{q * 100:g} > stable p{q * 100:g} + {m:g} ms (this phase)"
     strata = counts.strata(phase)
-    hc, hs = counts.latency("canary", strata), counts.latency("stable", strata)
+    hc, hs = counts.latency("canary", strata), counts.latency("baseline", strata)
+    if hs.sum() * (1 - q) < cfg.min_latency_tail:  # no baseline (of the canary's capacity): stable
+        hs = counts.latency("stable", strata)
     nc, ns = int(hc.sum()), int(hs.sum())
     if min(nc, ns) * (1 - q) < cfg.min_latency_tail or min(nc, ns) < cfg.min_requests:
         return _insufficient("latency", what, nc)
