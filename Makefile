@@ -96,10 +96,12 @@ $(VENV)/.load-installed: $(VENV)/.installed
 loadtest: setup $(VENV)/.load-installed
 	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
 
-# Whole canary rollouts under a fake clock with real trained models (README "Canary releases"):
-# five bad canaries, a good one and 200 A/A seeds under the default plan at 10,000 requests/s.
+# Whole canary rollouts under a fake clock (README "Canary releases"): five bad canaries and a
+# good one (real trained models) at 10,000 and 1,000 requests/s; A/A canaries at every start hour
+# with a daily cycle and heterogeneous users (240 per traffic and spread); canaries exactly at
+# each gate's margin (240 per gate). About 25 minutes on two cores.
 canary-sim: install
-	$(BIN)/ctr canary simulate --aa-seeds 200 --workdir build/canary-sim --json-out build/canary-sim/outcomes.json
+	$(BIN)/ctr canary simulate --aa-seeds 240 --margin-seeds 240 --workdir build/canary-sim --json-out build/canary-sim/outcomes.json
 
 clean:
 	rm -rf $(VENV) data bentoml_home reports build

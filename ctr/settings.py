@@ -75,7 +75,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         'fallback_remote', 'fallback_timeout_ms', 'fallback_workers', 'fallback_burst_gap_s',
     )),
     ('Canary releases (ctr/serving/canary)', (
-        'canary_redis_url', 'canary_urls', 'canary_sync_s', 'canary_alpha',
+        'canary_redis_url', 'canary_urls', 'canary_baseline_urls', 'canary_sync_s', 'canary_alpha',
     )),
     ('Observability: logs, tracing, SLIs and objectives', (
         'log_format', 'log_level', 'tracing', 'sli', 'slo_availability', 'slo_model_scored', 'slo_p99_ms',
@@ -319,11 +319,20 @@ class Settings(BaseSettings):
         description="Canary CTRModel replicas used when a rollout is started with a model tag and no URLs "
         "(comma-separated, e.g. http://ctr-model-canary:3000).",
     )
+    canary_baseline_urls: str = Field(
+        "",
+        description="Baseline CTRModel replicas (the stable model, as many as the canary's): during a rollout "
+        "they serve an equal share of stable users, and the latency gate compares the canary with them.",
+    )
     canary_sync_s: float = Field(
         1.0, gt=0, description="How often a gateway syncs the rollout and flushes its counters."
     )
     canary_alpha: float = Field(
-        0.0125, gt=0, lt=1, description="Error probability of each canary gate over a whole rollout (4 gates: <= 5 %)."
+        0.05,
+        gt=0,
+        lt=1,
+        description="Canary false rollbacks over a whole rollout, all 4 gates (alpha/4 each); each gate's "
+        "non-inferiority is read at alpha (intersection-union).",
     )
 
     # --- Observability: logs, tracing, SLIs and objectives

@@ -159,6 +159,6 @@ def test_feedback_is_attributed_to_the_arm(served: Served) -> None:
         bad = c.post("/feedback", json={"request_id": canary_id, "ad_id": "a7", "clicked": True, "score": 3})
         assert bad.status_code == 422
     runtime = served.server.config.app.state.canary
-    canary, stable = runtime._delta.arms["canary"], runtime._delta.arms["stable"]
+    canary, stable = runtime._delta["canary"], runtime._delta["stable"]
     assert (canary.impressions, canary.clicks, canary.scored, canary.pred_sum) == (3, 1, 3, 0.75)
     assert (stable.impressions, stable.clicks, stable.scored) == (1, 1, 0)

@@ -142,3 +142,39 @@ def test_canary_failures_fall_back_to_the_same_table_and_count_as_canary_errors(
         await store.r.aclose()
 
     asyncio.run(go())
+
+
+def test_a_baseline_of_the_canarys_size_serves_as_many_stable_users(redis_url: str, model_servers: Any) -> None:
+    """Defect 3 (capacity): with CTR_CANARY_BASELINE_URLS, the stable users next to the canary's
+    range, as many as the canary's, are served by the baseline replicas (stable's model at the
+    canary's capacity), answer as `stable`, and count as `baseline`: the latency gate's reference."""
+    stable_srv, canary_srv = model_servers
+    baseline_srv = ModelServer(0.2)  # a distinct score only to see who answered
+    settings = Settings(model_urls=stable_srv.url, deadline_ms=2000, probe_interval_s=0.2)
+
+    async def go() -> None:
+        store = RedisStore(aioredis.from_url(redis_url), prefix=f"test:{uuid.uuid4().hex[:8]}:")
+        runtime = CanaryRuntime(store, Controller(store), baseline_urls=(baseline_srv.url,))
+        stable = model_pool(settings, name="model")
+        await stable.start()
+        arms = Arms(runtime, stable, "ctr_model:v1", lambda u: model_pool(settings, name="canary", urls=",".join(u)))
+        gw = Gateway(features, stable, Fallback(TABLE), "ctr_model:v1", 2.0, arms)
+        await runtime.controller.start(
+            Arm("ctr_model:v1"), Arm("ctr_model:v2", (canary_srv.url,)), Plan((Phase(0.2, 3600),))
+        )
+        await arms.sync()
+        out = [await gw.predict(request(f"u{i}")) for i in range(400)]
+        by_score = {s: sum(p.scores[0] == pytest.approx(s) for p in out) for s in (0.1, 0.2, 0.3)}
+        assert 0.12 < by_score[0.3] / 400 < 0.28 and 0.12 < by_score[0.2] / 400 < 0.28
+        assert {p.arm for p in out if p.scores[0] == pytest.approx(0.2)} == {"stable"}
+        await arms.sync()
+        counts = await store.counters(runtime.rollout.id)  # type: ignore[union-attr]
+        assert counts["baseline"].requests == by_score[0.2] and counts["stable"].requests == by_score[0.1]
+        await arms.close()
+        await stable.close()
+        await store.r.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        baseline_srv.stop()

@@ -9,28 +9,37 @@ import pytest
 
 from ctr.bench.canary_sim import FakeClock
 from ctr.serving.canary.controller import CanaryError, Controller
+from ctr.serving.canary.counts import Counts
 from ctr.serving.canary.plan import Phase, Plan, default_plan, ramp_plan
-from ctr.serving.canary.state import Arm, Delta, MemoryStore
-from ctr.serving.canary.stats import ArmStats, latency_bucket
+from ctr.serving.canary.state import Arm, MemoryStore
 
 STABLE, CANARY = Arm("ctr_model:a", ("http://s:3000",)), Arm("ctr_model:b", ("http://c:3000",))
 PLAN = Plan((Phase(0.01, 60, ("errors", "latency")), Phase(0.5, 120)), interval_s=10)
 
 
-def stats(n: int, error_rate: float = 0.0005, ctr: float = 0.05, calib: float = 1.0, lat_ms: float = 3.0) -> ArmStats:
-    s = ArmStats(n, int(n * error_rate), n, int(n * ctr), n, int(n * ctr), n * ctr / calib)
-    s.latency[latency_bucket(lat_ms)] = n
-    return s
+def stats(
+    n: int, error_rate: float = 0.0005, ctr: float = 0.05, calib: float = 1.0, lat_ms: float = 3.0
+) -> dict[str, float]:
+    return dict(
+        requests=n,
+        errors=int(n * error_rate),
+        impressions=n,
+        clicks=int(n * ctr),
+        scored=n,
+        scored_clicks=int(n * ctr),
+        pred_sum=n * ctr / calib,
+        latency_ms=lat_ms,
+    )
 
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
-async def feed(store: MemoryStore, rid: str, canary: ArmStats, stable: ArmStats) -> None:
-    d = Delta()
-    d.arms["canary"], d.arms["stable"] = canary, stable
-    await store.add(rid, d)
+async def feed(store: MemoryStore, rid: str, canary: dict[str, float], stable: dict[str, float]) -> None:
+    """One interval's counts, in the current phase's stratum (what a gateway records)."""
+    stratum = f"{store.rollout.phase if store.rollout else 0}:0"
+    await store.add(rid, Counts().put("canary", stratum, **canary).put("stable", stratum, **stable))
 
 
 def test_good_canary_walks_every_phase_to_promotion() -> None:
@@ -184,3 +193,34 @@ def test_a_ramp_grows_linearly_then_promotes_on_evidence() -> None:
 
     shares = run(go())
     assert shares == [0.1, pytest.approx(0.3), 1.0]  # at 120 s it would reach its 50 % hold: the gates pass
+
+
+def test_one_stall_in_the_first_minute_does_not_roll_back_but_a_slow_canary_does() -> None:
+    """Defect 3: one 1-second stall (1 s of canary requests at +1 s) in the first minute at 1 %
+    rolled the old gate back; latency harm must now last `latency_persist_s` (3 looks here),
+    while a canary slow at every request is still rolled back by the latency gate."""
+
+    async def go(stall_only: bool) -> tuple[str, float]:
+        clock = FakeClock(0.0)
+        store = MemoryStore(clock)
+        ctl = Controller(store, clock=clock)
+        plan = Plan((Phase(0.01, 600, ("errors", "latency")), Phase(0.5, 600)), interval_s=60)
+        r = await ctl.start(STABLE, CANARY, plan)
+        for look in range(10):
+            canary = stats(6_000)
+            if stall_only and look == 0:
+                canary = dict(stats(5_900), latency_ms=3.0)
+                await feed(store, r.id, stats(100, lat_ms=1003.0), stats(0))
+            elif not stall_only:
+                canary = stats(6_000, lat_ms=30.0)
+            await feed(store, r.id, canary, stats(594_000))
+            clock.t += 60
+            await ctl.step()
+            r = await store.load()
+            if not r.active:
+                break
+        return r.status, clock.t
+
+    assert run(go(stall_only=True))[0] == "running"
+    status, t = run(go(stall_only=False))
+    assert status == "rolled_back" and t == 240.0  # harm from the first look, persisting 180 s

@@ -12,10 +12,10 @@ from servers import RedisProcess
 
 from ctr.bench.canary_sim import FakeClock
 from ctr.serving.canary.controller import Controller
+from ctr.serving.canary.counts import Counts, latency_bucket
 from ctr.serving.canary.plan import Phase, Plan
 from ctr.serving.canary.runtime import CanaryRuntime
-from ctr.serving.canary.state import Arm, Delta, RedisStore
-from ctr.serving.canary.stats import ArmStats, latency_bucket
+from ctr.serving.canary.state import Arm, RedisStore
 
 PLAN = Plan((Phase(0.05, 60), Phase(0.5, 60)), interval_s=10)
 STABLE, CANARY = Arm("ctr_model:a"), Arm("ctr_model:b", ("http://canary:3000",))
@@ -28,19 +28,18 @@ def redis_proc() -> Iterator[RedisProcess]:
     p.close()
 
 
-def good(n: int) -> ArmStats:
-    s = ArmStats(n, n // 2000, n, n // 20, n, n // 20, n / 20)
-    s.latency[latency_bucket(3.0)] = n
-    return s
+def good(n: int) -> dict[str, float]:
+    return dict(
+        requests=n, errors=n // 2000, impressions=n, clicks=n // 20, scored=n, scored_clicks=n // 20, pred_sum=n / 20
+    )
 
 
 def client(url: str) -> aioredis.Redis:
     return aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
-async def feed(store: RedisStore, rid: str, n: int) -> None:
-    d = Delta()
-    d.arms["canary"], d.arms["stable"] = good(n), good(10 * n)
+async def feed(store: RedisStore, rid: str, n: int, stratum: str = "0:0") -> None:
+    d = Counts().put("canary", stratum, 3.0, **good(n)).put("stable", stratum, 3.0, **good(10 * n))
     await store.add(rid, d)
 
 
@@ -50,10 +49,14 @@ def test_counters_round_trip_through_redis(redis_proc: RedisProcess) -> None:
     async def go() -> None:
         store = RedisStore(client(redis_proc.url))
         await feed(store, "r1", 2000)
-        await feed(store, "r1", 2000)
+        await feed(store, "r1", 2000, stratum="1:7")
         got = await store.counters("r1")
-        assert got["canary"] == good(4000)
+        assert got.strata() == ["0:0", "1:7"]
+        canary = got["canary"].to_dict()
+        assert {k: canary[k] for k in good(4000)} == pytest.approx(good(4000))
         assert got["stable"].requests == 40_000 and got["stable"].latency[latency_bucket(3.0)] == 40_000
+        # per unit and per stratum, not only the totals
+        assert got.matrix("canary", "requests", ["1:7"]).tolist() == [[2000 / 64] * 64]
         await store.r.aclose()
 
     asyncio.run(go())

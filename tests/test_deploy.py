@@ -48,7 +48,7 @@ def test_kustomization_lists_every_manifest() -> None:
     for p in MANIFESTS:
         listed = re.search(rf"^\s*- {re.escape(p.name)}$", text, re.MULTILINE)
         commented = re.search(rf"^\s*#\s*- {re.escape(p.name)}$", text, re.MULTILINE)
-        if p.name == "model-canary.yaml":
+        if p.name in ("model-canary.yaml", "model-baseline.yaml"):
             assert commented and not listed, p.name
         else:
             assert listed, p.name
@@ -59,7 +59,7 @@ def test_one_deployment_per_service_of_service_py() -> None:
     names = set(re.findall(r'@bentoml\.service\(name="(\w+)"', (ROOT / "service.py").read_text()))
     assert names == SERVICES
     served = [flag(container(d), "service-name")[0] for d in docs("Deployment")]
-    assert sorted(served) == sorted([*SERVICES, "ctr_model"])
+    assert sorted(served) == sorted([*SERVICES, "ctr_model", "ctr_model"])
     assert all(container(d)["args"][0] == "start-http-server" for d in docs("Deployment"))
 
 
@@ -277,3 +277,17 @@ def test_gateway_canary_arm_points_at_the_canary_service() -> None:
         assert all(pods[k] == v for k, v in svc["spec"]["selector"].items())
         assert flag(container(deployments[host]), "service-name") == ["ctr_model"]
     assert cm["data"]["CTR_CANARY_REDIS_URL"].startswith("redis://")  # transitions need one node
+
+
+def test_the_canarys_baseline_has_the_canarys_size_and_stables_image() -> None:
+    """Kayenta's baseline: stable's image on as many replicas as the canary, its own track and
+    Service (never selected by ctr-model), named by CTR_CANARY_BASELINE_URLS."""
+    deps = {d["metadata"]["name"]: d for d in docs("Deployment")}
+    canary, baseline, stable = deps["ctr-model-canary"], deps["ctr-model-baseline"], deps["ctr-model"]
+    assert baseline["spec"]["replicas"] == canary["spec"]["replicas"]
+    assert container(baseline)["image"] == container(stable)["image"]
+    assert baseline["spec"]["template"]["metadata"]["labels"]["ctr.track"] == "baseline"
+    services = {d["metadata"]["name"]: d for d in docs("Service")}
+    assert services["ctr-model-baseline"]["spec"]["selector"]["ctr.track"] == "baseline"
+    (cm,) = docs("ConfigMap")
+    assert cm["data"]["CTR_CANARY_BASELINE_URLS"] == "http://ctr-model-baseline:3000"

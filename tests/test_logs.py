@@ -101,7 +101,7 @@ def _predict(n: int) -> list[str]:
     """`n` requests, the i-th with the caller's id `client-i`; the ids the gateway issued."""
     ids = iter(f"req-{i}" for i in range(n))
     gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
-                 new_id=lambda arm, version: next(ids))  # fmt: skip
+                 new_id=lambda arm, version, unit: next(ids))  # fmt: skip
 
     async def go() -> list[str]:
         return [(await gw.predict(REQ, f"client-{i}")).request_id for i in range(n)]

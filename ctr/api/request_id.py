@@ -2,7 +2,8 @@
 accepts only ids it issued.
 
 An id is `<payload>.<tag>`, both URL-safe base64 without padding: the payload is the
-compact JSON `[arm, model_version, issued_at, nonce]`, the tag the first 16 bytes of
+compact JSON `[arm, model_version, issued_at, nonce, unit]` (unit: the user's hash
+sub-bucket, the canary gates' variance unit), the tag the first 16 bytes of
 HMAC-SHA256(key, payload). The arm travels in the id, so feedback is attributed to the
 arm that answered without a lookup, and with several gateway processes any of them can
 verify an id another issued, as long as they share the key (`request_id_key`).
@@ -41,6 +42,7 @@ class Claims:
     arm: str
     model_version: str
     issued_at: float  # unix seconds
+    unit: int = 0  # the user's hash sub-bucket (the canary gates' variance unit); 0 in older ids
 
 
 def _b64(raw: bytes) -> str:
@@ -62,14 +64,15 @@ class Signer:
     def __init__(self, key: bytes, clock: Callable[[], float] = time.time) -> None:
         self.key, self.clock = key, clock
 
-    def issue(self, arm: str, model_version: str) -> str:
-        return issue(arm, model_version, self.key, self.clock())
+    def issue(self, arm: str, model_version: str, unit: int = 0) -> str:
+        return issue(arm, model_version, self.key, self.clock(), unit)
 
 
-def issue(arm: str, model_version: str, key: bytes, now: float) -> str:
-    """A request id carrying `arm`, `model_version` and `now` (unix seconds), signed with `key`."""
+def issue(arm: str, model_version: str, key: bytes, now: float, unit: int = 0) -> str:
+    """A request id carrying `arm`, `model_version`, `now` (unix seconds) and the user's `unit`
+    (so feedback adds to the user's sub-bucket without naming the user), signed with `key`."""
     nonce = _b64(os.urandom(NONCE_BYTES))
-    payload = _b64(orjson.dumps([arm, model_version, round(now, 3), nonce]))
+    payload = _b64(orjson.dumps([arm, model_version, round(now, 3), nonce, unit]))
     return f"{payload}.{_b64(_tag(key, payload))}"
 
 
@@ -81,14 +84,17 @@ def verify(request_id: str, key: bytes) -> Claims | None:
     try:
         if not hmac.compare_digest(_unb64(tag), _tag(key, payload)):
             return None
-        arm, version, issued_at, _ = orjson.loads(_unb64(payload))
+        arm, version, issued_at, _, *rest = orjson.loads(_unb64(payload))
     except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
+        return None
+    unit = rest[0] if len(rest) == 1 else 0
+    if len(rest) > 1 or not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit < 1 << 16:
         return None
     if not (isinstance(arm, str) and isinstance(version, str) and isinstance(issued_at, int | float)):
         return None
     if not math.isfinite(issued_at):
         return None
-    return Claims(arm, version, float(issued_at))
+    return Claims(arm, version, float(issued_at), unit)
 
 
 def resolve_key(explicit: str, admin_token: str, data_dir: Path) -> bytes:

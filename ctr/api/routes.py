@@ -97,7 +97,9 @@ async def feedback(request: Request) -> Response:
     if fb.clicked:
         metrics.FEEDBACK.labels(claims.arm, "click").inc()
     if (canary_runtime := getattr(request.app.state, "canary", None)) is not None:
-        canary_runtime.record_feedback(claims.arm, fb.clicked, fb.score)  # the canary's CTR and calibration gates
+        canary_runtime.record_feedback(
+            claims.arm, fb.clicked, fb.score, claims.unit
+        )  # the canary's CTR and calibration gates
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 

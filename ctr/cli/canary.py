@@ -124,9 +124,17 @@ for _name, _doc in (
 
 
 @canary.command("simulate")
-@click.option("--aa-seeds", type=int, default=100, show_default=True, help="A/A rollouts (canary = stable's model).")
-@click.option("--rps", type=float, default=10_000.0, show_default=True, help="Assumed requests/s (one shown ad each).")
-@click.option("--interval-s", type=float, default=60.0, show_default=True, help="How often the gates are evaluated.")
+@click.option(
+    "--aa-seeds", type=int, default=240, show_default=True, help="A/A rollouts per traffic and spread (24 start hours)."
+)
+@click.option("--margin-seeds", type=int, default=240, show_default=True, help="Rollouts per gate at its margin.")
+@click.option(
+    "--rps", type=float, multiple=True, default=(10_000.0, 1_000.0), show_default=True, help="Requests/s (repeat)."
+)
+@click.option("--interval-s", type=float, default=600.0, show_default=True, help="Looks of the A/A and margin grids.")
+@click.option("--bad-interval-s", type=float, default=60.0, show_default=True, help="Looks of the bad canaries.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Processes for the grids.")
+@click.option("--no-models", is_flag=True, help="Skip training: no bad/good canaries, only A/A and margins.")
 @click.option("--impressions", type=int, default=60_000, show_default=True, help="Size of the generated training log.")
 @click.option(
     "--on-timeout",
@@ -146,24 +154,34 @@ for _name, _doc in (
 )
 def simulate(
     aa_seeds: int,
-    rps: float,
+    margin_seeds: int,
+    rps: tuple[float, ...],
     interval_s: float,
+    bad_interval_s: float,
+    workers: int,
+    no_models: bool,
     impressions: int,
     on_timeout: str,
     workdir: Path | None,
     json_out: Path | None,
 ) -> None:
-    """Whole rollouts under a fake clock with real trained models: bad canaries, a good one, A/A seeds."""
+    """Whole rollouts under a fake clock: bad canaries (real trained models), A/A canaries over every
+    start hour and two user spreads, canaries exactly at each gate's margin (ctr/bench/canary_suite.py)."""
     import dataclasses
 
     from ctr.bench import canary_sim as sim
+    from ctr.bench import canary_suite as suite
     from ctr.serving.canary.plan import default_plan
 
-    plan = dataclasses.replace(default_plan(), interval_s=interval_s, on_timeout=on_timeout)
-    world_cfg = dataclasses.replace(sim.DEFAULT_WORLD, impressions=impressions)
-    report = sim.simulate(aa_seeds, plan, sim.Traffic(rps=rps), world_cfg, workdir)
-    for line in report.lines():
+    plan = dataclasses.replace(default_plan(), on_timeout=on_timeout)
+    trained = None
+    if not no_models:
+        world_cfg = dataclasses.replace(sim.DEFAULT_WORLD, impressions=impressions)
+        trained = sim.build_world(world_cfg, workdir).arms
+    cfg = suite.FullConfig(tuple(rps), aa_seeds, margin_seeds, interval_s, bad_interval_s, workers)
+    result = suite.full(plan, sim.synthetic_arms(), trained, cfg)
+    for line in result["lines"]:
         click.echo(line)
     if json_out is not None:
-        outs = {k: [o.to_dict() for o in getattr(report, k)] for k in ("bad", "good", "aa")}
-        json_out.write_text(json.dumps({**outs, "world": report.world}, indent=2))
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))

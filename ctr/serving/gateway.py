@@ -57,10 +57,10 @@ class ArmRouter(Protocol):
     the per-arm counters the canary's gates read."""
 
     def route(self, user_id: str) -> tuple[str, Model, str]: ...
-    def record(self, arm: str, latency_s: float, failed: bool) -> None: ...
+    def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None: ...
 
 
-def _random_id(arm: str, model_version: str) -> str:
+def _random_id(arm: str, model_version: str, unit: int = 0) -> str:
     return uuid.uuid4().hex
 
 
@@ -81,10 +81,10 @@ class Gateway:
         model_version: str,
         deadline_s: float,
         arms: ArmRouter | None = None,
-        new_id: Callable[[str, str], str] | None = None,
+        new_id: Callable[[str, str, int], str] | None = None,
     ) -> None:
-        """`new_id(arm, model_version)` issues each request's one id (the edge's signer;
-        default a random hex id)."""
+        """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
+        default a random hex id); `unit` is the user's canary sub-bucket."""
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.features = features
@@ -153,8 +153,10 @@ class Gateway:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
         if self.arms is not None:
-            self.arms.record(arm, elapsed, failed is not None)
-        pred = Prediction(self.new_id(arm, version), scores, version, arm, failed is not None, degraded)
+            self.arms.record(arm, elapsed, failed is not None, req.user_id)
+        canary = self.canary
+        unit = canary.unit(req.user_id) if canary is not None else 0
+        pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed, client_id)
         return pred
 

@@ -73,7 +73,7 @@ class Admission:
         metrics.FALLBACKS.labels(SHED).inc()
         scores = self.gateway.fallback.table.scores(req.context.model_dump(), len(req.ad_ids))
         version = f"fallback:{self.gateway.model_version}"
-        pred = Prediction(self.gateway.new_id("stable", version), scores, version, "stable", True, [SHED])
+        pred = Prediction(self.gateway.new_id("stable", version, 0), scores, version, "stable", True, [SHED])
         self.gateway.observe(pred, SHED, 0.0, client_id)  # a shed answer is a fallback in the SLIs too
         return pred
 

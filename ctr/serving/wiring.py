@@ -146,7 +146,7 @@ def gateway(
     features_call: Callable[..., Awaitable[Any]] | None = None,
     fallback_call: RemoteFallback | None = None,
     arms: Arms | None = None,
-    new_id: Callable[[str, str], str] | None = None,
+    new_id: Callable[[str, str, int], str] | None = None,
 ) -> Gateway:
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
@@ -230,7 +230,8 @@ def canary_arms(
     store = RedisStore(aioredis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2))
     urls = tuple(u for u in settings.canary_urls.split(",") if u)
     controller = Controller(store, GateConfig(alpha=settings.canary_alpha))
-    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls)
+    baseline = tuple(u for u in settings.canary_baseline_urls.split(",") if u)
+    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls, baseline_urls=baseline)
 
     def make_pool(urls: tuple[str, ...]) -> ModelPool:
         return model_pool(settings, width=width, name="canary", urls=",".join(urls), headers=headers)

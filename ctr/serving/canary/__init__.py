@@ -6,11 +6,12 @@ May import: `ctr.serving` helpers below it, redis-py, orjson. Never `ctr.bench`/
 """
 
 from ctr.serving.canary.controller import CanaryError, Controller, Decision, decide
+from ctr.serving.canary.counts import ArmStats, Counts
 from ctr.serving.canary.plan import GATES, Phase, Plan, default_plan, ramp_plan
 from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.split import arm_of, bucket, bucket_ranges, in_canary
 from ctr.serving.canary.state import Arm, MemoryStore, RedisStore, Rollout
-from ctr.serving.canary.stats import ArmStats, GateConfig, GateResult, evaluate
+from ctr.serving.canary.stats import GateConfig, GateResult, evaluate
 
 __all__ = [
     "GATES",
@@ -19,6 +20,7 @@ __all__ = [
     "CanaryError",
     "CanaryRuntime",
     "Controller",
+    "Counts",
     "Decision",
     "GateConfig",
     "GateResult",

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from ctr.serving.canary.runtime import CanaryRuntime
-from ctr.serving.canary.split import arm_of
+from ctr.serving.canary.split import arm_of, in_baseline
 from ctr.serving.canary.state import Rollout
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Arms:
         self.stable_version = stable_version
         self.make_pool = make_pool
         self.canary: Pool | None = None
+        self.baseline: Pool | None = None  # stable's model on the canary's capacity (Kayenta's baseline)
         self._canary_key: tuple[str, tuple[str, ...]] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -63,10 +64,17 @@ class Arms:
             return "stable", canary, r.canary.tag
         if r.active and r.share > 0 and arm_of(user_id, r.salt, r.share) == "canary":
             return "canary", canary, r.canary.tag
+        if self.baseline is not None and r.active and in_baseline(user_id, r.salt, r.share):
+            return "stable", self.baseline, self.stable_version
         return "stable", self.stable, self.stable_version
 
-    def record(self, arm: str, latency_s: float, failed: bool) -> None:
-        self.runtime.record_request(arm, latency_s, failed)
+    def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None:
+        """Count the request for its arm; a stable user served by the baseline counts as `baseline`
+        (the latency gate's reference: the same capacity as the canary)."""
+        r = self.runtime.rollout
+        if arm == "stable" and self.baseline is not None and r is not None and in_baseline(user_id, r.salt, r.share):
+            arm = "baseline"
+        self.runtime.record_request(arm, latency_s, failed, self.runtime.unit(user_id))
 
     async def sync(self) -> None:
         """Sync the rollout, then build or close the canary pool to match it."""
@@ -78,13 +86,18 @@ class Arms:
         if wanted == self._canary_key:
             return
         old, self.canary, self._canary_key = self.canary, None, None
-        if old is not None:
-            await old.close()
+        old_baseline, self.baseline = self.baseline, None
+        for p in (old, old_baseline):
+            if p is not None:
+                await p.close()
         if wanted is not None:
             pool = self.make_pool(wanted[1])
             await pool.start()
             self.canary, self._canary_key = pool, wanted
             log.info("canary arm: rollout %s, replicas %s", wanted[0], ", ".join(wanted[1]))
+            if self.runtime.baseline_urls and r is not None and r.active:
+                self.baseline = self.make_pool(self.runtime.baseline_urls)
+                await self.baseline.start()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -106,5 +119,6 @@ class Arms:
             self._stop.set()
             await asyncio.wait({self._task}, timeout=2)
         await self.runtime.close()
-        if self.canary is not None:
-            await self.canary.close()
+        for p in (self.canary, self.baseline):
+            if p is not None:
+                await p.close()

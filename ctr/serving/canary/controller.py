@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ctr.serving.canary.counts import Counts
 from ctr.serving.canary.plan import Plan
 from ctr.serving.canary.state import Arm, Rollout, Store
-from ctr.serving.canary.stats import DEFAULT_GATES, ArmStats, GateConfig, GateResult, evaluate
+from ctr.serving.canary.stats import DEFAULT_GATES, GateConfig, GateResult, evaluate
 
 Clock = Callable[[], float]
 MAX_HISTORY = 200
@@ -35,10 +36,18 @@ class Decision:
     gate: GateResult | None = None
 
 
-def decide(r: Rollout, gates: dict[str, GateResult], now: float) -> Decision:
-    """What the gates say for a running rollout at `now`."""
+def harm_since(r: Rollout, gates: dict[str, GateResult], now: float) -> dict[str, float]:
+    """When each gate's current run of harm verdicts began (gates not in harm are dropped)."""
+    return {n: r.harm_since.get(n, now) for n, g in gates.items() if g.verdict == "harm"}
+
+
+def decide(r: Rollout, gates: dict[str, GateResult], now: float, cfg: GateConfig = DEFAULT_GATES) -> Decision:
+    """What the gates say for a running rollout at `now`. Latency harm must have lasted
+    `cfg.latency_persist_s` (one stall is not a regression); other gates roll back at once."""
     plan = Plan.from_dict(r.plan)
-    harmed = [g for g in gates.values() if g.verdict == "harm"]
+    since = harm_since(r, gates, now)
+    persist = {"latency": cfg.latency_persist_s}
+    harmed = [g for n, g in gates.items() if n in since and now - since[n] >= persist.get(n, 0.0)]
     if harmed:
         g = harmed[0]
         return Decision(
@@ -104,6 +113,7 @@ class Controller:
         self.owner = owner or uuid.uuid4().hex[:12]
         self.lease_s = lease_s
         self.new_id = new_id  # a rollout's id and salt (injected: the simulator's runs repeat exactly)
+        self.last_gates: dict[str, GateResult] = {}
 
     # ---- manual actions -------------------------------------------------------------
     async def start(self, stable: Arm, canary: Arm, plan: Plan, by: str = "admin") -> Rollout:
@@ -171,9 +181,9 @@ class Controller:
         return await self._manual("rollback", by, ("running", "paused", "held"), change, reason)
 
     # ---- the automatic step ----------------------------------------------------------
-    async def gates(self, r: Rollout) -> tuple[dict[str, ArmStats], dict[str, GateResult]]:
+    async def gates(self, r: Rollout) -> tuple[Counts, dict[str, GateResult]]:
         counters = await self.store.counters(r.id)
-        return counters, evaluate(counters["canary"], counters["stable"], self.cfg)
+        return counters, evaluate(counters, self.cfg, r.phase, Plan.from_dict(r.plan).n_phases())
 
     async def step(self) -> Decision | None:
         """Evaluate once, if this process holds the lease and a rollout is running (or held:
@@ -183,7 +193,9 @@ class Controller:
             return None
         now = self.clock()
         _, gates = await self.gates(r)
-        d = decide(r, gates, now)
+        self.last_gates = gates  # what the simulator reads (every look, not only decisions)
+        d = decide(r, gates, now, self.cfg)
+        since = harm_since(r, gates, now)
         plan = Plan.from_dict(r.plan)
         seen = r.version
 
@@ -201,10 +213,10 @@ class Controller:
                 new = cur.with_(status="held", reason=d.reason)
             else:
                 share = plan.share(cur.phase, now - cur.phase_started_at, now - cur.started_at)
-                if math.isclose(share, cur.share):
+                if math.isclose(share, cur.share) and since == cur.harm_since:
                     return None
-                new = cur.with_(share=share)  # a ramp grows; not a decision worth a history line
-                return new
+                return cur.with_(share=share, harm_since=since)  # a ramp grows, a harm run starts or ends
+            new = new.with_(harm_since={} if d.action in ("advance", "promote") else since)
             return new.with_(history=_log(new, _entry(now, d.action, new, "controller", d.reason, d.gate, gates)))
 
         applied = await self.store.transition(fn)

@@ -24,10 +24,11 @@ import orjson
 from redis.exceptions import RedisError
 
 from ctr.serving.canary.controller import Clock, Controller
+from ctr.serving.canary.counts import N_UNITS, Counts, stratum_key
 from ctr.serving.canary.plan import Plan
-from ctr.serving.canary.split import arm_of
-from ctr.serving.canary.state import Delta, Rollout, Store
-from ctr.serving.canary.stats import ArmStats, evaluate, latency_bucket
+from ctr.serving.canary.split import arm_of, unit_of
+from ctr.serving.canary.state import Rollout, Store
+from ctr.serving.canary.stats import evaluate
 
 log = logging.getLogger(__name__)
 STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
@@ -41,17 +42,19 @@ class CanaryRuntime:
         clock: Clock = time.time,
         sync_s: float = 1.0,
         canary_urls: tuple[str, ...] = (),
+        baseline_urls: tuple[str, ...] = (),
     ) -> None:
         self.store = store
+        self.baseline_urls = baseline_urls  # CTR_CANARY_BASELINE_URLS: stable's model at the canary's size
         self.canary_urls = canary_urls  # CTR_CANARY_URLS: for a rollout started with a model tag only
         self.controller = controller
         self.clock = clock
         self.sync_s = sync_s
         self.rollout: Rollout | None = None
-        self.counters: dict[str, ArmStats] | None = None  # last snapshot read back
+        self.counters: Counts | None = None  # last snapshot read back
         self.stale_since: float | None = None
         self.error = ""
-        self._delta = Delta()
+        self._delta = Counts()
         self._last_step = -float("inf")
         self._task: asyncio.Task[None] | None = None
 
@@ -63,25 +66,29 @@ class CanaryRuntime:
             return "stable"
         return arm_of(user_id, r.salt, r.share)
 
-    def record_request(self, arm: str, latency_s: float, error: bool) -> None:
-        if self.rollout is None or not self.rollout.active:
-            return
-        s = self._delta.arms[arm]
-        s.requests += 1
-        s.errors += int(error)
-        s.latency[latency_bucket(latency_s * 1000.0)] += 1
+    def unit(self, user_id: str) -> int:
+        """The user's unit (hash sub-bucket) under the last known rollout; 0 without one."""
+        r = self.rollout
+        return 0 if r is None else unit_of(user_id, r.salt, N_UNITS)
 
-    def record_feedback(self, arm: str, clicked: bool, score: float | None = None) -> None:
-        """One shown ad's outcome; `score` (the predicted CTR served for it) feeds the calibration gate."""
-        if self.rollout is None or not self.rollout.active:
+    def _stratum(self, r: Rollout) -> str:
+        return stratum_key(r.phase, self.clock(), self.controller.cfg.stratum_s)
+
+    def record_request(self, arm: str, latency_s: float, error: bool, unit: int = 0) -> None:
+        """One answered request of `arm`, for the user in `unit` (see `unit`)."""
+        r = self.rollout
+        if r is None or not r.active:
             return
-        s = self._delta.arms[arm]
-        s.impressions += 1
-        s.clicks += int(clicked)
-        if score is not None:
-            s.scored += 1
-            s.scored_clicks += int(clicked)
-            s.pred_sum += score
+        self._delta.record_request(arm, self._stratum(r), unit % N_UNITS, latency_s * 1000.0, error)
+
+    def record_feedback(self, arm: str, clicked: bool, score: float | None = None, unit: int = 0) -> None:
+        """One shown ad's outcome; `score` (the predicted CTR served for it) feeds the calibration gate.
+        Counted in the stratum (phase, clock slot) it arrives in: feedback follows its request within
+        seconds, so the arms' feedback shares the same time and share."""
+        r = self.rollout
+        if r is None or not r.active:
+            return
+        self._delta.record_feedback(arm, self._stratum(r), unit % N_UNITS, clicked, score)
 
     # ---- sync ---------------------------------------------------------------------------
     async def sync(self) -> None:
@@ -89,7 +96,7 @@ class CanaryRuntime:
         try:
             loaded = await self.store.load()
             if loaded is None and self.rollout is not None and self.rollout.active:
-                if await self.store.restore(self.rollout, self.counters or {}):
+                if await self.store.restore(self.rollout, self.counters or Counts()):
                     log.warning("canary state was lost from the store; restored rollout %s", self.rollout.id)
                 loaded = await self.store.load()
             await self._flush()  # after a restore, so what was buffered adds to the restored counters
@@ -127,12 +134,11 @@ class CanaryRuntime:
         r = self.rollout
         if r is None or self._delta.empty():
             return
-        delta, self._delta = self._delta, Delta()
+        delta, self._delta = self._delta, Counts()
         try:
             await self.store.add(r.id, delta)
         except STORE_ERRORS:
-            for a, s in delta.arms.items():  # keep them for the next try
-                self._delta.arms[a].add(s)
+            self._delta.add(delta)  # keep them for the next try
             raise
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -163,7 +169,9 @@ class CanaryRuntime:
             return {**out, "status": "none"}
         out.update(orjson.loads(r.to_json()))
         if self.counters is not None:
-            gates = evaluate(self.counters["canary"], self.counters["stable"], self.controller.cfg)
-            out["arms"] = {a: s.to_dict() for a, s in self.counters.items()}
+            n_phases = Plan.from_dict(r.plan).n_phases()
+            gates = evaluate(self.counters, self.controller.cfg, r.phase, n_phases)
+            arms = {a for a, _ in self.counters.cells} | {"stable", "canary"}
+            out["arms"] = {a: self.counters.total(a).to_dict() for a in sorted(arms)}
             out["gates"] = {k: g.to_dict() for k, g in gates.items()}
         return out

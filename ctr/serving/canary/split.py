@@ -41,3 +41,14 @@ def in_canary(user_id: str, salt: str, share: float) -> bool:
 def arm_of(user_id: str, salt: str, share: float) -> str:
     """`canary` or `stable` for this user at this share."""
     return "canary" if share > 0 and in_canary(user_id, salt, share) else "stable"
+
+
+def in_baseline(user_id: str, salt: str, share: float) -> bool:
+    """The baseline's users: the range [share, 2 share) next to the canary's, as many users as it
+    has (stable users, served by stable's model on replicas of the canary's capacity)."""
+    return 0 < share <= 0.5 and share <= bucket(user_id, salt) < 2 * share
+
+
+def unit_of(user_id: str, salt: str, n_units: int) -> int:
+    """The user's unit (hash sub-bucket) for the gates' variance: independent of the arm's bucket."""
+    return min(n_units - 1, int(bucket(user_id, salt + ":unit") * n_units))

@@ -1,8 +1,10 @@
 """Rollout state and per-arm counters, shared by every gateway process through Redis.
 
 Keys (prefix `ctr:canary:`): `state` (the rollout, JSON, with a version number),
-`arm:<rollout id>:<arm>` (a hash of counters: requests, errors, impressions, clicks,
-pred_sum, l<i> per latency bucket) and `lease` (who may decide now).
+`strata:<rollout id>` (a set of the strata seen, `counts.stratum_key`),
+`arm:<rollout id>:<arm>:<stratum>` (a hash of counters: `<field>.<unit>` for requests,
+errors, impressions, clicks, scored, scored_clicks, pred_sum per user unit, `l<i>` per
+latency bucket) and `lease` (who may decide now).
 
 Decisions are made once: a controller acquires the lease (SET NX PX) before it evaluates,
 and every change of the state is a compare-and-set on its version (WATCH/MULTI/EXEC), so
@@ -21,15 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from ctr.serving.canary.stats import N_LATENCY_BUCKETS, ArmStats
+from ctr.serving.canary.counts import FIELD, FIELDS, Cell, Counts
 
 Status = Literal["running", "paused", "held", "promoted", "rolled_back"]
 ACTIVE: tuple[str, ...] = ("running", "paused", "held")
-ARMS = ("stable", "canary")
+ARMS = ("stable", "canary", "baseline")  # baseline: stable's model on the canary's capacity
 PREFIX = "ctr:canary:"
 
 
@@ -60,6 +63,7 @@ class Rollout:
     reason: str = ""
     history: tuple[dict[str, Any], ...] = ()
     version: int = 0
+    harm_since: dict[str, float] = field(default_factory=dict)  # gate -> when its harm verdict began
 
     @property
     def active(self) -> bool:
@@ -83,14 +87,7 @@ class Rollout:
         return cls(**d)
 
 
-@dataclass(slots=True)
-class Delta:
-    """Counter increments not yet written (one per arm, merged between flushes)."""
-
-    arms: dict[str, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
-
-    def empty(self) -> bool:
-        return all(s.requests == 0 and s.impressions == 0 and s.clicks == 0 for s in self.arms.values())
+Delta = Counts  # counter increments not yet written (merged between flushes)
 
 
 class Transition(Protocol):
@@ -102,9 +99,9 @@ class Store(Protocol):
 
     async def load(self) -> Rollout | None: ...
     async def transition(self, fn: Transition) -> Rollout | None: ...
-    async def counters(self, rollout_id: str) -> dict[str, ArmStats]: ...
-    async def add(self, rollout_id: str, delta: Delta) -> None: ...
-    async def restore(self, rollout: Rollout, counters: dict[str, ArmStats]) -> bool: ...
+    async def counters(self, rollout_id: str) -> Counts: ...
+    async def add(self, rollout_id: str, delta: Counts) -> None: ...
+    async def restore(self, rollout: Rollout, counters: Counts) -> bool: ...
     async def lease(self, owner: str, ttl_s: float) -> bool: ...
 
 
@@ -113,7 +110,7 @@ class MemoryStore:
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.rollout: Rollout | None = None
-        self.arms: dict[tuple[str, str], ArmStats] = {}
+        self.arms: dict[str, Counts] = {}
         self._lease: tuple[str, float] | None = None
         self._clock = clock
 
@@ -126,24 +123,19 @@ class MemoryStore:
             self.rollout = new.with_(version=(self.rollout.version if self.rollout else 0) + 1)
         return self.rollout if new is not None else None
 
-    async def counters(self, rollout_id: str) -> dict[str, ArmStats]:
-        out = {}
-        for a in ARMS:
-            s = ArmStats()
-            s.add(self.arms.get((rollout_id, a), ArmStats()))
-            out[a] = s
-        return out
+    async def counters(self, rollout_id: str) -> Counts:
+        cells = self.arms.get(rollout_id, Counts()).cells
+        return Counts({k: Cell(c.counts.copy(), c.latency.copy()) for k, c in cells.items()})
 
-    async def add(self, rollout_id: str, delta: Delta) -> None:
-        for a, s in delta.arms.items():
-            self.arms.setdefault((rollout_id, a), ArmStats()).add(s)
+    async def add(self, rollout_id: str, delta: Counts) -> None:
+        self.arms.setdefault(rollout_id, Counts()).add(delta)
 
-    async def restore(self, rollout: Rollout, counters: dict[str, ArmStats]) -> bool:
+    async def restore(self, rollout: Rollout, counters: Counts) -> bool:
         if self.rollout is not None:
             return False
         self.rollout = rollout
-        for a, s in counters.items():
-            self.arms[(rollout.id, a)] = s
+        self.arms[rollout.id] = Counts()
+        self.arms[rollout.id].add(counters)
         return True
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
@@ -153,8 +145,6 @@ class MemoryStore:
             return True
         return False
 
-
-_FIELDS = ("requests", "errors", "impressions", "clicks", "scored", "scored_clicks")
 
 # Renew the lease when this owner holds it, take it when nobody does: one atomic step.
 _LEASE = """
@@ -177,8 +167,11 @@ class RedisStore:
         self.prefix = prefix
         self._lease = client.register_script(_LEASE)
 
-    def _arm_key(self, rollout_id: str, arm: str) -> str:
-        return f"{self.prefix}arm:{rollout_id}:{arm}"
+    def _arm_key(self, rollout_id: str, arm: str, stratum: str) -> str:
+        return f"{self.prefix}arm:{rollout_id}:{arm}:{stratum}"
+
+    def _strata_key(self, rollout_id: str) -> str:
+        return f"{self.prefix}strata:{rollout_id}"
 
     async def load(self) -> Rollout | None:
         raw = await self.r.get(self.key)
@@ -204,36 +197,38 @@ class RedisStore:
                 except WatchError:
                     continue
 
-    async def counters(self, rollout_id: str) -> dict[str, ArmStats]:
+    async def counters(self, rollout_id: str) -> Counts:
+        strata = sorted(m.decode() for m in await self.r.smembers(self._strata_key(rollout_id)))
+        keys = [(a, st) for st in strata for a in ARMS]
         async with self.r.pipeline(transaction=False) as pipe:
-            for a in ARMS:
-                pipe.hgetall(self._arm_key(rollout_id, a))
+            for a, st in keys:
+                pipe.hgetall(self._arm_key(rollout_id, a, st))
             raws = await pipe.execute()
-        return {a: _parse(raw) for a, raw in zip(ARMS, raws, strict=True)}
+        return Counts({k: _parse(raw) for k, raw in zip(keys, raws, strict=True) if raw})
 
-    async def add(self, rollout_id: str, delta: Delta) -> None:
+    async def add(self, rollout_id: str, delta: Counts) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
-            for a, s in delta.arms.items():
-                key = self._arm_key(rollout_id, a)
-                for f in _FIELDS:
-                    if getattr(s, f):
-                        pipe.hincrby(key, f, getattr(s, f))
-                if s.pred_sum:
-                    pipe.hincrbyfloat(key, "pred_sum", s.pred_sum)
-                for i, c in enumerate(s.latency):
-                    if c:
-                        pipe.hincrby(key, f"l{i}", c)
+            for (a, st), c in delta.cells.items():
+                pipe.sadd(self._strata_key(rollout_id), st)
+                key = self._arm_key(rollout_id, a, st)
+                for f, u in zip(*np.nonzero(c.counts), strict=True):  # floats: exact for counts below 2**53
+                    pipe.hincrbyfloat(key, f"{FIELDS[f]}.{u}", float(c.counts[f, u]))
+                for i in np.nonzero(c.latency)[0]:
+                    pipe.hincrby(key, f"l{i}", int(c.latency[i]))
             await pipe.execute()
 
-    async def restore(self, rollout: Rollout, counters: dict[str, ArmStats]) -> bool:
+    async def restore(self, rollout: Rollout, counters: Counts) -> bool:
         """Put back a rollout (and its counters) that Redis lost, unless one is there (SET NX)."""
         if not await self.r.set(self.key, rollout.to_json(), nx=True):
             return False
         async with self.r.pipeline(transaction=True) as pipe:
-            for a, s in counters.items():
-                key = self._arm_key(rollout.id, a)
+            for (a, st), c in counters.cells.items():
+                key = self._arm_key(rollout.id, a, st)
+                pipe.sadd(self._strata_key(rollout.id), st)
                 pipe.delete(key)
-                pipe.hset(key, mapping=_mapping(s))
+                mapping = _mapping(c)
+                if mapping:
+                    pipe.hset(key, mapping=mapping)
             await pipe.execute()
         return True
 
@@ -241,23 +236,22 @@ class RedisStore:
         return bool(await self._lease(keys=[self.lease_key], args=[owner, int(ttl_s * 1000)]))
 
 
-def _mapping(s: ArmStats) -> dict[str, Any]:
-    m: dict[str, Any] = {f: getattr(s, f) for f in _FIELDS}
-    m["pred_sum"] = repr(s.pred_sum)
-    m.update({f"l{i}": c for i, c in enumerate(s.latency) if c})
+def _mapping(c: Cell) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    for f, u in zip(*np.nonzero(c.counts), strict=True):
+        m[f"{FIELDS[f]}.{u}"] = repr(float(c.counts[f, u]))
+    m.update({f"l{i}": int(c.latency[i]) for i in np.nonzero(c.latency)[0]})
     return m
 
 
-def _parse(raw: dict[bytes, bytes]) -> ArmStats:
-    s = ArmStats()
-    lat = [0] * N_LATENCY_BUCKETS
+def _parse(raw: dict[bytes, bytes]) -> Cell:
+    c = Cell()
     for k, v in raw.items():
         name = k.decode()
-        if name == "pred_sum":
-            s.pred_sum = float(v)
-        elif name.startswith("l"):
-            lat[int(name[1:])] = int(v)
-        elif name in _FIELDS:
-            setattr(s, name, int(v))
-    s.latency = lat
-    return s
+        if name.startswith("l"):
+            c.latency[int(name[1:])] = int(v)
+        else:
+            f, _, u = name.partition(".")
+            if f in FIELD and u.isdigit():
+                c.counts[FIELD[f], int(u)] = float(v)
+    return c

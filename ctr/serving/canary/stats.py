@@ -1,134 +1,79 @@
-"""Canary gates: always-valid confidence sequences (mSPRT, normal mixture) per metric.
+"""Canary gates: always-valid confidence sequences (mSPRT, normal mixture), compared within
+time strata, with the variance read between user units.
 
-Why this test. The controller looks at the data every interval for hours; a fixed-horizon
-test (Kayenta's Mann-Whitney, or a t-test) looked at that often rolls back A/A canaries far
-more often than its alpha says, and Flagger/Argo compare raw thresholds with no test at
-all. The mixture sequential probability ratio test (Robbins 1970; Johari, Pekelis and
-Walsh, "Always valid inference", 2017, the test behind Optimizely's stats engine) gives a
-confidence sequence: with probability >= 1 - alpha the true difference lies inside EVERY
-interval ever computed, however often one looks and whenever one stops. For an estimate
-with variance V and a N(0, tau^2) mixture the interval is
+The interval. The controller looks every interval for hours; a fixed-horizon test looked
+at that often errs far more often than its alpha. The mixture sequential probability ratio
+test (Robbins 1970; Johari, Pekelis and Walsh, "Always valid inference", 2017) gives a
+confidence sequence: with probability >= 1 - alpha the truth lies inside EVERY interval
+ever computed. For an estimate with variance V and a N(0, tau^2) mixture:
 
     estimate +- sqrt(V (V + tau^2) / tau^2 * (log((V + tau^2) / V) + 2 log(1 / alpha)))
 
-(a normal approximation of each arm's mean: valid once each arm has the minimum sample
-size below; tau is the gate's margin, the effect size the test is tuned for).
+What makes it hold under real traffic (notes/canary-statistics.md):
+- Same time, same share. Counters are per stratum (phase x clock hour, `counts.py`). CTR,
+  calibration and errors are indirectly standardised: the canary's observed total against
+  what stable's rate IN EACH STRATUM predicts for the canary's own exposure there
+  (sum_k n_k r_k), so a daily cycle or a growing share cancels out. The latency gate
+  compares the arms within the current phase, where both see the same hours and share.
+- Users, not impressions. The variance is the bucket method over `N_UNITS` hash sub-buckets
+  of users (the estimate's linearisation summed per unit, its spread between units), which
+  includes the design effect of heavy users; it is floored by the binomial variance, so a
+  noisy between-unit estimate never makes the interval narrower than independence would.
+- Small counts. The errors gate evaluates the canary's binomial variance at the margin's
+  boundary (stable's rate + margin: a score-type variance), never at a handful of observed
+  errors, which made the interval too narrow when only 3-9 errors were counted.
+- The latency gate tests the p99 difference itself: a confidence sequence for each arm's
+  p99 from the order statistics at ranks n q -+ g_n (g_n from the same mixture for the
+  Binomial(n, q) count below the quantile; Howard and Ramdas 2022 build quantile sequences
+  this way), read on the histogram's bucket edges (lower edges for a lower bound, upper for
+  an upper; the overflow bucket's upper edge is +inf, so an overflowing arm is never "ok"
+  and never hides harm). Harm: canary p99 lower bound > stable p99 upper bound + 5 ms.
 
-Each gate then reads one interval two ways (one-sided, against the reference design's
-thresholds):
-- harm: the whole interval lies beyond the margin -> roll back now (fast for big regressions);
-- non-inferior: the whole interval lies inside the margin -> the phase may advance;
-- anything else is inconclusive (wait; past the phase's maximum time, `on_timeout`).
-
-False rollbacks. A harm verdict needs the true difference to lie beyond the margin, which
-an A/A canary's (0) does not, so each gate falsely rolls back with probability <= alpha
-(0.0125 by default) over the whole rollout, whatever the number of looks; the four gates
-together <= 5 % (Bonferroni). The same bound holds for promoting a canary worse than a
-margin. The simulator (`ctr canary simulate`) measures both.
-
-The gates:
-- errors: canary error rate - stable's (margin +0.1 percentage points);
-- latency: share of canary requests slower than stable's p99 + 5 ms, against 1 %
-  (binomial: under "canary p99 <= stable p99 + 5 ms" it is <= 1 %);
-- ctr: log(canary CTR / stable CTR) (margin log 0.99: canary < stable x 0.99 is harm);
-- calibration: log of (clicks / sum of predicted CTR), canary over stable (margin +-log 1.2):
-  a model whose scores are off by a factor ranks the same ads, earns the same CTR, and
-  passes the CTR gate while it breaks bidding.
+Alpha. Rolling back is a union over gates ("harm on any"), so each gate's harm reading uses
+alpha / 4 (<= alpha false rollbacks over the four). Promotion needs non-inferiority on
+every gate: an intersection-union test, so each gate's "ok" reading is at alpha, no split.
+The latency gate restarts each phase, so its harm alpha is split again over the phases.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
-# Latency histogram upper edges (ms): 0.5 ms steps to 20 ms, 1 ms to 50, 5 ms to 200; then +inf.
-LATENCY_EDGES_MS: tuple[float, ...] = (
-    *(0.5 * i for i in range(1, 41)),
-    *(20.0 + i for i in range(1, 31)),
-    *(50.0 + 5 * i for i in range(1, 31)),
-)
-N_LATENCY_BUCKETS = len(LATENCY_EDGES_MS) + 1
+import numpy as np
+
+from ctr.serving.canary.counts import LOWER_EDGES_MS, UPPER_EDGES_MS, ArmStats, Counts
 
 Verdict = Literal["harm", "ok", "inconclusive", "insufficient"]
 
 
-def latency_bucket(latency_ms: float) -> int:
-    """Index of the histogram bucket holding `latency_ms` (the last is overflow)."""
-    return bisect.bisect_left(LATENCY_EDGES_MS, latency_ms)
-
-
-@dataclass(slots=True)
-class ArmStats:
-    """One arm's counters since the rollout started (what Redis holds per arm)."""
-
-    requests: int = 0
-    errors: int = 0
-    impressions: int = 0
-    clicks: int = 0
-    scored: int = 0  # impressions whose predicted CTR came back with the feedback
-    scored_clicks: int = 0
-    pred_sum: float = 0.0  # sum of the predicted CTR of the scored impressions
-    latency: list[int] = field(default_factory=lambda: [0] * N_LATENCY_BUCKETS)
-
-    def add(self, other: ArmStats) -> None:
-        self.requests += other.requests
-        self.errors += other.errors
-        self.impressions += other.impressions
-        self.clicks += other.clicks
-        self.scored += other.scored
-        self.scored_clicks += other.scored_clicks
-        self.pred_sum += other.pred_sum
-        self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
-
-    def quantile_ms(self, q: float) -> float:
-        """The upper edge of the bucket holding quantile q (conservative: never below the truth)."""
-        total = sum(self.latency)
-        if total == 0:
-            return math.nan
-        need, seen = q * total, 0
-        for i, c in enumerate(self.latency):
-            seen += c
-            if seen >= need:
-                return LATENCY_EDGES_MS[i] if i < len(LATENCY_EDGES_MS) else math.inf
-        return math.inf
-
-    def slower_than(self, threshold_ms: float) -> int:
-        """Requests in buckets whose lower edge is >= threshold_ms (surely slower)."""
-        first = bisect.bisect_left(LATENCY_EDGES_MS, threshold_ms) + 1
-        return sum(self.latency[first:])
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "impressions": self.impressions,
-            "clicks": self.clicks,
-            "scored": self.scored,
-            "scored_clicks": self.scored_clicks,
-            "pred_sum": self.pred_sum,
-            "p50_ms": self.quantile_ms(0.5),
-            "p99_ms": self.quantile_ms(0.99),
-        }
-
-
 @dataclass(frozen=True, slots=True)
 class GateConfig:
-    alpha: float = 0.0125  # per gate; 4 gates -> <= 5 % false rollbacks
+    alpha: float = 0.05  # false rollbacks over the 4 gates (alpha/4 each); each gate's "ok" at alpha
     error_margin: float = 0.001  # +0.1 percentage points
     latency_margin_ms: float = 5.0
     latency_quantile: float = 0.99
     ctr_ratio: float = 0.99
     calibration_ratio: float = 1.2  # |log(canary/stable)| <= log 1.2
     min_requests: int = 2000
+    min_latency_tail: int = 50  # requests beyond the quantile, n (1 - q), before the latency gate reads
     min_clicks: int = 200
+    stratum_s: float = 3600.0  # counters are split by phase and by this clock slot
+    latency_persist_s: float = 180.0  # latency harm must last this long (one transient stall is not a regression)
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.ctr_ratio < 1 or self.calibration_ratio <= 1:
             raise ValueError("ctr_ratio must be in (0, 1) and calibration_ratio > 1")
+        if not 0 < self.latency_quantile < 1 or self.stratum_s <= 0 or self.latency_persist_s < 0:
+            raise ValueError("latency_quantile must be in (0, 1), stratum_s > 0 and latency_persist_s >= 0")
+
+    @property
+    def harm_alpha(self) -> float:
+        return self.alpha / 4
 
 
 DEFAULT_GATES = GateConfig()
@@ -139,10 +84,11 @@ class GateResult:
     gate: str
     verdict: Verdict
     estimate: float
-    lo: float
+    lo: float  # the harm reading's interval (alpha / 4)
     hi: float
     margin: str  # readable: what harm means
     n: int  # canary sample behind it
+    ni: tuple[float, float] = (-math.inf, math.inf)  # the non-inferiority reading's interval (alpha)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -150,6 +96,7 @@ class GateResult:
             "verdict": self.verdict,
             "estimate": _finite(self.estimate),
             "interval": [_finite(self.lo), _finite(self.hi)],
+            "ni_interval": [_finite(self.ni[0]), _finite(self.ni[1])],
             "margin": self.margin,
             "n": self.n,
         }
@@ -167,78 +114,163 @@ def halfwidth(var: float, tau: float, alpha: float) -> float:
     return math.sqrt(var * (var + t2) / t2 * (math.log((var + t2) / var) + 2 * math.log(1 / alpha)))
 
 
-def _smoothed(x: float, n: float) -> float:
-    """(x + 1) / (n + 2): keeps the variance above 0 when an arm has no events yet."""
-    return (x + 1.0) / (n + 2.0)
+def _interval(est: float, var: float, tau: float, alpha: float) -> tuple[float, float]:
+    h = halfwidth(var, tau, alpha)  # looked up at call time: the mutation check swaps it
+    return est - h, est + h
 
 
-def _upper_bad(
-    gate: str, est: float, var: float, margin: float, tau: float, alpha: float, n: int, what: str
-) -> GateResult:
-    """Larger is worse: harm when lo > margin, ok when hi < margin."""
-    h = halfwidth(var, tau, alpha)
-    lo, hi = est - h, est + h
-    verdict: Verdict = "harm" if lo > margin else "ok" if hi < margin else "inconclusive"
-    return GateResult(gate, verdict, est, lo, hi, what, n)
+def _units_var(resid: np.ndarray) -> float:
+    """Var of the sum over units from the between-unit spread (the residuals sum to ~0)."""
+    u, total = resid.size, float(resid.sum())
+    return u / (u - 1) * (float(resid @ resid) - total * total / u)
 
 
-def errors_gate(c: ArmStats, s: ArmStats, cfg: GateConfig) -> GateResult:
-    what = f"canary error rate > stable + {cfg.error_margin * 100:g} pp"
-    if c.requests < cfg.min_requests or s.requests < cfg.min_requests:
-        return GateResult("errors", "insufficient", math.nan, -math.inf, math.inf, what, c.requests)
-    pc, ps = _smoothed(c.errors, c.requests), _smoothed(s.errors, s.requests)
-    var = pc * (1 - pc) / c.requests + ps * (1 - ps) / s.requests
-    est = c.errors / c.requests - s.errors / s.requests
-    return _upper_bad("errors", est, var, cfg.error_margin, cfg.error_margin, cfg.alpha, c.requests, what)
+@dataclass(frozen=True, slots=True)
+class Standardized:
+    """The canary's total against stable's per-stratum rates applied to the canary's exposure."""
+
+    observed: float  # sum of the canary's numerator
+    expected: float  # sum_k (canary denominator)_k x (stable rate)_k
+    exposure: float  # the canary's denominator
+    var_c: float  # variance of the canary's part (units, floored by binomial)
+    var_s: float  # variance of the expected total from stable's rates
 
 
-def latency_gate(c: ArmStats, s: ArmStats, cfg: GateConfig) -> GateResult:
-    q = cfg.latency_quantile
-    what = f"canary p{q * 100:g} > stable p{q * 100:g} + {cfg.latency_margin_ms:g} ms (share slower, vs {1 - q:g})"
-    nc, ns = sum(c.latency), sum(s.latency)
+def standardize(
+    cn: np.ndarray, cd: np.ndarray, sn: np.ndarray, sd: np.ndarray, ct: np.ndarray, st: np.ndarray
+) -> Standardized:
+    """cn/cd, sn/sd: numerator and denominator per (stratum, unit); ct/st the Bernoulli trials
+    behind the numerator (impressions for clicks, requests for errors) for the binomial floor."""
+    sd_k, sn_k = sd.sum(1), sn.sum(1)
+    keep = sd_k > 0  # a stratum stable has no data in cannot be matched
+    if not keep.all():
+        cn, cd, sn, sd, ct, st = cn[keep], cd[keep], sn[keep], sd[keep], ct[keep], st[keep]
+        sd_k, sn_k = sd_k[keep], sn_k[keep]
+    cd_k = cd.sum(1)
+    r = sn_k / sd_k
+    e = cd * r[:, None]
+    observed, expected = float(cn.sum()), float(e.sum())
+    theta = observed / expected if expected > 0 else 1.0
+    w = cd_k / sd_k
+    v_c = _units_var((cn - theta * e).sum(0))
+    v_s = _units_var((w[:, None] * (sn - r[:, None] * sd)).sum(0))
+    cn_k, ct_k, st_k = cn.sum(1), (cd_k if ct is cd else ct.sum(1)), (sd_k if st is sd else st.sum(1))
+    floor_c = float(np.sum(cn_k * (1 - cn_k / np.maximum(ct_k, 1))))
+    floor_s = float(np.sum(w**2 * sn_k * (1 - sn_k / np.maximum(st_k, 1))))
+    return Standardized(observed, expected, float(cd.sum()), max(v_c, floor_c), max(v_s, floor_s))
+
+
+def _mats(counts: Counts, strata: list[str], *names: str) -> list[np.ndarray]:
+    return [counts.matrix(arm, n, strata) for n in names for arm in ("canary", "stable")]
+
+
+def _insufficient(gate: str, what: str, n: float) -> GateResult:
+    return GateResult(gate, "insufficient", math.nan, -math.inf, math.inf, what, int(n))
+
+
+def errors_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int = 1) -> GateResult:
+    what = f"canary error rate > stable + {cfg.error_margin * 100:g} pp (stratified)"
+    strata = counts.strata()
+    ce, se, cr, sr = _mats(counts, strata, "errors", "requests")
+    nc, ns = cr.sum(), sr.sum()
     if nc < cfg.min_requests or ns < cfg.min_requests:
-        return GateResult("latency", "insufficient", math.nan, -math.inf, math.inf, what, nc)
-    threshold = s.quantile_ms(q) + cfg.latency_margin_ms
-    slow = c.slower_than(threshold)
-    p = _smoothed(slow, nc)
-    r = _upper_bad("latency", slow / nc, p * (1 - p) / nc, 1 - q, 1 - q, cfg.alpha, nc, what)
-    return r
+        return _insufficient("errors", what, nc)
+    z = standardize(ce, cr, se, sr, cr, sr)
+    est = (z.observed - z.expected) / z.exposure
+    # The canary's variance at the boundary (stable's rate + margin), never below the observed spread.
+    pb = min(1.0, (z.expected + 0.5) / (z.exposure + 1) + cfg.error_margin)
+    var = (max(z.var_c, z.exposure * pb * (1 - pb)) + z.var_s) / z.exposure**2
+    m = cfg.error_margin
+    lo, hi = _interval(est, var, m, cfg.harm_alpha)
+    nlo, nhi = _interval(est, var, m, cfg.alpha)
+    verdict: Verdict = "harm" if lo > m else "ok" if nhi < m else "inconclusive"
+    return GateResult("errors", verdict, est, lo, hi, what, int(nc), (nlo, nhi))
 
 
-def _log_ratio_var(clicks: float, rate: float) -> float:
-    """Variance of log(observed rate): (1 - rate) / clicks (binomial, delta method)."""
-    return (1 - rate) / (clicks + 1.0)
+def _log_ratio(
+    gate: str, counts: Counts, cfg: GateConfig, num: str, den: str, trials: str, what: str
+) -> tuple[float, float, float] | GateResult:
+    strata = counts.strata()
+    cn, sn, cd, sd, ct, st = _mats(counts, strata, num, den, trials)
+    if cn.sum() < cfg.min_clicks or sn.sum() < cfg.min_clicks or cd.sum() <= 0:
+        return _insufficient(gate, what, ct.sum())
+    z = standardize(cn, cd, sn, sd, ct, st)
+    if z.expected <= 0 or z.observed <= 0:
+        return _insufficient(gate, what, ct.sum())
+    var = z.var_c / z.observed**2 + z.var_s / z.expected**2
+    return math.log(z.observed / z.expected), var, float(ct.sum())
 
 
-def ctr_gate(c: ArmStats, s: ArmStats, cfg: GateConfig) -> GateResult:
-    what = f"canary CTR < stable x {cfg.ctr_ratio:g} (log ratio)"
-    if c.clicks < cfg.min_clicks or s.clicks < cfg.min_clicks:
-        return GateResult("ctr", "insufficient", math.nan, -math.inf, math.inf, what, c.impressions)
-    rc, rs = c.clicks / c.impressions, s.clicks / s.impressions
-    var = _log_ratio_var(c.clicks, rc) + _log_ratio_var(s.clicks, rs)
-    # Smaller is worse: negate and reuse the larger-is-worse reading.
-    m = -math.log(cfg.ctr_ratio)
-    r = _upper_bad("ctr", -math.log(rc / rs), var, m, m, cfg.alpha, c.impressions, what)
-    return GateResult("ctr", r.verdict, -r.estimate, -r.hi, -r.lo, what, r.n)
+def ctr_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int = 1) -> GateResult:
+    what = f"canary CTR < stable x {cfg.ctr_ratio:g} (log ratio, stratified)"
+    r = _log_ratio("ctr", counts, cfg, "clicks", "impressions", "impressions", what)
+    if isinstance(r, GateResult):
+        return r
+    est, var, n = r
+    m = math.log(cfg.ctr_ratio)  # < 0: below it is harm
+    lo, hi = _interval(est, var, -m, cfg.harm_alpha)
+    nlo, nhi = _interval(est, var, -m, cfg.alpha)
+    verdict: Verdict = "harm" if hi < m else "ok" if nlo > m else "inconclusive"
+    return GateResult("ctr", verdict, est, lo, hi, what, int(n), (nlo, nhi))
 
 
-def calibration_gate(c: ArmStats, s: ArmStats, cfg: GateConfig) -> GateResult:
-    what = f"|log((clicks/sum predicted) canary / stable)| > log {cfg.calibration_ratio:g}"
-    if c.scored_clicks < cfg.min_clicks or s.scored_clicks < cfg.min_clicks or c.pred_sum <= 0 or s.pred_sum <= 0:
-        return GateResult("calibration", "insufficient", math.nan, -math.inf, math.inf, what, c.scored)
-    rc, rs = c.scored_clicks / c.scored, s.scored_clicks / s.scored
-    est = math.log((c.scored_clicks / c.pred_sum) / (s.scored_clicks / s.pred_sum))
-    var = _log_ratio_var(c.scored_clicks, rc) + _log_ratio_var(s.scored_clicks, rs)
+def calibration_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int = 1) -> GateResult:
+    what = f"|log((clicks/sum predicted) canary / stable)| > log {cfg.calibration_ratio:g} (stratified)"
+    r = _log_ratio("calibration", counts, cfg, "scored_clicks", "pred_sum", "scored", what)
+    if isinstance(r, GateResult):
+        return r
+    est, var, n = r
     m = math.log(cfg.calibration_ratio)
-    h = halfwidth(var, m, cfg.alpha)
-    lo, hi = est - h, est + h
-    verdict: Verdict = "harm" if lo > m or hi < -m else "ok" if -m < lo and hi < m else "inconclusive"
-    return GateResult("calibration", verdict, est, lo, hi, what, c.scored)
+    lo, hi = _interval(est, var, m, cfg.harm_alpha)
+    nlo, nhi = _interval(est, var, m, cfg.alpha)
+    verdict: Verdict = "harm" if lo > m or hi < -m else "ok" if -m < nlo and nhi < m else "inconclusive"
+    return GateResult("calibration", verdict, est, lo, hi, what, int(n), (nlo, nhi))
 
 
-GATE_FUNCS = {"errors": errors_gate, "latency": latency_gate, "ctr": ctr_gate, "calibration": calibration_gate}
+def quantile_bounds(hist: np.ndarray, q: float, alpha: float) -> tuple[float, float]:
+    """An always-valid interval for the q-quantile from a latency histogram: the bucket edges
+    around the order statistics at ranks n q -+ g (g: the mixture boundary of Binomial(n, q))."""
+    n = int(hist.sum())
+    tau = (1 - q) / 2  # the mixture is tuned to shifts of half the tail share
+    g = n * halfwidth(q * (1 - q) / n, tau, alpha)
+    cum = np.cumsum(hist)
+    r_lo, r_hi = math.floor(n * q - g), math.ceil(n * q + g)
+    lo = 0.0 if r_lo < 1 else float(LOWER_EDGES_MS[int(np.searchsorted(cum, r_lo))])
+    hi = math.inf if r_hi > n else float(UPPER_EDGES_MS[int(np.searchsorted(cum, r_hi))])
+    return lo, hi
 
 
-def evaluate(canary: ArmStats, stable: ArmStats, cfg: GateConfig) -> dict[str, GateResult]:
-    """Every gate's verdict, canary against stable over the same period."""
-    return {name: f(canary, stable, cfg) for name, f in GATE_FUNCS.items()}
+def latency_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int = 1) -> GateResult:
+    q, m = cfg.latency_quantile, cfg.latency_margin_ms
+    what = f"canary p{q * 100:g} > stable p{q * 100:g} + {m:g} ms (this phase)"
+    strata = counts.strata(phase)
+    hc, hs = counts.latency("canary", strata), counts.latency("baseline", strata)
+    if hs.sum() * (1 - q) < cfg.min_latency_tail:  # no baseline (of the canary's capacity): stable
+        hs = counts.latency("stable", strata)
+    nc, ns = int(hc.sum()), int(hs.sum())
+    if min(nc, ns) * (1 - q) < cfg.min_latency_tail or min(nc, ns) < cfg.min_requests:
+        return _insufficient("latency", what, nc)
+    a_harm = cfg.harm_alpha / max(1, n_phases) / 2  # two bounds; a new sequence each phase
+    c_lo, c_hi = quantile_bounds(hc, q, a_harm)
+    s_lo, s_hi = quantile_bounds(hs, q, a_harm)
+    nc_lo, nc_hi = quantile_bounds(hc, q, cfg.alpha / 2)
+    ns_lo, ns_hi = quantile_bounds(hs, q, cfg.alpha / 2)
+    est = ArmStats(latency=hc).quantile_ms(q) - ArmStats(latency=hs).quantile_ms(q)
+    lo, hi = c_lo - s_hi, c_hi - s_lo  # the difference of p99s, in ms
+    verdict: Verdict = "harm" if lo > m else "ok" if nc_hi - ns_lo < m else "inconclusive"
+    est = est if math.isfinite(est) else (math.inf if lo > 0 else math.nan)
+    return GateResult("latency", verdict, est, lo, hi, what, nc, (nc_lo - ns_hi, nc_hi - ns_lo))
+
+
+Gate = Callable[[Counts, GateConfig, int, int], GateResult]
+GATE_FUNCS: dict[str, Gate] = {
+    "errors": errors_gate,
+    "latency": latency_gate,
+    "ctr": ctr_gate,
+    "calibration": calibration_gate,
+}
+
+
+def evaluate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int = 1) -> dict[str, GateResult]:
+    """Every gate's verdict, canary against stable, stratum by stratum (latency: this phase)."""
+    return {name: f(counts, cfg, phase, n_phases) for name, f in GATE_FUNCS.items()}
