@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.model",),
     ("ctr.api.contract", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
     ("ctr.serving",),
-    ("ctr.api.routes", "ctr.api.status", "ctr.api.canary"),
+    ("ctr.api.routes", "ctr.api.status", "ctr.api.canary", "ctr.api.bento"),
     ("ctr.bench", "ctr.ship", "ctr.cli"),
 ]
 SHELL = ("ctr.bench", "ctr.ship", "ctr.cli")
