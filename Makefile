@@ -83,7 +83,7 @@ $(VENV)/.load-installed: $(VENV)/.installed
 loadtest: setup $(VENV)/.load-installed
 	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
 
-# Whole canary rollouts under a fake clock with real trained models (README "Canary releases"):
+# Whole canary rollouts under a fake clock with real trained models (docs/canary.md):
 # five bad canaries, a good one and 200 A/A seeds under the default plan at 10,000 requests/s.
 canary-sim: install
 	$(BIN)/ctr canary simulate --aa-seeds 200 --workdir build/canary-sim --json-out build/canary-sim/outcomes.json

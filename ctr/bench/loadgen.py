@@ -197,8 +197,8 @@ async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], 
     which reach the server as a burst. The first exception of a request is raised at the end."""
     # Only the tasks not done are kept, and what existed before the run is frozen out of the
     # collector's sight. With every task kept in a list, the generator fell up to 181 ms
-    # behind at 1,022/s and its late requests reached the server as one burst (README "The
-    # tail"); with these two, 5-12 ms.
+    # behind at 1,022/s and its late requests reached the server as one burst (docs/performance.md,
+    # "The tail"); with these two, 5-12 ms.
     inflight: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
 

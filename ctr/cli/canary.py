@@ -90,7 +90,7 @@ def status(url: str, token: str, as_json: bool) -> None:
 @click.option(
     "--plan-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A plan as JSON (phases or a ramp; see README).",
+    help="A plan as JSON (phases or a ramp; see docs/canary.md).",
 )
 def start(
     url: str, token: str, model_tag: str, urls: tuple[str, ...], plan_scale: float, plan_file: Path | None
