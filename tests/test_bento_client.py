@@ -39,6 +39,8 @@ def test_bentoml_lists_the_api_and_predict_stays_the_mount(gateway: Server) -> N
     with urllib.request.urlopen(gateway.url + "/schema.json", timeout=5) as r:
         routes = {e["route"] for e in json.loads(r.read())["routes"]}
     assert "/bentoml/predict" in routes
+    with urllib.request.urlopen(gateway.url + "/docs.json", timeout=5) as r:
+        assert "/bentoml/predict" in json.loads(r.read())["paths"]  # BentoML's OpenAPI, hence its UI
     assert len(_post(gateway.url, EXAMPLE)["scores"]) == 3
 
 

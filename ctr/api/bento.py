@@ -1,7 +1,7 @@
 """The entry's BentoML API: `predict` on CTRGateway, for BentoML's own clients.
 
 `bentoml.SyncHTTPClient(url).predict(user_id=..., ad_ids=..., context=...)`, the
-`AsyncHTTPClient`, BentoML's UI and `bentoml.depends(url=...)` from another service find the
+`AsyncHTTPClient`, BentoML's `/docs.json` and `bentoml.depends(url=...)` from another service find the
 endpoints BentoML lists in its own schema (`/schema.json`, `/docs.json`); the lean Starlette
 mount that serves `POST /predict` is not in it. So the entry also offers this API, served by
 BentoML at `POST /bentoml/predict` (its own route: `/predict` stays the fast mount), with the
