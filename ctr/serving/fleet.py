@@ -228,8 +228,7 @@ class Fleet:
             hist = _dense([m1["hist"]]) if m1 and m1["hist"] else None
             n5 = m5["requests"] if m5 else 0
             rows.append({
-                "pid": s["pid"], "host": s["host"], "alive": self.alive[s["pid"]],
-                "answering": s is self.own,
+                "pid": s["pid"], "alive": self.alive[s["pid"]], "answering": s is self.own,
                 "requests": sum(sum(c.values()) for c in s["totals"].values()),
                 "qps": round(m1["requests"] / m1["seconds"], 2) if m1 else None,
                 "p99_ms": None if hist is None else _round(quantile(hist, 0.99)),
