@@ -96,7 +96,7 @@ $(VENV)/.load-installed: $(VENV)/.installed
 loadtest: setup $(VENV)/.load-installed
 	$(BIN)/ctr loadtest --url http://$(HOST):$(PORT) --users 16 --duration 30s --out reports/loadtest
 
-# Whole canary rollouts under a fake clock (README "Canary releases"): five bad canaries and a
+# Whole canary rollouts under a fake clock (docs/canary.md): five bad canaries and a
 # good one (real trained models) at 10,000 and 1,000 requests/s; A/A canaries at every start hour
 # with a daily cycle and heterogeneous users (240 per traffic and spread); canaries exactly at
 # each gate's margin (240 per gate). About 25 minutes on two cores.

@@ -8,13 +8,14 @@ FeatureService and FallbackService serve the same `ctr` code over HTTP on their 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from pydantic import Field
 
-from ctr.api import internal, request_id
-from ctr.api.contract import Context
+from ctr.api import bento, internal, request_id
+from ctr.api.contract import Context, EntityId
 from ctr.api.routes import make_app
 from ctr.features import stack as feature_stack
 from ctr.features.transform import Transformer
@@ -223,6 +224,13 @@ class CTRGateway:
         await self.pool.close()
         await self.model_client.close()
         await feature_stack.close(self.stack)
+
+    @bentoml.api(route=bento.ROUTE)
+    async def predict(
+        self, user_id: EntityId, ad_ids: Annotated[list[EntityId], Field(min_length=1)], context: Context
+    ) -> dict[str, Any]:
+        """The /predict contract for BentoML's clients (ctr/api/bento.py); /predict itself is the lean mount."""
+        return await bento.predict(predict_app.state, user_id, ad_ids, context)
 
     def _resolve_model(self) -> tuple[str | None, Any]:
         """CTRModel's URL (set when the dependency resolves, under `bentoml serve`) and BentoML's call."""

@@ -1,6 +1,6 @@
 """ctr-serve: a CTR prediction service packaged with BentoML.
 
-The library behind service.py, one package per concern (README, "Architecture"):
+The library behind service.py, one package per concern (docs/architecture.md):
 `api` (the HTTP contract and routes), `serving` (the gateway's request path),
 `resilience` (breaker, retries, deadlines), `observe` (SLIs, logs, progress),
 `features` (schema, transform, tiered store), `model` (network, runner, model store,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from ctr.model.network import DeepFM
 from ctr.model.segments import SegmentTable
 from ctr.observe.progress import progress
 from models import data as clicklog
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +145,10 @@ def train(data_dir: Path, cfg: TrainConfig = TrainConfig()) -> TrainResult:
                 opt.step()
                 bar.advance()
             va = evaluate(y_va, predict(model, x_va))
-            log.info(
-                "epoch %d: valid logloss %.5f auc %.4f (%.1f s)", epoch, va["logloss"], va["auc"],
-                time.perf_counter() - t0,
-            )  # fmt: skip
-            bar.note(f"epoch {epoch}: valid logloss {va['logloss']:.5f}")
+            # One line per epoch, through the progress bar only (it is a log line without a terminal;
+            # a second log.info here printed every epoch twice in two formats).
+            bar.note(f"epoch {epoch}: valid logloss {va['logloss']:.5f} auc {va['auc']:.4f} "
+                     f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
             if va["logloss"] < best - 1e-5:
                 best, bad = va["logloss"], 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -188,3 +188,13 @@ def test_a_local_replica_scores_like_the_runner_and_coalesces(trained) -> None: 
     for x, y in zip(xs, asyncio.run(go()), strict=True):
         np.testing.assert_allclose(y, runner(x), rtol=1e-5)
     assert len(calls) < len(xs)  # concurrent requests coalesced into fewer passes
+
+
+def test_each_training_epoch_is_logged_once(log_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without a terminal (make setup's log) each epoch is one line, with its AUC (it was two)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    train(log_dir, TrainConfig(max_epochs=2))
+    lines = [r.getMessage() for r in caplog.records if "epoch 0:" in r.getMessage()]
+    assert len(lines) == 1 and "auc" in lines[0], lines

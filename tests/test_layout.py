@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.model",),
     ("ctr.api.contract", "ctr.api.body", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
     ("ctr.serving",),
-    ("ctr.api.routes", "ctr.api.status", "ctr.api.canary"),
+    ("ctr.api.routes", "ctr.api.status", "ctr.api.canary", "ctr.api.bento"),
     ("models",),  # the offline side (data generation, training, evaluation): only the shell imports it
     ("ctr.bench", "ctr.ship", "ctr.cli"),
 ]
@@ -160,3 +160,16 @@ def test_the_readme_package_map_names_packages_that_exist() -> None:
     named = set(re.findall(r"^\| `ctr/([a-z_]+)/` \|", section, re.MULTILINE))
     packages = {p.parent.name for p in CTR.glob("*/__init__.py")}
     assert named == packages
+
+
+def test_fastapi_is_an_extra_only_the_bench_peer_uses() -> None:
+    """FastAPI is no runtime dependency: the `bench` extra, imported only inside the FastAPI peer."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("fastapi") for d in project["dependencies"])
+    assert any(d.startswith("fastapi") for d in project["optional-dependencies"]["bench"])
+    users = [p.relative_to(ROOT).as_posix() for p in CTR.rglob("*.py") if "fastapi" in p.read_text().lower()]
+    assert sorted(users) == ["ctr/bench/e2e.py", "ctr/bench/peer.py"]
+    src = (CTR / "bench" / "peer.py").read_text()
+    assert "\nfrom fastapi" not in src.split("if TYPE_CHECKING:")[0]

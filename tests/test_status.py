@@ -239,3 +239,67 @@ def test_the_routes_and_a_request_that_raises() -> None:
     page = client.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'data-field="traffic.availability" data-value="0.0"' in page.text
+
+
+def test_the_document_merges_every_gateway_process(tmp_path: Any) -> None:
+    """Two processes' snapshots in the shared directory: the document's totals, windows and
+    quantiles are both processes' together, and the breakdown has one row per process."""
+    from ctr.observe.sli import quantile
+    from ctr.serving import fleet
+
+    a, b = recorder(), SliRecorder(clock=FakeClock(5000.0))
+    for _ in range(100):
+        b.record("stable", "model", 0.040)  # the other process is slower
+        b.stage("request", 0.040)
+    other = fleet.snapshot(b, None, [{"name": "model:0", "state": "open"}])
+    other["pid"] = 1  # init: alive in any container
+    fleet.publish(tmp_path, other)
+    board = StatusBoard(Sources(a, fleet_dir=tmp_path))
+    d = doc(board.sources, board)
+    assert d["scope"]["kind"] == "service" and "all 2 gateway processes" in d["scope"]["text"]
+    t = panel(d, "traffic")
+    assert t is not None and t["requests"] == 400 and t["requests_5m"] == 400
+    assert t["model_scored"] == pytest.approx(385 / 400)
+    both = [x + y for x, y in zip(a.window(60).hist, b.window(60).hist, strict=True)]  # type: ignore[arg-type]
+    assert t["p99_ms"] == pytest.approx(quantile(both, 0.99), abs=1e-3) and t["p99_ms"] > a.window(60).p99_ms
+    st = {r["stage"]: r for r in panel(d, "stages")["rows"]}  # type: ignore[index]
+    assert st["response"]["calls"] == 0 and panel(d, "stages")["total_mean_ms"] == pytest.approx(  # type: ignore[index]
+        (300 * 3.0 + 100 * 40.0) / 400
+    )
+    procs = panel(d, "processes")
+    assert procs is not None and procs["processes"] == 2 and procs["requests"] == 400
+    rows = {r["pid"]: r for r in procs["rows"]}
+    assert rows[1]["requests"] == 100 and rows[1]["open_breakers"] == 1 and not rows[1]["answering"]
+    assert sum(r["answering"] for r in procs["rows"]) == 1
+    assert {r.get("pid") for r in panel(d, "breakers")["rows"]} >= {1}  # type: ignore[index]
+    assert panel(d, "breakers")["open"] >= 1  # type: ignore[index]
+    page = Figures()
+    page.feed(render(d))
+    assert page.fields["processes.requests"][1] == "400" and "processes.rows.1.pid" in page.fields
+
+
+def test_a_process_that_is_gone_counts_in_the_totals_only(tmp_path: Any) -> None:
+    """A snapshot whose process no longer runs: its requests stay in the totals since start,
+    not in the windows, and its row says it is not alive."""
+    from ctr.serving import fleet
+
+    gone = fleet.snapshot(recorder(), None, [])
+    gone["pid"] = 2**22 + 12345  # above the default pid_max: no such process
+    fleet.publish(tmp_path, gone)
+    board = StatusBoard(Sources(recorder(), fleet_dir=tmp_path))
+    d = doc(board.sources, board)
+    t = panel(d, "traffic")
+    assert t is not None and t["requests"] == 600 and t["requests_5m"] == 300
+    rows = panel(d, "processes")["rows"]  # type: ignore[index]
+    assert [r["alive"] for r in rows] == [True, False]
+
+
+def test_the_ticker_publishes_this_process(tmp_path: Any) -> None:
+    """Each tick writes this process's snapshot where the others read it."""
+    import json
+    import os
+
+    board = StatusBoard(Sources(recorder(), fleet_dir=tmp_path / "ctr-status"))
+    board.tick(1.0)
+    snap = json.loads((tmp_path / "ctr-status" / f"{os.getpid()}.json").read_text())
+    assert snap["totals"]["stable"]["model"] == 285 and snap["windows"]["all"]["60"]["hist"]

@@ -1,6 +1,7 @@
-"""The status page in a real browser: the real service (`bentoml serve`, all four services)
-under traffic, /status opened in headless Chromium, every figure read back from the rendered
-DOM and compared with /status.json; a screenshot is kept in reports/status.png.
+"""The status page in a real browser: the real service (`bentoml serve`, all four services,
+two gateway processes) under traffic from many connections, /status opened in headless
+Chromium, every figure read back from the rendered DOM and compared with /status.json and
+with what the load generator sent; a screenshot is kept in reports/status.png.
 `ctr status` prints the same document as tables.
 
 Chromium is Debian's `chromium` (`make test` installs it; this installs it with apt-get when
@@ -14,8 +15,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -29,7 +32,9 @@ CTX = {"hour": 14, "device_type": "mobile", "site_category": "news", "banner_pos
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic", "--window-size=1280,1400"]  # fmt: skip
 SCREENSHOT = ROOT / "reports" / "status.png"
-PANELS = {"traffic", "slo", "stages", "cache", "breakers", "fallbacks", "write_behind"}
+PANELS = {"traffic", "processes", "slo", "stages", "cache", "breakers", "fallbacks", "write_behind"}
+WORKERS = 2
+SENT = 240  # requests the load generator sends, each on a connection of its own
 
 
 def chromium() -> str:
@@ -64,23 +69,53 @@ def _get(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def one_process(small_setup: dict[str, str]) -> Iterator[Server]:
-    """A gateway of one process: the page and /status.json speak for the process that answers
-    them (one per core by default), and these tests compare the two and count the traffic."""
-    server = Server("service:CTRGateway", {**small_setup, "CTR_GATEWAY_WORKERS": "1"})
+def two_processes(small_setup: dict[str, str]) -> Iterator[Server]:
+    """A gateway of two worker processes: the page speaks for both, whichever answers it."""
+    server = Server("service:CTRGateway", {**small_setup, "CTR_GATEWAY_WORKERS": str(WORKERS)})
     yield server
     server.stop()
 
 
+def _settled(url: str, want: int, timeout_s: float = 10.0) -> dict[str, Any]:
+    """/status.json once its total is `want` (other processes publish once a second), else the last one."""
+    end = time.monotonic() + timeout_s
+    while True:
+        doc = _get(url)
+        if lookup(doc, "traffic.requests") == want or time.monotonic() > end:
+            return doc
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
-def served(one_process: Server) -> Server:
-    """The gateway after 60 requests (a few with unknown users and ads)."""
-    gateway = one_process
-    for i in range(60):
+def served(two_processes: Server) -> Server:
+    """The gateway after SENT requests from 8 threads, each on a new connection, so the kernel
+    hands them to both processes (a few with unknown users and ads)."""
+    gateway = two_processes
+
+    def one(i: int) -> None:
         ads = [f"a{(i * 7 + k) % 300}" for k in range(5)] + (["a999999"] if i % 10 == 0 else [])
         out = _post(gateway.url, {"user_id": f"u{i}" if i % 10 else f"nobody{i}", "ad_ids": ads, "context": CTX})
         assert len(out["scores"]) == len(ads)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(SENT)))
+    _settled(gateway.url, SENT)
     return gateway
+
+
+def test_the_totals_are_what_was_sent_across_both_processes(served: Server) -> None:
+    """/status.json counts every request the load generator sent, whichever process served it,
+    and its per-process breakdown adds up to the same total over both processes."""
+    doc = _settled(served.url, SENT)
+    assert doc["scope"]["kind"] == "service"
+    assert lookup(doc, "traffic.requests") == SENT
+    assert lookup(doc, "traffic.requests_5m") == SENT
+    procs = lookup(doc, "processes")
+    rows = procs["rows"]
+    assert procs["processes"] == WORKERS and len(rows) == WORKERS, rows
+    assert sum(r["requests"] for r in rows) == procs["requests"] == SENT
+    assert all(r["alive"] for r in rows) and sum(r["answering"] for r in rows) == 1
+    print("per process:", {r["pid"]: r["requests"] for r in rows})
 
 
 def test_status_json_has_the_panels_and_counts_the_traffic(served: Server) -> None:
@@ -92,7 +127,7 @@ def test_status_json_has_the_panels_and_counts_the_traffic(served: Server) -> No
     assert traffic["requests"] >= 60 and traffic["availability"] == 1.0 and traffic["p99_ms"] > 0
     assert {r["name"] for r in lookup(doc, "breakers")["rows"]} >= {"model:0", "l2", "l3"}  # <pool>:<replica>
     assert lookup(doc, "write_behind")["state"] == "ok"
-    assert doc["scope"]["kind"] == "process" and str(doc["scope"]["pid"]) in doc["scope"]["text"]
+    assert doc["scope"]["kind"] == "service" and f"all {WORKERS} gateway processes" in doc["scope"]["text"]
 
 
 def test_the_page_renders_in_chromium_with_the_documents_figures(served: Server) -> None:
@@ -121,7 +156,10 @@ def test_the_page_renders_in_chromium_with_the_documents_figures(served: Server)
             name = page.fields[path.replace(".state", ".name")][0]
             assert text == states[name]
     requests = page.fields["traffic.requests"][0].replace(",", "")
-    assert int(requests) == lookup(doc, "traffic.requests") >= 60
+    assert int(requests) == lookup(doc, "traffic.requests") == SENT
+    per_process = [int(text.replace(",", "")) for p, (text, _) in page.fields.items()
+                   if p.startswith("processes.rows.") and p.endswith(".requests")]  # fmt: skip
+    assert len(per_process) == WORKERS and sum(per_process) == SENT
 
 
 def test_a_screenshot_is_kept(served: Server) -> None:
@@ -137,7 +175,8 @@ def test_ctr_status_prints_tables(served: Server) -> None:
     """`ctr status --url` prints the document of the running service as tables."""
     out = CliRunner().invoke(main, ["status", "--url", served.url, "--width", "160"])
     assert out.exit_code == 0, out.output
-    for title in ("Traffic", "SLOs and error-budget burn", "Circuit breakers", "Feature cache hit rates"):
+    for title in ("Traffic", "Gateway processes", "SLOs and error-budget burn", "Circuit breakers",
+                  "Feature cache hit rates"):  # fmt: skip
         assert title in out.output
     assert "availability" in out.output and "model" in out.output
     raw = CliRunner().invoke(main, ["status", "--url", served.url, "--json"])

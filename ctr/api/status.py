@@ -34,6 +34,8 @@ def fmt(key: str, value: Any) -> str:
     """How the page shows a figure: shares as per cent, times with their unit."""
     if value is None:
         return "–"
+    if key == "pid":  # an id, not a quantity: no thousands separator
+        return str(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int | float) and _percent(key):
@@ -192,6 +194,7 @@ h3{font-size:13px;margin:8px 0 4px;color:#475569}.figs{display:flex;flex-wrap:wr
 table{border-collapse:collapse;margin:6px 0;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #f1f5f9;
 text-align:left}.st-open,.bad{color:#dc2626;font-weight:600}.st-half_open{color:#d97706}.st-closed,.st-ok{color:#16a34a}
 figure{margin:4px 0}figcaption{font-size:11px;color:#64748b}
+.panel[data-panel=processes]{grid-column:1/-1}
 """
 
 

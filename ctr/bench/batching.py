@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import orjson
 
+from ctr.api import internal
 from ctr.bench.local_server import free_port, serving
 from ctr.features import schema
 from ctr.settings import Settings
@@ -32,15 +33,16 @@ def _matrix(b: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([rng.integers(0, c, b) for c in schema.CARDINALITIES], 1).astype(np.int64)
 
 
-def _time_http(port: int, x: np.ndarray, n: int) -> list[float]:
+def _time_http(port: int, x: np.ndarray, n: int, token: str) -> list[float]:
     import http.client
 
     body = orjson.dumps({"features": x.tolist()})
     conn = http.client.HTTPConnection("127.0.0.1", port)
+    head = {"content-type": "application/json", **internal.headers(token)}
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        conn.request("POST", "/predict", body, {"content-type": "application/json"})
+        conn.request("POST", "/predict", body, head)
         r = conn.getresponse()
         r.read()
         out.append(time.perf_counter() - t0)
@@ -75,6 +77,7 @@ def best_batch(t_setup: float, t_per: float, budget_s: float, max_b: int = 65536
 
 
 def run(n: int = 300, budget_ms: float = 3.0) -> str:
+    """The batch table, from a CTRModel served on a free port; `n` calls per batch size."""
     from ctr.model import store as modelstore
     from ctr.model.runner import ModelRunner
 
@@ -84,12 +87,15 @@ def run(n: int = 300, budget_ms: float = 3.0) -> str:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CTRModel", "--host", "127.0.0.1",
            "--port", str(port)]  # fmt: skip
+    # CTRModel is internal: it answers only callers holding the shared token (ctr/api/internal.py).
+    # The server started here gets this process's token (drawn when CTR_INTERNAL_TOKEN is unset).
+    token = internal.ensure_token()
     rows = []
-    with serving(f"http://127.0.0.1:{port}", timeout_s=120, cmd=cmd):
+    with serving(f"http://127.0.0.1:{port}", timeout_s=120, cmd=cmd, env={internal.ENV: token}):
         for b in BATCHES:
             x = _matrix(b, rng)
-            _time_http(port, x, 20)  # warm-up
-            http = _time_http(port, x, n)
+            _time_http(port, x, 20, token)  # warm-up
+            http = _time_http(port, x, n, token)
             local_s = float(np.median(_time_inprocess(runner, x, n)))
             rows.append((b, float(np.median(http)), float(np.percentile(http, 99)), float(np.percentile(http, 99.9)),
                          float(np.max(http)), local_s))  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import sys
 from dataclasses import asdict
@@ -118,6 +119,9 @@ def run(
 
         c1 = rows[0] if rows else None
         for label, factory in PEERS:
+            if label == "FastAPI" and importlib.util.find_spec("fastapi") is None:
+                lines += ["", "FastAPI peer skipped: FastAPI is not installed (pip install -e '.[bench]')"]
+                continue
             peer_rows = _peer_levels(settings, levels, duration, n_ads, factory)
             best_peer = best_rps([asdict(r) for r in peer_rows])
             ratio = best / best_peer if best_peer else float("nan")

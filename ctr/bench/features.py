@@ -130,13 +130,21 @@ async def _warm_hit_rate(fresh: TieredStore, fs: schema.FeatureSchema, settings:
     )
 
 
+CHUNK = 5000  # keys per pipeline when filling Redis
+
+
 async def _redis_memory_line(redis: Any, l2: RedisTier, fs: schema.FeatureSchema, m: int = 100_000) -> str:
     """Redis used_memory per million cached user_static rows, with the store's real keys."""
     info0 = (await redis.info("memory"))["used_memory"]
     keys = [feature_key(fs.user_static, f"bench-u{i}") for i in range(m)]
-    await l2.set_many([(k, (30 + i % 40, "f", i % 50, i % 12), 1, 600.0) for i, k in enumerate(keys)])
+    rows = [(k, (30 + i % 40, "f", i % 50, i % 12), 1, 600.0) for i, k in enumerate(keys)]
+    # In pipelines of CHUNK: one of 100,000 SETs took over the client's 1 s socket timeout on a
+    # busy machine ("Timeout writing to socket").
+    for i in range(0, m, CHUNK):
+        await l2.set_many(rows[i : i + CHUNK])
     info1 = (await redis.info("memory"))["used_memory"]
-    await l2.delete_many(keys)
+    for i in range(0, m, CHUNK):
+        await l2.delete_many(keys[i : i + CHUNK])
     return f"Redis (L2): {(info1 - info0) / m * 1e6 / 2**20:.0f} MiB per million entities (user_static rows)"
 
 

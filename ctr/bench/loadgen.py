@@ -197,8 +197,8 @@ async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], 
     which reach the server as a burst. The first exception of a request is raised at the end."""
     # Only the tasks not done are kept, and what existed before the run is frozen out of the
     # collector's sight. With every task kept in a list, the generator fell up to 181 ms
-    # behind at 1,022/s and its late requests reached the server as one burst (README "The
-    # tail"); with these two, 5-12 ms.
+    # behind at 1,022/s and its late requests reached the server as one burst (docs/performance.md,
+    # "The tail"); with these two, 5-12 ms.
     inflight: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
 
@@ -230,9 +230,9 @@ async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], 
     return late
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes, path: str = "/predict") -> tuple[int, bytes]:
     try:
-        async with session.post(url + "/predict", data=body) as r:
+        async with session.post(url + path, data=body) as r:
             return r.status, await r.read()
     except (aiohttp.ClientError, TimeoutError):
         return 0, b""
@@ -243,8 +243,8 @@ def _session(limit: int) -> aiohttp.ClientSession:
                                  headers={"content-type": "application/json"})  # fmt: skip
 
 
-async def _level(url: str, c: int, duration_s: float, bodies: list[bytes]) -> LevelResult:
-    """Closed loop: `c` workers for `duration_s`."""
+async def _level(url: str, c: int, duration_s: float, bodies: list[bytes], path: str = "/predict") -> LevelResult:
+    """Closed loop: `c` workers for `duration_s`, POSTing to `path`."""
     tally = _Tally()
     stop = time.perf_counter() + duration_s
     async with _session(c) as session:
@@ -253,7 +253,7 @@ async def _level(url: str, c: int, duration_s: float, bodies: list[bytes]) -> Le
             i = k
             while time.perf_counter() < stop and len(tally.lat) < MAX_REQUESTS_PER_LEVEL:
                 t0 = time.perf_counter()
-                status, body = await _post(session, url, bodies[i % len(bodies)])
+                status, body = await _post(session, url, bodies[i % len(bodies)], path)
                 tally.add(time.perf_counter() - t0, status, body)
                 i += c
 
@@ -288,16 +288,18 @@ async def open_level(
 
 
 def run_levels(
-    url: str, levels: list[int], duration_s: float, n_ads: int, data_dir: Path, warm_up: bool = True
-) -> list[LevelResult]:
-    """One bounded closed-loop run per concurrency level, after a short warm-up."""
+    url: str, levels: list[int], duration_s: float, n_ads: int, data_dir: Path, warm_up: bool = True,
+    path: str = "/predict",
+) -> list[LevelResult]:  # fmt: skip
+    """One bounded closed-loop run per concurrency level, after a short warm-up; requests go
+    to `path` (/predict, or the BentoML API's route with the same body)."""
     check_loopback(url)
     bodies = Traffic(data_dir, n_ads).bodies(2000)
 
     async def go() -> list[LevelResult]:
         if warm_up:
-            await _level(url, 4, min(2.0, duration_s), bodies)  # caches, connections
-        return [await _level(url, c, duration_s, bodies) for c in levels]
+            await _level(url, 4, min(2.0, duration_s), bodies, path)  # caches, connections
+        return [await _level(url, c, duration_s, bodies, path) for c in levels]
 
     return asyncio.run(go())
 

@@ -16,13 +16,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request, Response
 from starlette.applications import Starlette
-from starlette.requests import Request as StarletteRequest
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 from ctr.api.contract import BadRequest, parse_predict
 from ctr.features import schema
@@ -77,10 +80,10 @@ def make_starlette_app(settings: Settings | None = None) -> Starlette:
         yield
         await mono["m"].redis.aclose()
 
-    async def predict(request: StarletteRequest) -> Response:
+    async def predict(request: Request) -> Response:
         return await _respond(mono["m"], await request.body(), s.max_ads)
 
-    async def readyz(request: StarletteRequest) -> Response:
+    async def readyz(request: Request) -> Response:
         return Response(b"ok")
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/readyz", readyz)]
@@ -88,6 +91,9 @@ def make_starlette_app(settings: Settings | None = None) -> Starlette:
 
 
 def make_app(settings: Settings | None = None) -> FastAPI:
+    """The monolith as a FastAPI app (FastAPI is the `bench` extra: only this peer uses it)."""
+    from fastapi import FastAPI
+
     app = FastAPI()
     mono: dict[str, Monolith] = {}
     s = settings or Settings()

@@ -49,6 +49,21 @@ def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bo
     click.echo(e2e.run(_settings(), url, levels, duration, n_ads, peers, out, open_rates))
 
 
+@bench.command("api")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
+@click.option("--concurrency", default="1,8", show_default=True, help="Comma-separated levels.")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per level and route.")
+@click.option("--ads", "n_ads", type=int, default=100, show_default=True)
+@click.option("--passes", type=int, default=2, show_default=True, help="Alternating passes over both routes.")
+def bench_api(url: str, concurrency: str, duration: float, n_ads: int, passes: int) -> None:
+    """POST /predict (the lean mount) beside POST /bentoml/predict (the BentoML API its clients
+    call), same requests, same gateway: model-scored rps and p50/p99 of each."""
+    from ctr.bench import api
+
+    levels = [int(c) for c in concurrency.split(",")]
+    click.echo(api.run(_settings(), url, levels, duration, n_ads, passes))
+
+
 @bench.command("stages")
 @click.option("--requests", "n", type=int, default=3000, show_default=True, help="Calls per stage.")
 def bench_stages(n: int) -> None:

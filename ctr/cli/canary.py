@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,40 @@ def call(url: str, token: str, path: str, body: dict[str, Any] | None = None) ->
         raise click.ClickException(f"cannot reach {url}: {exc}") from None
 
 
+def when(epoch_s: float) -> str:
+    """A wall-clock time a person reads: `2026-12-03 07:40:12 UTC`."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# How each gate's estimate reads (ctr/serving/canary/stats.py): the range the quantity can take
+# (a confidence interval of a share is clipped to it), and its unit.
+_SHARE, _DIFF, _LOG_RATIO = "share", "difference", "log ratio"
+_KINDS = {"latency": _SHARE, "errors": _DIFF, "ctr": _LOG_RATIO, "calibration": _LOG_RATIO}
+
+
+def gate_figures(g: dict[str, Any]) -> str:
+    """`estimate [lo, hi]` in the gate's own terms: the share of slow canary requests in per cent
+    within [0, 100] %, the error-rate difference in percentage points within [-100, 100], the
+    CTR and calibration log ratios as ratios; `–` where there is no estimate yet."""
+    est, (lo, hi) = g.get("estimate"), g.get("interval") or (None, None)
+    kind = _KINDS.get(g["gate"])
+    if est is None:
+        return "estimate – (not enough data yet)"
+    if kind == _LOG_RATIO:
+        ratio = [None if x is None else math.exp(x) for x in (est, lo, hi)]
+        return "ratio " + _bracket(*ratio, lambda x: f"{x:.3f}")
+    bounds = (0.0, 1.0) if kind == _SHARE else (-1.0, 1.0)
+    clip = [None if x is None else min(max(x, bounds[0]), bounds[1]) for x in (est, lo, hi)]
+    if kind == _SHARE:
+        return "share slower " + _bracket(*clip, lambda x: f"{100 * x:.2f} %")
+    return "error rate difference " + _bracket(*clip, lambda x: f"{100 * x:+.2f} pp")
+
+
+def _bracket(est: float | None, lo: float | None, hi: float | None, f: Callable[[float], str]) -> str:
+    show = lambda x: "–" if x is None else f(x)  # noqa: E731
+    return f"{show(est)} [{show(lo)}, {show(hi)}]"
+
+
 def _summary(s: dict[str, Any]) -> str:
     if s.get("status") == "none":
         return "no rollout" + ("" if s.get("store") == "ok" else f" (store {s.get('store')})")
@@ -50,12 +87,12 @@ def _summary(s: dict[str, Any]) -> str:
             f"clicks {a['clicks']:,} p99 {a['p99_ms']} ms"
         )
     for g in s.get("gates", {}).values():
-        lines.append(f"  gate {g['gate']:11s} {g['verdict']:12s} estimate {g['estimate']} interval {g['interval']}")
+        lines.append(f"  gate {g['gate']:11s} {g['verdict']:12s} {gate_figures(g)}")
     if s.get("reason"):
         lines.append(f"  reason: {s['reason']}")
     for h in s.get("history", [])[-5:]:
         lines.append(
-            f"  {h['at']:.0f} {h['action']} (phase {h['phase']}, {h['share']:.1%}) by {h['by']}: {h['reason']}"
+            f"  {when(h['at'])} {h['action']} (phase {h['phase']}, {h['share']:.1%}) by {h['by']}: {h['reason']}"
         )
     return "\n".join(lines)
 
@@ -90,7 +127,7 @@ def status(url: str, token: str, as_json: bool) -> None:
 @click.option(
     "--plan-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A plan as JSON (phases or a ramp; see README).",
+    help="A plan as JSON (phases or a ramp; see docs/canary.md).",
 )
 def start(
     url: str, token: str, model_tag: str, urls: tuple[str, ...], plan_scale: float, plan_file: Path | None

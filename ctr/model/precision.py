@@ -6,8 +6,8 @@ design's inference lever beside batching:
   weights, activations quantized per batch; the embedding tables stay float (a few
   hundred rows, looked up, not multiplied);
 - `float16` / `bfloat16`: the whole network cast, for a GPU (bfloat16 also runs on CPU);
-- `auto`: what the numbers favour. On this project's CPUs (`ctr bench precision`, README
-  "Precision") float32 is fastest: int8 dynamic quantization took 1.9x as long at batch 1
+- `auto`: what the numbers favour. On this project's CPUs (`ctr bench precision`,
+  docs/performance.md) float32 is fastest: int8 dynamic quantization took 1.9x as long at batch 1
   and 1.4x at batch 256, bfloat16 19x at 256, for the same AUC. No GPU has been measured
   yet, so `auto` is float32 there too; set float16 or bfloat16 explicitly to try one.
 """

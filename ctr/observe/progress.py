@@ -90,6 +90,8 @@ class RichBar:
         self._p.advance(self._task, n)
 
     def note(self, text: str) -> None:
+        """A line above the bar (kept on screen), and the bar's description."""
+        self._p.console.print(f"{self.desc}: {text}")
         self._p.update(self._task, description=f"{self.desc}: {text}")
 
     def finish(self) -> None:

@@ -148,6 +148,7 @@ class Window:
     p50_ms: float | None
     p99_ms: float | None
     reasons: dict[str, int]
+    hist: list[int] | None = None  # the latency histogram (BOUNDS_MS buckets), when quantiles were read
 
     @property
     def qps(self) -> float:
@@ -299,12 +300,12 @@ class SliRecorder:
             for r, c in a.reasons.items():
                 if c - b.reasons.get(r, 0):
                     reasons[r] = reasons.get(r, 0) + c - b.reasons.get(r, 0)
-        p50 = p99 = None
+        p50 = p99 = hist = None
         if quantiles:
             hist = self._window_hist(self._hists, "arms", since, arm)
             p50, p99 = quantile(hist, 0.5), quantile(hist, 0.99)
         total = model + fallback + errors
-        return Window(self._span(seconds), total, model, fallback, errors, slow, p50, p99, reasons)
+        return Window(self._span(seconds), total, model, fallback, errors, slow, p50, p99, reasons, hist)
 
     def _window_hist(self, live: dict[str, list[int]], kind: str, since: int, key: str | None) -> list[int]:
         base = self._before(self._hsnaps, max(since, self._t - HIST_HORIZON_S))
@@ -315,12 +316,13 @@ class SliRecorder:
                 out = [x + y for x, y in zip(out, _minus(h, b), strict=True)]
         return out
 
-    def stages(self, seconds: float) -> dict[str, dict[str, float | int | None]]:
-        """Per stage over the window: calls, mean, p50 and p99 (ms)."""
+    def stages(self, seconds: float, hists: bool = False) -> dict[str, dict[str, Any]]:
+        """Per stage over the window: calls, mean, p50 and p99 (ms); with `hists`, also the
+        latency histogram (`hist`, BOUNDS_MS buckets) so windows of processes can be merged."""
         self._roll()
         since = self._t - int(seconds)
         base = self._before(self._snaps, since)
-        out: dict[str, dict[str, float | int | None]] = {}
+        out: dict[str, dict[str, Any]] = {}
         for name, s in self._stages.items():
             b = (base.stages.get(name) if base is not None else None) or _Stage()
             n, total_s = s.n - b.n, s.sum_s - b.sum_s
@@ -329,11 +331,14 @@ class SliRecorder:
             hist = self._window_hist(self._stage_hists, "stages", since, name)
             out[name] = {"n": n, "mean_ms": total_s / n * 1000.0, "p50_ms": quantile(hist, 0.5),
                          "p99_ms": quantile(hist, 0.99)}  # fmt: skip
+            if hists:
+                out[name]["hist"] = hist
         return out
 
-    def series(self, seconds: int, step_s: int, arm: str | None = None) -> list[dict[str, float | None]]:
+    def series(self, seconds: int, step_s: int, arm: str | None = None, raw: bool = False) -> list[dict[str, Any]]:
         """Points every `step_s` over the last `seconds` (oldest first, at most HIST_HORIZON_S),
-        for the page's charts."""
+        for the page's charts; with `raw`, each point also has its counts and latency histogram
+        (`requests`, `model`, `fallback`, `hist`) so series of processes can be merged."""
         self._roll()
         seconds = min(seconds, HIST_HORIZON_S)
         n = max(1, seconds // step_s)
@@ -374,6 +379,8 @@ class SliRecorder:
                 "model_scored": model / total if total else None,
                 "fallback_share": fallback / total if total else None,
             })  # fmt: skip
+            if raw:
+                out[-1].update(requests=total, model=model, fallback=fallback, hist=hist)
             prev = cur
         return out
 

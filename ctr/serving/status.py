@@ -13,14 +13,17 @@ out; so a panel appears when its part lands. Two hooks are waiting for parts bei
 `StatusBoard.add(panel_id, title, provider)` adds any other panel. Lists of dicts render
 as tables and scalars as figures, so a new part needs no HTML of its own.
 
-Whose figures: each gateway process keeps its own (its SLI recorder, L1 cache, breakers);
-the document says so in `scope`. Figures of all processes together are on /metrics
-(`ctr_sli_*`, `ctr_slo_*`), for Prometheus to aggregate.
+Whose figures: each gateway process keeps its own (its SLI recorder, L1 cache, breakers).
+Under `bentoml serve` (a shared multiprocess directory, ctr/serving/fleet.py) the document
+speaks for every gateway process of the server: traffic, SLOs, stages, cache, breakers and
+fallbacks are merged, and the `processes` panel breaks them down per process. Without that
+directory (in-process tests) it speaks for this process; `scope` says which.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import os
 import socket
@@ -28,12 +31,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ctr.features.store import TieredStore
 from ctr.features.writes import GROUP, STREAM
 from ctr.observe.sli import STAGE_BUDGET_MS, STAGE_TOTAL_MS, WINDOWS_S, SliRecorder, finite
 from ctr.resilience.breaker import live_breakers
+from ctr.serving import fleet as fleet_mod
 
 Panel = dict[str, Any]
 WAIT_S = 0.25  # most a provider may take (write-behind asks Redis)
@@ -49,6 +54,8 @@ class Sources:
     stream: Any = None  # the write-behind stream's Redis client
     workers: int = 1
     cache_history: deque[tuple[float, dict[str, int]]] = field(default_factory=lambda: deque(maxlen=660))
+    fleet_dir: Path | None = None  # where the gateway processes publish (fleet.directory()); None: this one only
+    fleet: fleet_mod.Fleet | None = None  # set on the copy a document is built from
 
 
 Provider = Callable[[Sources], Awaitable[Panel | None]]
@@ -141,25 +148,58 @@ def _rates(c: dict[str, int]) -> dict[str, float | None]:
     }
 
 
-async def cache(src: Sources) -> Panel | None:
-    if src.store is None:
-        return None
-    now = src.store.counts()
-    since = _rates(now)
+def _minute_ago(src: Sources) -> dict[str, int] | None:
     hist = list(src.cache_history)
-    old = next((c for t, c in hist if t >= hist[-1][0] - 60), None) if hist else None
+    return next((c for t, c in hist if t >= hist[-1][0] - 60), None) if hist else None
+
+
+async def cache(src: Sources) -> Panel | None:
+    if src.fleet is not None:
+        merged = src.fleet.cache_counts()
+        if merged is None:
+            return None
+        now, old, l2_on = merged[0], merged[1] or None, merged[2]  # {}: no minute-old sample yet
+    elif src.store is None:
+        return None
+    else:
+        now, old, l2_on = src.store.counts(), _minute_ago(src), src.store.l2 is not None
+    since = _rates(now)
     recent = _rates({k: now[k] - old.get(k, 0) for k in now}) if old else dict.fromkeys(since)
     tiers = [
         {"tier": t, "hit_rate_1m": _r(recent[t]), "hit_rate": _r(since[t]),
          "of": "all keys" if t in ("l1", "l1+l2") else "keys L1 missed"}
         for t in ("l1", "l2", "l3", "l1+l2")
     ]  # fmt: skip
-    if src.store.l2 is None:
+    if not l2_on:
         tiers = [t for t in tiers if t["tier"] not in ("l2",)]
-    return {"lookups": now.get("lookups", 0), "l2": "on" if src.store.l2 is not None else "off", "tiers": tiers}
+    return {"lookups": now.get("lookups", 0), "l2": "on" if l2_on else "off", "tiers": tiers}
+
+
+def cache_counts(src: Sources) -> dict[str, Any] | None:
+    """This process's lookup counts now and about a minute ago (for the fleet snapshot)."""
+    if src.store is None:
+        return None
+    return {"now": src.store.counts(), "before": _minute_ago(src) or {}, "l2": src.store.l2 is not None}
 
 
 async def breakers(src: Sources) -> Panel:
+    rows = src.fleet.breakers() if src.fleet is not None else breaker_rows()
+    return {"open": sum(r["state"] == "open" for r in rows), "rows": rows}
+
+
+async def processes(src: Sources) -> Panel | None:
+    """The per-process breakdown of the merged figures (only when the document merges processes)."""
+    if src.fleet is None:
+        return None
+    rows = src.fleet.processes()
+    return {"processes": sum(r["alive"] for r in rows), "requests": sum(r["requests"] for r in rows),
+            "note": "each gateway process's own figures: qps and p99 over the last minute, shares over 5 minutes; "
+                    "age: how old its published figures are (the answering process's are live)",
+            "rows": rows}  # fmt: skip
+
+
+def breaker_rows() -> list[dict[str, Any]]:
+    """This process's breakers: state, the window's calls and failures, transitions."""
     rows = []
     for b in live_breakers():
         calls, failures = b.window()
@@ -174,7 +214,7 @@ async def breakers(src: Sources) -> Panel:
                 "transitions": b.transitions,
             }
         )
-    return {"open": sum(r["state"] == "open" for r in rows), "rows": rows}
+    return rows
 
 
 async def fallbacks(src: Sources) -> Panel:
@@ -233,6 +273,7 @@ async def canary(src: Sources) -> Panel | None:
 
 DEFAULT_PANELS: list[tuple[str, str, Provider]] = [
     ("traffic", "Traffic", traffic),
+    ("processes", "Gateway processes", processes),
     ("slo", "SLOs and error-budget burn", slo),
     ("stages", "Stage latency against the reference budget", stages),
     ("cache", "Feature cache hit rates", cache),
@@ -250,36 +291,67 @@ class StatusBoard:
     def __init__(self, sources: Sources, panels: list[tuple[str, str, Provider]] | None = None) -> None:
         self.sources = sources
         self.panels = list(DEFAULT_PANELS if panels is None else panels)
+        self._slow: tuple[int, dict[str, Any]] | None = None  # (step, fleet.slow_parts) last published
 
     def add(self, panel_id: str, title: str, provider: Provider) -> None:
         self.panels.append((panel_id, title, provider))
 
     def tick(self, now: float) -> None:
         sample_cache(self.sources, now)
+        if self.sources.fleet_dir is not None:
+            # The chart points and 1-hour windows change slowly: recomputed once a step, not
+            # every tick (they were most of its cost, 10 of 11 ms, on the event loop).
+            step = int(now // fleet_mod.SERIES_STEP_S)
+            if self._slow is None or self._slow[0] != step:
+                self._slow = (step, fleet_mod.slow_parts(self.sources.recorder))
+            fleet_mod.publish(self.sources.fleet_dir, self.snapshot(self._slow[1]))
 
-    async def _one(self, panel_id: str, title: str, provider: Provider) -> Panel | None:
+    def snapshot(self, slow: dict[str, Any] | None = None) -> fleet_mod.Snapshot:
+        """This process's figures for the other gateway processes' documents."""
+        return fleet_mod.snapshot(self.sources.recorder, cache_counts(self.sources), breaker_rows(), slow=slow)
+
+    def _merged(self) -> Sources:
+        """The sources a document is built from: this process's, or every process's merged."""
+        where = self.sources.fleet_dir
+        if where is None:
+            return self.sources
+        own = self.snapshot()
+        fleet = fleet_mod.Fleet(own, fleet_mod.read(where, skip_pid=own["pid"]))
+        rec = fleet.recorder(self.sources.recorder.objectives)
+        return dataclasses.replace(self.sources, recorder=rec, fleet=fleet)  # type: ignore[arg-type]
+
+    async def _one(self, src: Sources, panel_id: str, title: str, provider: Provider) -> Panel | None:
         try:
             async with asyncio.timeout(WAIT_S):
-                data = await provider(self.sources)
+                data = await provider(src)
         except TimeoutError:
             data = {"state": "unknown", "error": f"no answer within {WAIT_S * 1000:.0f} ms"}
         return None if data is None else {"id": panel_id, "title": title, "data": data}
 
     async def document(self) -> dict[str, Any]:
-        panels = await asyncio.gather(*(self._one(*p) for p in self.panels))
-        rec = self.sources.recorder
+        src = self._merged()
+        panels = await asyncio.gather(*(self._one(src, *p) for p in self.panels))
+        rec = src.recorder
         workers = self.sources.workers
-        scope = (f"this gateway process only (pid {os.getpid()} on {socket.gethostname()})"
-                 + (f", one of {workers} gateway workers: each shows its own figures; /metrics has them all"
-                    if workers > 1 else "; the only gateway worker"))  # fmt: skip
+        host = socket.gethostname()
+        if src.fleet is not None:
+            n = len(src.fleet.live)
+            kind = "service"
+            scope = (f"all {n} gateway process{'es' if n != 1 else ''} of this server ({host}; "
+                     f"{workers} configured), merged; per process under Gateway processes")  # fmt: skip
+        else:
+            kind = "process"
+            scope = (f"this gateway process only (pid {os.getpid()} on {host})"
+                     + (f", one of {workers} gateway workers: each shows its own figures; /metrics has them all"
+                        if workers > 1 else "; the only gateway worker"))  # fmt: skip
         return {
             "service": "ctr-serve",
             "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "uptime_s": round(rec.clock() - rec.started, 1),
             "scope": {
-                "kind": "process",
+                "kind": kind,
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                "host": host,
                 "workers": workers,
                 "text": scope,
             },

@@ -23,6 +23,7 @@ from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded
 from ctr.resilience.limit import AimdLimit
 from ctr.resilience.retry import Retrier, RetryBudget
+from ctr.serving import fleet
 from ctr.serving.canary.arms import Arms
 from ctr.serving.canary.controller import Controller
 from ctr.serving.canary.runtime import CanaryRuntime
@@ -201,7 +202,7 @@ def status_board(gw: Gateway, stack: FeatureStack | None, workers: int = 1) -> S
     """The status page's panels over this process's gateway, feature store and write-behind stream."""
     store = None if stack is None else stack.store
     stream = None if stack is None else stack.writer.redis
-    return StatusBoard(Sources(gw.sli, gw, store, stream, workers))
+    return StatusBoard(Sources(gw.sli, gw, store, stream, workers, fleet_dir=fleet.directory()))
 
 
 def start_ticker(board: StatusBoard) -> asyncio.Task[None]:

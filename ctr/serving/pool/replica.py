@@ -90,7 +90,7 @@ class LocalReplica:
     arrives queues and goes into the next pass. `thread=True`: the pass runs in one worker
     thread and the loop goes on parsing and fetching; torch's kernels release the GIL, but the
     module calls between them do not, so the two threads take turns on the GIL (measured on 2
-    cores: the loop starved the pass into timeouts at 16 concurrent requests; README).
+    cores: the loop starved the pass into timeouts at 16 concurrent requests; docs/performance.md).
     """
 
     def __init__(
