@@ -25,7 +25,7 @@ vanished with a Redis restarted without persistence, is logged, counted
 (`ctr_writer_failures`) and retried with backoff; the writer only returns when told to
 stop. An entry that cannot be committed (malformed, or rows the schema refuses) is moved
 to a dead-letter stream (`ctr_feature_writes_dead_lettered`) and the rest of its batch is
-committed. How durable an acknowledged write is depends on Redis's persistence (README).
+committed. How durable an acknowledged write is depends on Redis's persistence (docs/feature-store.md).
 """
 
 from __future__ import annotations
