@@ -109,6 +109,8 @@ MAKE: dict[str, str] = {
     "image": "tests/test_container.py",
     "smoke": "tests/test_container.py",
     "canary-sim": "tests/test_canary_sim.py",
+    "test-fast": "the unit tests of this suite (-m 'not integration')",
+    "consistency": "tests/test_consistency.py (make test runs it for 40 s)",
     "cluster": "tests/test_pool_faults.py",
     "cluster-stop": "`ctr cluster stop` above",
     "servers": "the servers this suite starts",

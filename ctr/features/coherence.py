@@ -168,6 +168,7 @@ class Coherence:
                     log.warning("feature-write channel lost (%s: %s)", type(exc).__name__, exc)
                     self._flush("the feature-write channel was lost; writes elsewhere may be unseen")
                     self.lost += 1
+                    self._distrust_l2()  # until well after it listens again: Redis may come back with old entries
                 self._unsynced()
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
@@ -219,8 +220,14 @@ class Coherence:
                     await ps.ping()
                     pinged = now
 
+    def _distrust_l2(self) -> None:
+        self.store.l2_probation = True
+        if self._probation_end is not None:
+            self._probation_end.cancel()
+            self._probation_end = None
+
     def _probation(self) -> None:
-        """Read L3 rather than L2 for `l2_probation_s` (Redis may have come back with old entries)."""
+        """Read L3 rather than L2 for `l2_probation_s` more (Redis may have come back with old entries)."""
         store = self.store
         store.l2_probation = True
 

@@ -21,6 +21,8 @@ from ctr.features.writes import STREAM_TIMEOUT_S, FeatureWriter
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.settings import Settings
 
+WRITE_TIMEOUT_S = 1.0  # a write's L2 updates and announcements (the read path's budget is 50 ms)
+
 
 def open_origin(database_url: str) -> FeatureSource:
     """L3 from a `sqlite:///…` or `postgresql://…` URL."""
@@ -75,8 +77,10 @@ def features(settings: Settings, shared: bool = False) -> FeatureStack:
         l2_breaker=CircuitBreaker.from_settings(settings, "l2"),
         l3_breaker=CircuitBreaker.from_settings(settings, "l3"),
     )
+    # Writes (L2 updates, announcements) on a client of their own, with a writer's timeout.
+    write_redis = connect(settings.redis_url, WRITE_TIMEOUT_S) if settings.redis_url else None
     coherence = Coherence(
-        store, redis, _listener(settings.redis_url) if shared else None, ping_s=settings.l1_sync_ping_s,
+        store, write_redis, _listener(settings.redis_url) if shared else None, ping_s=settings.l1_sync_ping_s,
         stale_s=settings.l1_sync_stale_s, unsynced_ttl_s=settings.l1_unsynced_ttl_s,
         l2_probation_s=settings.l2_probation_s,
     )  # fmt: skip
@@ -86,7 +90,8 @@ def features(settings: Settings, shared: bool = False) -> FeatureStack:
     # on its own client: L2's 50 ms socket timeout would cut the writer's blocking read.
     stream_url = settings.stream_redis_url or (settings.redis_url if isinstance(redis, Redis) else "")
     stream = connect(stream_url, STREAM_TIMEOUT_S) if stream_url else None
-    writer = FeatureWriter(store, dict(settings.write_modes), stream, fs, coherence)  # type: ignore[arg-type]
+    writer = FeatureWriter(store, dict(settings.write_modes), stream, fs, coherence,  # type: ignore[arg-type]
+                           l2=RedisTier(write_redis) if write_redis is not None else None)  # fmt: skip
     return FeatureStack(store, FeatureLookup(store, fs=fs), writer, fs, coherence)
 
 
@@ -110,3 +115,5 @@ async def close(stack: FeatureStack) -> None:
         await stack.store.l2.close()
     if stack.writer.redis is not None:
         await stack.writer.redis.aclose()
+    if stack.writer.l2 is not None and stack.writer.l2 is not stack.store.l2:
+        await stack.writer.l2.close()

@@ -50,7 +50,7 @@ from ctr.features import schema
 from ctr.features.coherence import Coherence
 from ctr.features.schema import FeatureGroup
 from ctr.features.store import L2_ERRORS, L3_ERRORS, FeatureSource, TieredStore
-from ctr.features.tiers import feature_key, l1_key
+from ctr.features.tiers import CacheTier, feature_key, l1_key
 from ctr.features.versions import VersionClock
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,13 @@ class FeatureWriter:
         fs: schema.FeatureSchema = schema.DEFAULT,
         coherence: Coherence | None = None,
         clock: VersionClock | None = None,
+        l2: CacheTier | None = None,
     ) -> None:
+        """`l2`: the L2 client the announcements write with (default the store's, whose timeout
+        is the read path's: 50 ms; a writer's own with a longer one spares it the timeouts of
+        a busy Redis, which are no reason to defer a write's announcement)."""
         self.store = store
+        self.l2 = l2 if l2 is not None else store.l2
         self.modes = modes
         self.redis = redis  # the write-behind stream's Redis
         self.schema = fs
@@ -172,7 +177,7 @@ class FeatureWriter:
             assert self.redis is not None
             rows_json = orjson.dumps([[e, list(v)] for e, v, _ in items])
             await self.redis.xadd(STREAM, {"group": group.name, "rows": rows_json, "version": str(version)})
-        deferred = not await self.cache(group, items)
+        deferred = not await self.cache(group, items, committed=mode == "through")
         metrics.FEATURE_WRITES.labels(group.name, mode).inc(len(items))
         return Written(mode, deferred)
 
@@ -200,9 +205,9 @@ class FeatureWriter:
 
     async def refresh(self, group: FeatureGroup, ids: list[str]) -> None:
         """After the write-behind writer committed `ids`: the caches take what L3 now holds."""
-        await self.cache(group, await self.truth(group, ids))
+        await self.cache(group, await self.truth(group, ids), committed=True)
 
-    async def cache(self, group: FeatureGroup, rows: Sequence[Versioned]) -> bool:
+    async def cache(self, group: FeatureGroup, rows: Sequence[Versioned], committed: bool = True) -> bool:
         """This process's L1, then every other process's L1 (the announcement) and L2, both
         compare-newer; False when Redis did not take it all. A committed write's announcement
         is also noted in L3 (`put_many(announce=True)`) until it landed, so the repair loop of
@@ -210,7 +215,7 @@ class FeatureWriter:
         store = self.store
         store.l1.set_many_now([(l1_key(group, e), v, ver, store.l1_ttl(group.ttl_s)) for e, v, ver in rows])
         try:
-            await self._announce(group, rows)
+            await self._announce(group, rows, committed)
         except L2_ERRORS as exc:
             log.warning("announcement of %d %s rows left to the repair loop (%s)", len(rows), group.name,
                         type(exc).__name__)  # fmt: skip
@@ -218,7 +223,7 @@ class FeatureWriter:
             return False
         return True
 
-    async def _announce(self, group: FeatureGroup, rows: Sequence[Versioned]) -> None:
+    async def _announce(self, group: FeatureGroup, rows: Sequence[Versioned], committed: bool = True) -> None:
         """In chunks (a pipeline of thousands of scripts outlasts L2's socket timeout): first the
         message (a listener's tombstone makes it read around an older L2 entry), then L2; then
         L3 forgets the pending announcement."""
@@ -226,10 +231,11 @@ class FeatureWriter:
             chunk = rows[i : i + ANNOUNCE_CHUNK]
             if self.coherence is not None:
                 await self.coherence.publish(group, [(e, ver) for e, _, ver in chunk])
-            if self.store.l2 is not None:
-                await self.store.l2.set_many([(feature_key(group, e), v, ver, group.ttl_s) for e, v, ver in chunk])
-        with contextlib.suppress(*L3_ERRORS):  # left pending: announced again later, harmlessly
-            await self.store.origin.announced(group, [(e, ver) for e, _, ver in rows])
+            if self.l2 is not None:
+                await self.l2.set_many([(feature_key(group, e), v, ver, group.ttl_s) for e, v, ver in chunk])
+        if committed:  # a write-behind put is not in L3 yet: nothing noted there
+            with contextlib.suppress(*L3_ERRORS):  # left pending: announced again later, harmlessly
+                await self.store.origin.announced(group, [(e, ver) for e, _, ver in rows])
 
     async def repair(self, older_than_s: float = 1.0) -> int:
         """Announce committed writes whose announcement is still pending after `older_than_s`
