@@ -408,13 +408,13 @@ def test_a_lost_or_silent_channel_flushes_l1_and_caps_it(tmp_path: Path) -> None
         assert len(store.l1) == 0 and store.l1_ttl_cap_s == 0.5 and coh.flushes > flushes
         # and L2 is read around until well after the listener is back (the checker found a read
         # 9.8 s stale: Redis answered again with an entry from its AOF before the listener did)
-        assert store.l2_probation
+        assert store.l2_mode == "off"
         redis.start()
         await until(lambda: coh.listening, 5, "subscribed again")
         assert coh._run_id is not None
         assert store.l1_ttl_cap_s is None
-        assert store.l2_probation  # Redis may be back with entries older than writes made meanwhile
-        await until(lambda: not store.l2_probation, 2, "L2 trusted again after the probation")
+        assert store.l2_mode == "fill"  # Redis may be back with entries older than writes made meanwhile
+        await until(lambda: store.l2_mode == "use", 2, "L2 trusted again after the probation")
         store.l1.set_many_now([(l1_key(G, "y"), (1, 1), 1, 600.0)])
         assert redis.proc is not None
         os.kill(redis.proc.pid, signal.SIGSTOP)

@@ -110,7 +110,8 @@ def run_fault(
         wait_for(lambda: sum(map(normal, load.since(0))) >= 20, 30, "normal answers before the fault")
         t_fault = time.monotonic()
         inject()
-        wait_for(lambda: 2 in breaker_states(server.url, breaker), 15, f"breaker {breaker} open")
+        if breaker != "l2":  # a lost Redis is read around at once (ctr/features/coherence.py): no timeouts to trip it
+            wait_for(lambda: 2 in breaker_states(server.url, breaker), 15, f"breaker {breaker} open")
         wait_for(lambda: len(load.since(t_fault)) >= 30, 15, "traffic during the fault")
         during = load.since(t_fault)
         t_repair = time.monotonic()

@@ -221,7 +221,7 @@ class Coherence:
                     pinged = now
 
     def _distrust_l2(self) -> None:
-        self.store.l2_probation = True
+        self.store.l2_mode = "off"
         if self._probation_end is not None:
             self._probation_end.cancel()
             self._probation_end = None
@@ -229,10 +229,10 @@ class Coherence:
     def _probation(self) -> None:
         """Read L3 rather than L2 for `l2_probation_s` more (Redis may have come back with old entries)."""
         store = self.store
-        store.l2_probation = True
+        store.l2_mode = "fill"
 
         def end() -> None:
-            store.l2_probation = False
+            store.l2_mode = "use"
 
         if self._probation_end is not None:  # a new loss: the probation starts over
             self._probation_end.cancel()

@@ -120,7 +120,9 @@ class TieredStore:
     ) -> None:
         self.l1, self.l2, self.origin = l1, l2, origin
         self.l1_ttl_cap_s: float | None = None  # set while other processes' writes may be missed
-        self.l2_probation = False  # set for a while after Redis came back: L2 is read around, still filled
+        # Set by ctr/features/coherence.py: "use"; "fill" (read around L2, still back-filled: for a
+        # while after Redis came back, its entries may predate writes); "off" (Redis is down)
+        self.l2_mode = "use"
         self.negative_ttl_s = negative_ttl_s
         self.l2_timeout_s, self.l3_timeout_s = l2_timeout_s, l3_timeout_s
         self.l2_breaker = l2_breaker or CircuitBreaker("l2", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
@@ -166,8 +168,10 @@ class TieredStore:
         degraded: list[str] = []
         self._observe("l1", len(want), len(found), t0)
         self._counts["l1"] += len(found)
-        l2_ok = self.l2 is not None
-        if missing and self.l2 is not None and not self.l2_probation:
+        l2_ok = self.l2 is not None and self.l2_mode != "off"
+        if missing and self.l2 is not None and self.l2_mode != "use":
+            degraded.append("cache:l2:bypassed")
+        elif missing and self.l2 is not None:
             try:
                 missing = await self._from_l2(missing, want, found)
             except (*L2_ERRORS, BreakerOpen) as exc:
