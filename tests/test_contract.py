@@ -79,4 +79,4 @@ def test_schemathesis_with_every_check_finds_nothing_in_process(tmp_path: Path) 
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert run.returncode == 0 and report["failures"] == [] and report["errors"] == [], run.stdout[-6000:]
-    assert report["operations"]["tested"] == 7
+    assert report["operations"]["tested"] == 8

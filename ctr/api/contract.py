@@ -21,6 +21,7 @@ from ctr.api import request_id
 from ctr.features import schema
 
 MAX_FEATURE_ROWS = 10_000  # rows in one /admin/features write
+MAX_READ_IDS = 1000  # ids one /admin/features/read may ask for
 
 
 # No C0/C1 control characters (schema.CONTROL_CHARS), as ECMA-262 (JSON Schema) writes it.

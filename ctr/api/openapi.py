@@ -17,7 +17,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel
 
-from ctr.api.contract import MAX_FEATURE_ROWS, NO_CONTROL_CHARS, Feedback, Prediction, PredictRequest
+from ctr.api.contract import MAX_FEATURE_ROWS, MAX_READ_IDS, NO_CONTROL_CHARS, Feedback, Prediction, PredictRequest
 from ctr.features import schema
 from ctr.features.writes import KINDS, MAX_INT
 
@@ -38,10 +38,23 @@ class FeatureWritten(BaseModel):
     group: str
     written: int
     mode: Literal["through", "behind"]
+    degraded: list[Literal["cache:l2:deferred"]] = []  # present when the announcement was deferred
+
+
+class FeatureRow(BaseModel):
+    id: str
+    values: list[int | str] | None  # None: an unknown entity
+
+
+class FeaturesRead(BaseModel):
+    pid: int
+    l1_synced: bool
+    rows: list[FeatureRow]
+    degraded: list[str]
 
 
 _MODELS: tuple[type[BaseModel], ...] = (
-    PredictRequest, Prediction, Feedback, FeedbackAccepted, FeatureWritten, Error
+    PredictRequest, Prediction, Feedback, FeedbackAccepted, FeatureWritten, FeaturesRead, Error
 )  # fmt: skip
 _VALUE = {
     int: {"type": "integer", "minimum": 0, "maximum": MAX_INT - 1},
@@ -89,6 +102,12 @@ def _components(max_ads: int) -> dict[str, Any]:
         out[m.__name__] = s
     out["PredictRequest"]["properties"]["ad_ids"]["maxItems"] = max_ads  # CTR_MAX_ADS, a setting
     out["FeatureWrite"] = {"oneOf": [_feature_write(g) for g in schema.GROUPS]}
+    entity_id = PredictRequest.model_json_schema()["properties"]["user_id"]
+    out["FeaturesReadRequest"] = {
+        "type": "object", "required": ["group", "ids"],
+        "properties": {"group": {"enum": [g.name for g in schema.GROUPS]},
+                       "ids": {"type": "array", "minItems": 1, "maxItems": MAX_READ_IDS, "items": entity_id}},
+    }  # fmt: skip
     return out
 
 
@@ -114,6 +133,12 @@ def document(max_ads: int = 1000) -> dict[str, Any]:
                 "operationId": "admin_features", "requestBody": _body("FeatureWrite"),
                 "security": [{"bearer": []}],
                 "responses": {"200": _json(FeatureWritten, "written"), **_errors(400, 401, 403, 413, 422, 503)},
+            }},
+            "/admin/features/read": {"post": {
+                "operationId": "admin_features_read", "requestBody": _body("FeaturesReadRequest"),
+                "security": [{"bearer": []}],
+                "responses": {"200": _json(FeaturesRead, "what this gateway process serves"),
+                              **_errors(400, 401, 403, 413, 422, 503)},
             }},
             "/model_info": {"get": {"operationId": "model_info_get", **info},
                             "post": {"operationId": "model_info", **info}},

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from ctr import metrics
 from ctr.api import canary, openapi, request_id, status
 from ctr.api.body import BodyTooLarge, read_body
-from ctr.api.contract import MAX_FEATURE_ROWS, BadRequest, parse_feedback, parse_predict
+from ctr.api.contract import MAX_FEATURE_ROWS, MAX_READ_IDS, BadRequest, parse_feedback, parse_predict
 from ctr.features.schema import valid_id
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
@@ -143,9 +143,6 @@ async def admin_features(request: Request) -> Response:
     if done.cache_deferred:  # committed; the caches follow when Redis answers again
         out["degraded"] = ["cache:l2:deferred"]
     return _json(out)
-
-
-MAX_READ_IDS = 1000
 
 
 async def admin_features_read(request: Request) -> Response:
