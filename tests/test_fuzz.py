@@ -52,5 +52,5 @@ def test_fuzzing_every_public_endpoint_finds_no_fault(fuzzed: Server, tmp_path: 
     print(f"schemathesis: {cases['generated']} test cases, {cases['with_failures']} with failures, "
           f"{report['running_time']:.1f} s")  # fmt: skip
     assert run.returncode == 0 and report["failures"] == [] and report["errors"] == [], run.stdout[-6000:]
-    assert report["operations"]["tested"] == 7
+    assert report["operations"]["tested"] == 8
     assert cases["generated"] >= MIN_CASES and cases["with_failures"] == 0
