@@ -71,12 +71,20 @@ def serving(
         wait_ready(url, timeout_s, proc)
         yield proc
     finally:
+        try:  # BentoML's workers may leave the process group: remember them all first
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
         with contextlib.suppress(ProcessLookupError):  # it may have exited (a failed start)
             os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for p in alive:  # a worker left behind (seen: a FeatureService worker after `ctr bench profile`)
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def tree_rss(pid: int) -> int:
