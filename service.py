@@ -14,29 +14,29 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from ctr.api import bento, internal, request_id
+from ctr.api import bento, bentoml_compat, internal
 from ctr.api.contract import Context, EntityId
+from ctr.api.edge import LateApp
 from ctr.api.routes import make_app
 from ctr.features import stack as feature_stack
 from ctr.features.transform import Transformer
-from ctr.features.warm import warm
 from ctr.features.writes import consumer_name, run_writer
 from ctr.model import store as modelstore
 from ctr.model.app import make_model_app
-from ctr.serving import wiring
-from ctr.serving.canary.state import Arm
+from ctr.observe import log as obslog
+from ctr.observe.pauses import settle_gc
+from ctr.serving import placement, root
 from ctr.serving.model_client import ModelClient
 from ctr.settings import Settings
 
 internal.ensure_token()  # before Settings: a random shared token when CTR_INTERNAL_TOKEN is unset
 SETTINGS = Settings()
 INTERNAL_HEADERS = internal.headers(SETTINGS.internal_token)
-wiring.observability(SETTINGS)
 MODEL = bentoml.models.BentoModel(SETTINGS.model_tag)
 # The gateway runs the model itself (CTR_MODEL_REPLICA=local; auto on a CPU): then CTRModel is
 # no dependency of it and `bentoml serve` starts no CTRModel process.
-LOCAL_MODEL = wiring.runs_local(SETTINGS)
-GATEWAY_WORKERS = wiring.gateway_workers(SETTINGS)
+LOCAL_MODEL = placement.runs_local(SETTINGS)
+GATEWAY_WORKERS = placement.gateway_workers(SETTINGS)
 
 # Measured pitfalls (notes/bentoml.md): access logging costs ~14 % of throughput and most
 # of the p99 tail; a caller's connection to a dependency is recycled every 100 requests
@@ -52,7 +52,9 @@ COMMON: dict[str, Any] = {
 }
 
 
-model_app = make_model_app(SETTINGS.model_delay_ms / 1000.0)
+# BentoML mounts these when the classes are defined; each is served once its process built it.
+model_app = LateApp()
+predict_app = LateApp()
 
 
 @bentoml.asgi_app(model_app, path="/")
@@ -65,10 +67,11 @@ class CTRModel:
     def __init__(self) -> None:
         from ctr.model.runner import ModelRunner
 
+        obslog.configure(SETTINGS.log_format, SETTINGS.log_level)
         art = modelstore.artifacts(str(self.stored.tag))
         self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads, SETTINGS.model_precision)
-        model_app.state.runner = self.runner
-        wiring.settle_gc()
+        model_app.serve(make_model_app(self.runner, SETTINGS.model_delay_ms / 1000.0))
+        settle_gc()
 
     # max_latency_ms is BentoML's shedding cut-off, not a batching window: kept far above
     # the gateway's deadline so nothing is shed below saturation; max_batch_size is kept
@@ -90,7 +93,7 @@ class FeatureService:
     stored = MODEL
 
     def __init__(self) -> None:
-        wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
+        obslog.configure(SETTINGS.log_format, SETTINGS.log_level)  # after BentoML set up this process's logging
         art = modelstore.artifacts(str(self.stored.tag))
         self.stack = feature_stack.features(SETTINGS, shared=True)
         self.lookup = self.stack.lookup
@@ -152,8 +155,6 @@ class FallbackService:
 for _internal in (CTRModel, FeatureService, FallbackService):
     _internal.add_asgi_middleware(internal.InternalAuth, token=SETTINGS.internal_token)
 
-predict_app = make_app()
-
 
 @bentoml.asgi_app(predict_app, path="/")
 @bentoml.service(name="ctr_gateway", workers=GATEWAY_WORKERS, **COMMON)
@@ -167,75 +168,42 @@ class CTRGateway:
     fallback_service = bentoml.depends(FallbackService)
 
     def __init__(self) -> None:
-        wiring.observability(SETTINGS)  # again: BentoML set up this process's logging after the import
-        self.art = modelstore.artifacts(str(self.stored.tag))
+        obslog.configure(SETTINGS.log_format, SETTINGS.log_level)  # after BentoML set up this process's logging
+        art = modelstore.artifacts(str(self.stored.tag))
         self.model_client = ModelClient(self._resolve_model, SETTINGS.model_hop, INTERNAL_HEADERS)
-        self.width = len(self.art.architecture["cardinalities"])
-        local = wiring.local_runner(SETTINGS, self.art) if LOCAL_MODEL else None
-        self.pool = wiring.model_pool(SETTINGS, self.model_client, self.width, headers=INTERNAL_HEADERS, local=local)
-        self.stack = feature_stack.features(SETTINGS, shared=True)
-        self.arms = wiring.canary_arms(
-            SETTINGS, self.pool, self.art.tag, self.width, INTERNAL_HEADERS
-        )  # None without Redis
-        id_key = request_id.resolve_key(SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir)
-        self.gateway = wiring.gateway(
-            SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback, self.arms,
-            new_id=request_id.Signer(id_key).issue,
+        self.root = root.build(
+            SETTINGS, art, local=root.local_runner(SETTINGS, art) if LOCAL_MODEL else None,
+            in_graph=None if LOCAL_MODEL else self.model_client, features_call=self._remote_features,
+            fallback_call=self._remote_fallback, headers=INTERNAL_HEADERS, workers=GATEWAY_WORKERS,
         )  # fmt: skip
-        predict_app.state.canary = self.arms.runtime if self.arms else None
-        predict_app.state.stable_arm = Arm(self.art.tag, tuple(u for u in SETTINGS.model_urls.split(",") if u))
-        predict_app.state.max_ads = SETTINGS.max_ads
-        predict_app.state.writer = self.stack.writer
-        predict_app.state.admin_token = SETTINGS.admin_token
-        predict_app.state.max_body_bytes = SETTINGS.max_body_bytes
-        predict_app.state.model_info = wiring.model_info(self.art)
-        predict_app.state.request_id_key = id_key
-        self.status = wiring.status_board(self.gateway, self.stack, workers=GATEWAY_WORKERS)
 
     @bentoml.on_startup
-    async def warm_caches(self) -> None:
-        """Hear other processes' feature writes, then warm L1 and L2 before traffic: the server
-        does not listen until done."""
-        await self.stack.start()
-        if SETTINGS.warm and not SETTINGS.features_remote:
-            await warm(self.stack.store, SETTINGS.warm_top_users, self.stack.schema)
-        wiring.settle_gc()
-        await self.pool.start()
-        if self.arms is not None:
-            self.arms.start()
-        predict_app.state.gateway = wiring.admission(SETTINGS, self.gateway)
-        predict_app.state.status = self.status
-        self._ticker = wiring.start_ticker(self.status)
-        # BentoML's clients of dependencies only work once this server runs: warm the model
-        # replicas in the background and keep /readyz at 503 until one answered in time.
-        self._model_warm = asyncio.create_task(
-            wiring.warm_pool(self.pool, self.width, SETTINGS.deadline_ms / 1000, SETTINGS.warm_model_round_s)
-        )
+    async def start(self) -> None:
+        """Hear other processes' feature writes, then warm L1 and L2 before traffic (the server
+        does not listen until done); the model replicas warm in the background (`__is_ready__`)."""
+        await self.root.start()
+        predict_app.serve(make_app(self.root.edge))
 
     async def __is_ready__(self) -> bool:
-        """Ready once the model answered in time (wiring.warm_model logs why it has not)."""
-        return self._model_warm.done() and not self._model_warm.cancelled() and self._model_warm.exception() is None
+        """Ready once a model replica answered in time (ctr.serving.pool.warm logs why it has not)."""
+        return self.root.ready()
 
     @bentoml.on_shutdown
     async def close(self) -> None:
-        self._ticker.cancel()
-        if self.arms is not None:
-            await self.arms.close()
-        await self.pool.close()
+        await self.root.close()
         await self.model_client.close()
-        await feature_stack.close(self.stack)
 
     @bentoml.api(route=bento.ROUTE)
     async def predict(
         self, user_id: EntityId, ad_ids: Annotated[list[EntityId], Field(min_length=1)], context: Context
     ) -> dict[str, Any]:
         """The /predict contract for BentoML's clients (ctr/api/bento.py); /predict itself is the lean mount."""
-        return await bento.predict(predict_app.state, user_id, ad_ids, context)
+        return await bento.predict(self.root.edge, user_id, ad_ids, context)
 
     def _resolve_model(self) -> tuple[str | None, Any]:
         """CTRModel's URL (set when the dependency resolves, under `bentoml serve`) and BentoML's call."""
         client = internal.authorize_proxy(self.model, SETTINGS.internal_token)
-        return type(self).model.url, client.to_async.predict
+        return bentoml_compat.dependency_url(type(self), "model"), client.to_async.predict
 
     async def _remote_features(self, **kwargs: Any) -> dict[str, Any]:
         return await internal.authorize_proxy(self.feature_service, SETTINGS.internal_token).to_async.matrix(**kwargs)

@@ -90,9 +90,12 @@ async def fake_features(
     return np.arange(len(ad_ids) * 2, dtype=np.int64).reshape(len(ad_ids), 2), []
 
 
-def routes_app(tmp_path: Path, *, max_ads: int = 1000, max_body_bytes: int = 1_048_576, token: str = "tok") -> Any:
+def routes_app(
+    tmp_path: Path, *, max_ads: int = 1000, max_body_bytes: int = 1_048_576, token: str = "tok", **edge: Any
+) -> Any:
     """The gateway's routes (ctr.api.routes) over a constant model, no store but SQLite in
-    `tmp_path`: what the contract tests and the in-process fuzzing call."""
+    `tmp_path`: what the contract tests and the in-process fuzzing call; `edge`: other fields
+    of the Edge (ctr.api.edge)."""
     from ctr.api.routes import make_app
     from ctr.features.sql import SqliteStore
     from ctr.features.store import TieredStore
@@ -105,16 +108,11 @@ def routes_app(tmp_path: Path, *, max_ads: int = 1000, max_body_bytes: int = 1_0
     async def model(x: np.ndarray) -> np.ndarray:
         return np.full(len(x), 0.25, dtype=np.float32)
 
+    from ctr.api.edge import Edge
     from ctr.api.request_id import Signer
 
     key = b"k" * 32
-    app = make_app()
-    app.state.gateway = Gateway(fake_features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0,
-                                new_id=Signer(key).issue)  # fmt: skip
-    app.state.max_ads = max_ads
-    app.state.max_body_bytes = max_body_bytes
-    app.state.request_id_key = key
-    app.state.admin_token = token
-    app.state.model_info = {"model_version": "ctr_model:test"}
-    app.state.writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})
-    return app
+    gateway = Gateway(fake_features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0, new_id=Signer(key).issue)
+    writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})
+    info = {"model_version": "ctr_model:test"}
+    return make_app(Edge(gateway, max_ads, max_body_bytes, key, token, writer, model_info=info, **edge))

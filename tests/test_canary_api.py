@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from helpers import ThreadServer
 
 from ctr.api import request_id
+from ctr.api.edge import Edge
 from ctr.api.routes import make_app
 from ctr.cli import main
 from ctr.serving.canary.controller import Controller
@@ -30,13 +31,12 @@ class Served:
     def __init__(self, redis_url: str | None, token: str = TOKEN) -> None:
         self.prefix = f"test:{uuid.uuid4().hex[:8]}:"
         self.redis_url = redis_url
-        app = make_app()
+        self.runtime = None
         if redis_url is not None:
             store = RedisStore(aioredis.from_url(redis_url), prefix=self.prefix)
-            app.state.canary = CanaryRuntime(store, Controller(store))
-        app.state.stable_arm = Arm("ctr_model:stable", ("http://model:3000",))
-        app.state.admin_token = token
-        app.state.request_id_key = KEY
+            self.runtime = CanaryRuntime(store, Controller(store))
+        stable = Arm("ctr_model:stable", ("http://model:3000",))
+        app = make_app(Edge(request_id_key=KEY, admin_token=token, canary=self.runtime, stable_arm=stable))
         self.served = ThreadServer(app)
         self.url, self.server = self.served.url, self.served.server
 
@@ -158,7 +158,7 @@ def test_feedback_is_attributed_to_the_arm(served: Served) -> None:
         assert c.post("/feedback", json={"request_id": forged, "ad_id": "a7", "clicked": True}).status_code == 403
         bad = c.post("/feedback", json={"request_id": canary_id, "ad_id": "a7", "clicked": True, "score": 3})
         assert bad.status_code == 422
-    runtime = served.server.config.app.state.canary
+    runtime = served.runtime
     canary, stable = runtime._delta["canary"], runtime._delta["stable"]
     assert (canary.impressions, canary.clicks, canary.scored, canary.pred_sum) == (3, 1, 3, 0.75)
     assert (stable.impressions, stable.clicks, stable.scored) == (1, 1, 0)

@@ -27,7 +27,7 @@ from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.state import Arm, RedisStore
 from ctr.serving.fallback import Fallback
 from ctr.serving.gateway import Gateway
-from ctr.serving.wiring import model_pool
+from ctr.serving.root import model_pool
 from ctr.settings import Settings
 
 TABLE = SegmentTable({"mobile|news": 30.0}, {"mobile|news": 1000.0}, 400.0, 10_000.0)
@@ -37,8 +37,7 @@ class ModelServer:
     """CTRModel's /infer route answering a constant score (which arm scored is then visible)."""
 
     def __init__(self, score: float) -> None:
-        app = make_model_app()
-        app.state.runner = lambda x: np.full(len(x), score, dtype=np.float32)
+        app = make_model_app(lambda x: np.full(len(x), score, dtype=np.float32))
         app.router.routes.append(Route("/readyz", lambda request: Response(b"ok")))
         self.served = ThreadServer(app)
         self.url = self.served.url

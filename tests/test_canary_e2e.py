@@ -42,8 +42,13 @@ def test_rollout_through_the_served_gateway(gateway: Server) -> None:
         assert not any(p["fallback"] for p in out if p["arm"] == "stable")
         fb = {"request_id": canary[0]["request_id"], "ad_id": "a1", "clicked": True, "arm": "stable"}
         assert httpx.post(gateway.url + "/feedback", json=fb, timeout=10).json() == {"accepted": True, "arm": "canary"}
-        time.sleep(1.5)  # one sync: counters reach Redis
-        status = httpx.get(gateway.url + "/admin/canary", headers=AUTH, timeout=10).json()
+        deadline = time.monotonic() + 15  # the counters reach Redis on the next sync (CTR_CANARY_SYNC_S)
+        while True:
+            status = httpx.get(gateway.url + "/admin/canary", headers=AUTH, timeout=10).json()
+            arm = status["arms"]["canary"]
+            if (arm["errors"] >= len(canary) and arm["clicks"] >= 1) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert status["status"] == "running" and status["store"] == "ok"
         assert status["arms"]["canary"]["errors"] >= len(canary) and status["arms"]["canary"]["clicks"] >= 1
     finally:

@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 from servers import RedisProcess, free_port, redis_server
 
+from ctr.api.edge import Edge
 from ctr.api.routes import make_app
 from ctr.features import schema
 from ctr.features import stack as feature_stack
@@ -210,9 +211,7 @@ def test_an_older_pending_entry_claimed_late_does_not_reorder_writes(redis_url: 
 
 async def admin_write(writer: FeatureWriter, body: dict[str, Any]) -> httpx.Response:
     """POST /admin/features to the gateway's app, in this event loop."""
-    app = make_app()
-    app.state.writer = writer
-    app.state.admin_token = "t"
+    app = make_app(Edge(admin_token="t", writer=writer))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         return await client.post("/admin/features", headers={"authorization": "Bearer t"}, json=body)
 

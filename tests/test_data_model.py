@@ -136,8 +136,7 @@ def test_infer_refuses_out_of_range_feature_indices(trained) -> None:  # type: i
     from ctr.model.runner import ModelRunner
 
     runner = ModelRunner(modelstore.artifacts(modelstore.save(trained)), "cpu")
-    app = make_model_app()
-    app.state.runner = runner
+    app = make_model_app(runner)
     client = TestClient(app)
     x = np.zeros((3, runner.n_fields), dtype="<i8")
     shape = {SHAPE: f"3,{runner.n_fields}"}
@@ -156,7 +155,7 @@ def test_a_local_replica_scores_like_the_runner_and_coalesces(trained) -> None: 
     import asyncio
 
     from ctr.model.runner import ModelRunner
-    from ctr.serving import wiring
+    from ctr.serving import root
     from ctr.serving.model_client import InvalidAnswer
     from ctr.settings import Settings
 
@@ -168,7 +167,7 @@ def test_a_local_replica_scores_like_the_runner_and_coalesces(trained) -> None: 
         return runner(x)
 
     settings = Settings(model_replica="local", model_urls="", retry_attempts=1)
-    pool = wiring.model_pool(settings, width=runner.n_fields, local=counted)
+    pool = root.model_pool(settings, width=runner.n_fields, local=counted)
     rng = np.random.default_rng(0)
     xs = [rng.integers(0, runner.cardinalities, size=(n, runner.n_fields)) for n in (3, 5, 7, 11)]
     bad = xs[0].copy()

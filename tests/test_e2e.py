@@ -170,7 +170,7 @@ AUTH = {"authorization": "Bearer test-token"}
 def each_process(server: Server, call: Callable[[httpx.Client], T], tries: int = 400) -> dict[int, T]:
     """`call` on a connection to each gateway process (a keep-alive connection stays with the
     process that accepted it; its pid comes from /admin/features/read): {pid: result}."""
-    from ctr.serving.wiring import gateway_workers
+    from ctr.serving.placement import gateway_workers
     from ctr.settings import Settings
 
     want = gateway_workers(Settings())

@@ -13,6 +13,7 @@ from helpers import CTX, TABLE, fake_features
 
 from ctr.api.contract import BadRequest, PredictRequest, parse_predict
 from ctr.features.transform import Transformer, TransformSpec
+from ctr.observe.telemetry import Telemetry
 from ctr.resilience.breaker import CircuitBreaker
 from ctr.resilience.deadline import REMOTE_ERRORS, guarded, retried
 from ctr.resilience.retry import Retrier, RetryBudget
@@ -27,8 +28,11 @@ REQ = PredictRequest.model_validate({"user_id": "u1", "ad_ids": ["a1", "a2"], "c
 features = fake_features
 
 
-def gateway(model: Any, deadline_s: float = 1.0, remote_fallback: Any = None) -> Gateway:
-    return Gateway(features, Coalescer(model), Fallback(TABLE, remote_fallback), "ctr_model:test", deadline_s)
+def gateway(model: Any, deadline_s: float = 1.0, remote_fallback: Any = None, **admission: Any) -> Gateway:
+    """A gateway over `model`; `admission`: its limiter and overload mode."""
+    return Gateway(
+        features, Coalescer(model), Fallback(TABLE, remote_fallback), "ctr_model:test", deadline_s, **admission
+    )
 
 
 def test_scores_come_from_the_model() -> None:
@@ -173,6 +177,6 @@ def test_slow_features_give_defaults_within_the_deadline() -> None:
         async def lookup(self, user_id: str, ad_ids: list[str]) -> Any:
             await asyncio.Event().wait()
 
-    provide = local_features(Slow(), Transformer(SPEC))  # type: ignore[arg-type]
+    provide = local_features(Slow(), Transformer(SPEC), Telemetry())  # type: ignore[arg-type]
     x, degraded = asyncio.run(provide("u1", ["a1"], CTX, time.perf_counter() + 0.005))
     assert degraded == ["features:timeout:default"] and (x[:, :11] == 0).all()

@@ -54,31 +54,6 @@ def test_an_unset_token_is_drawn_at_random_once() -> None:
         internal.InternalAuth(app(), token="")  # type: ignore[arg-type]
 
 
-def test_bentoml_dependency_clients_send_the_token() -> None:
-    """A real RemoteProxy (BentoML's dependency client) carries the header on sessions made
-    before and after; an in-process dependency is left alone."""
-    import asyncio
-
-    from _bentoml_impl.client import RemoteProxy
-
-    async def go() -> tuple[str, str]:
-        proxy = RemoteProxy("http://127.0.0.1:9")
-        manager = proxy.to_async._session_manager
-        before = await manager.get_session()
-        internal.authorize_proxy(proxy, TOKEN)
-        await manager.close()
-        after = await manager.get_session()
-        try:
-            return before.headers[internal.HEADER], after.headers[internal.HEADER]
-        finally:
-            await before.close()
-            await manager.close()
-
-    assert asyncio.run(go()) == (TOKEN, TOKEN)
-    plain = object()
-    assert internal.authorize_proxy(plain, TOKEN) is plain
-
-
 @pytest.fixture(scope="module")
 def model_server(small_setup: dict[str, str]) -> Iterator[Server]:
     """CTRModel alone, as a Deployment runs it, with the token set."""

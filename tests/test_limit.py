@@ -12,9 +12,11 @@ from helpers import FakeClock
 from starlette.testclient import TestClient
 from test_gateway import CTX, REQ, TABLE, gateway
 
+from ctr.api.edge import Edge
 from ctr.api.routes import make_app
+from ctr.degraded import Reason
 from ctr.resilience.limit import AimdLimit
-from ctr.serving.overload import SHED, Admission, Overloaded
+from ctr.serving.gateway import Overloaded
 
 
 def limiter(clock: FakeClock, **kw: Any) -> AimdLimit:
@@ -105,7 +107,7 @@ def test_above_the_limit_the_segment_table_answers_at_once() -> None:
 
     async def go() -> tuple[Any, list[Any]]:
         release = asyncio.Event()
-        adm = Admission(gateway(slow_model(release)), AimdLimit(2, 1, 4, clock=FakeClock()))
+        adm = gateway(slow_model(release), limiter=AimdLimit(2, 1, 4, clock=FakeClock()))
         held = [asyncio.create_task(adm.predict(REQ, f"r{i}")) for i in range(2)]
         await asyncio.sleep(0)
         shed = await adm.predict(REQ, "r3")  # does not wait for the model
@@ -113,7 +115,7 @@ def test_above_the_limit_the_segment_table_answers_at_once() -> None:
         return shed, await asyncio.gather(*held)
 
     shed, held = asyncio.run(go())
-    assert shed.fallback is True and shed.degraded == [SHED] and shed.request_id
+    assert shed.fallback is True and shed.degraded == [Reason.SHED] and shed.arm == "stable" and shed.request_id
     assert shed.scores == [TABLE.score(CTX["device_type"], CTX["site_category"])] * 2
     assert all(not p.fallback for p in held)
 
@@ -121,10 +123,9 @@ def test_above_the_limit_the_segment_table_answers_at_once() -> None:
 def test_reject_mode_answers_503_with_retry_after() -> None:
     """CTR_OVERLOAD=reject: a shed request is a 503 with Retry-After, through the real route."""
     release = asyncio.Event()
-    adm = Admission(gateway(slow_model(release)), AimdLimit(1, 1, 4, clock=FakeClock()), "reject")
+    adm = gateway(slow_model(release), limiter=AimdLimit(1, 1, 4, clock=FakeClock()), overload="reject")
     adm.limiter.try_acquire()  # type: ignore[union-attr]  # the one slot is taken
-    app = make_app()
-    app.state.gateway, app.state.max_ads = adm, 10
+    app = make_app(Edge(adm, max_ads=10))
     body = {"user_id": "u1", "ad_ids": ["a1"], "context": CTX}
     with TestClient(app) as client:
         r = client.post("/predict", json=body)
@@ -141,6 +142,6 @@ def test_late_answers_cut_the_limit() -> None:
         raise AssertionError("unreachable")
 
     lim = AimdLimit(10, 2, 20, latency_target_s=0.5)
-    adm = Admission(gateway(never, deadline_s=0.01), lim)
+    adm = gateway(never, deadline_s=0.01, limiter=lim)
     p = asyncio.run(adm.predict(REQ))
     assert p.fallback and "model:timeout" in p.degraded and lim.limit == 9 and lim.inflight == 0

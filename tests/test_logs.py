@@ -137,14 +137,13 @@ def test_the_logged_request_id_is_the_one_the_client_holds() -> None:
     import httpx
 
     from ctr.api import request_id
+    from ctr.api.edge import Edge
     from ctr.api.routes import make_app
-    from ctr.serving.overload import Admission
 
     key = b"k" * 32
     gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
                  new_id=request_id.Signer(key).issue)  # fmt: skip
-    app = make_app()
-    app.state.gateway, app.state.max_ads, app.state.request_id_key = Admission(gw, None), 10, key
+    app = make_app(Edge(gw, max_ads=10, request_id_key=key))
     body = {"user_id": "u1", "ad_ids": ["a1"], "context": REQ.context.model_dump()}
     out = io.StringIO()
     obslog.configure("json", "DEBUG", stream=out)

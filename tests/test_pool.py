@@ -274,16 +274,16 @@ def test_hedging_sends_a_late_call_to_a_second_replica() -> None:
 
 
 def test_a_second_pool_is_built_from_its_own_urls() -> None:
-    """wiring.model_pool with `urls` (a canary arm) ignores CTR_MODEL_URLS and its weights."""
-    from ctr.serving import wiring
+    """root.model_pool with `urls` (a canary arm) ignores CTR_MODEL_URLS and its weights."""
+    from ctr.serving import root
     from ctr.settings import Settings
 
     s = Settings(model_urls="http://10.0.0.1:3000,http://10.0.0.2:3000", model_weights=[3.0, 1.0],
                  lb_policy="weighted")  # fmt: skip
 
     async def go() -> None:
-        stable = wiring.model_pool(s)
-        canary = wiring.model_pool(s, urls="http://10.0.1.1:3000", name="model-canary")
+        stable = root.model_pool(s)
+        canary = root.model_pool(s, urls="http://10.0.1.1:3000", name="model-canary")
         await stable.start(background=False)
         await canary.start(background=False)
         assert [(m.url, m.slot.weight) for m in stable.members] == [("http://10.0.0.1:3000", 3.0),

@@ -13,7 +13,7 @@ import pytest
 from conftest import Server
 from helpers import FakeClock
 
-from ctr.serving.wiring import warm_model
+from ctr.serving.pool.warm import warm_model
 
 
 def model(clock: FakeClock, took_s: float, fail: BaseException | None = None, rows: int | None = None):  # type: ignore[no-untyped-def]
@@ -46,7 +46,7 @@ def test_a_model_that_never_answers_in_time_is_not_ready(
     """Past the warm-up time without an answer in time: not ready, and the log says why
     (the old warm_model returned after 180 s all the same, and /readyz turned 200)."""
     clock = FakeClock()
-    with caplog.at_level(logging.WARNING, logger="ctr.serving.wiring"):
+    with caplog.at_level(logging.WARNING, logger="ctr.serving.pool.warm"):
         ready = asyncio.run(warm_model(model(clock, took_s, fail, rows), 4, 0.05, 180, clock, clock.sleep))
     assert ready is False
     assert clock.t >= 180

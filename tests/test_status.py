@@ -15,7 +15,7 @@ from helpers import FakeClock
 
 from ctr.api.status import fmt, render
 from ctr.observe.sli import SliRecorder
-from ctr.resilience.breaker import CircuitBreaker
+from ctr.resilience.breaker import Breakers, CircuitBreaker
 from ctr.serving.status import Sources, StatusBoard
 
 
@@ -111,10 +111,11 @@ def test_a_slow_provider_does_not_hold_the_page() -> None:
 
 def test_breakers_panel_shows_live_breakers() -> None:
     """An open breaker shows as open, with its window's calls and failures."""
-    b = CircuitBreaker("status-test", min_calls=2, clock=FakeClock(5000.0))
+    breakers = Breakers()
+    b = breakers.add(CircuitBreaker("status-test", min_calls=2, clock=FakeClock(5000.0)))
     b.record_failure()
     b.record_failure()
-    rows = {r["name"]: r for r in panel(doc(Sources(recorder())), "breakers")["rows"]}  # type: ignore[index]
+    rows = {r["name"]: r for r in panel(doc(Sources(recorder(), breakers=breakers)), "breakers")["rows"]}  # type: ignore[index]
     assert rows["status-test"]["state"] == "open" and rows["status-test"]["transitions"] == 1
 
 
@@ -206,10 +207,11 @@ def test_the_page_needs_nothing_from_outside() -> None:
 
 
 def test_the_routes_and_a_request_that_raises() -> None:
-    """/status and /status.json answer 503 until the board is set, then the page and the
-    document; a /predict that raises is a 500 counted as an error against availability."""
+    """/status and /status.json answer 503 without a board, else the page and the document;
+    a /predict that raises is a 500 counted as an error against availability."""
     from starlette.testclient import TestClient
 
+    from ctr.api.edge import Edge
     from ctr.api.routes import make_app
     from ctr.model.segments import SegmentTable
     from ctr.serving.coalesce import Coalescer
@@ -225,11 +227,10 @@ def test_the_routes_and_a_request_that_raises() -> None:
     table = SegmentTable({}, {}, 1.0, 10.0)
     gw = Gateway(broken, Coalescer(model), Fallback(table), "ctr_model:test", 1.0)
     gw.sli = SliRecorder(clock=FakeClock(5000.0))
-    app = make_app()
-    app.state.max_ads, app.state.gateway = 10, gw
+    bare = TestClient(make_app(Edge(gw, max_ads=10)))
+    assert bare.get("/status.json").status_code == 503 and bare.get("/status").status_code == 503
+    app = make_app(Edge(gw, max_ads=10, status=StatusBoard(Sources(gw.sli, gw))))
     client = TestClient(app, raise_server_exceptions=False)
-    assert client.get("/status.json").status_code == 503 and client.get("/status").status_code == 503
-    app.state.status = StatusBoard(Sources(gw.sli, gw))
     body = {"user_id": "u1", "ad_ids": ["a1"], "context": {"hour": 1, "device_type": "mobile",
             "site_category": "news", "banner_pos": 0, "conn_type": "wifi"}}  # fmt: skip
     assert client.post("/predict", json=body).status_code == 500

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BIN, ROOT
@@ -141,6 +142,12 @@ def test_write_behind_survives_a_writer_killed_mid_stream(redis_url: str, tmp_pa
     assert asyncio.run(leftovers()) == (0, 0)
 
 
+async def _xreadgroup_calls(r: Any) -> int:
+    """How many XREADGROUP calls Redis has served (its command statistics)."""
+    stats = await r.info("commandstats")
+    return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+
 def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> None:
     """The service's writer blocks on the stream between writes: its client must not time
     out under the blocked read (L2's 50 ms timeout did, and the writer task died), and a
@@ -156,7 +163,11 @@ def test_the_writer_outlives_an_idle_stream(redis_url: str, tmp_path: Path) -> N
             assert stack.writer.redis is not None
             stop = asyncio.Event()
             task = asyncio.create_task(run_writer(stack.writer.redis, stack.store.origin, "idle", stop, block_ms=100))
-            await asyncio.sleep(0.35)  # three blocked reads on an empty stream
+            reads = await _xreadgroup_calls(stack.writer.redis)
+            for _ in range(500):  # three blocked reads of 100 ms on an empty stream, each past L2's timeout
+                if await _xreadgroup_calls(stack.writer.redis) >= reads + 3:
+                    break
+                await asyncio.sleep(0.01)
             assert not task.done(), task.exception()
             group, rows = validate_rows("ad_stats", [{"id": "a-idle", "values": [5, 1]}])
             assert (await stack.writer.put(group, rows)).mode == "behind"

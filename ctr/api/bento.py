@@ -20,19 +20,20 @@ from typing import Any
 from bentoml.exceptions import ServiceUnavailable, UnprocessableEntity
 
 from ctr.api.contract import Context, PredictRequest
-from ctr.serving.overload import Admission, Overloaded
+from ctr.api.edge import Edge
+from ctr.serving.gateway import Overloaded
 
 ROUTE = "/bentoml/predict"
 
 
-async def predict(state: Any, user_id: str, ad_ids: list[str], context: Context) -> dict[str, Any]:
-    """Answer one request through the gateway held in `state` (the /predict app's state)."""
-    gateway: Admission | None = getattr(state, "gateway", None)
-    if gateway is None:
+async def predict(edge: Edge | None, user_id: str, ad_ids: list[str], context: Context) -> dict[str, Any]:
+    """Answer one request through the gateway of `edge` (the one /predict serves)."""
+    gateway = None if edge is None else edge.gateway
+    if edge is None or gateway is None:
         raise ServiceUnavailable("the gateway is starting; retry shortly")
-    if len(ad_ids) > state.max_ads:
+    if len(ad_ids) > edge.max_ads:
         raise UnprocessableEntity(
-            f"too many ad_ids: {len(ad_ids)} given, at most {state.max_ads} (CTR_MAX_ADS) per request"
+            f"too many ad_ids: {len(ad_ids)} given, at most {edge.max_ads} (CTR_MAX_ADS) per request"
         )
     req = PredictRequest.model_construct(user_id=user_id, ad_ids=ad_ids, context=context)  # validated by BentoML
     t0 = time.perf_counter()

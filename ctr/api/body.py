@@ -32,10 +32,6 @@ class BodyTooLarge(BadRequest):
         super().__init__(413, f"request body over {limit} bytes (CTR_MAX_BODY_BYTES)")
 
 
-def body_limit(request: Request) -> int:
-    return int(getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
-
-
 async def drain(chunks: AsyncIterator[bytes], declared: int | None) -> int:
     """Read and discard what is left of a body, within DRAIN_MAX_BYTES and DRAIN_TIMEOUT_S;
     the bytes read. Nothing is read when the declared length is already past the bound."""
@@ -53,9 +49,8 @@ async def drain(chunks: AsyncIterator[bytes], declared: int | None) -> int:
     return drained
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, at most `body_limit(request)` bytes; past it, BodyTooLarge once the rest is drained."""
-    limit = body_limit(request)
+async def read_body(request: Request, limit: int = DEFAULT_MAX_BODY_BYTES) -> bytes:
+    """The body, at most `limit` bytes (CTR_MAX_BODY_BYTES); past it, BodyTooLarge once the rest is drained."""
     header = request.headers.get("content-length")
     declared = None
     if header is not None:

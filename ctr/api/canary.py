@@ -7,8 +7,8 @@ decision history, whether Redis answers); POST /admin/canary/start
 `Authorization: Bearer $CTR_ADMIN_TOKEN` (constant-time compare): missing or wrong is 401
 and changes nothing; no token configured is 403 (admin endpoints disabled).
 
-`app.state.canary` is the process's CanaryRuntime (None: no Redis, 503) and
-`app.state.stable_arm` the Arm this gateway serves as stable.
+`edge.canary` is the process's CanaryRuntime (None: no Redis, 503) and `edge.stable_arm` the
+Arm this gateway serves as stable (ctr.api.edge).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from ctr.api.body import BodyTooLarge, read_body
 from ctr.api.contract import BadRequest
+from ctr.api.edge import Edge
 from ctr.serving.canary.controller import CanaryError
 from ctr.serving.canary.plan import Plan, default_plan
 from ctr.serving.canary.runtime import STORE_ERRORS, CanaryRuntime
@@ -36,9 +37,9 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
     return Response(orjson.dumps(body), status, headers=headers, media_type=JSON)
 
 
-def authorized(request: Request) -> Response | None:
+def authorized(edge: Edge, request: Request) -> Response | None:
     """None when the bearer token matches CTR_ADMIN_TOKEN; else the 401/403 to send."""
-    token: str = getattr(request.app.state, "admin_token", "")
+    token = edge.admin_token
     if not token:
         return _json({"error": "admin endpoints are disabled; set CTR_ADMIN_TOKEN to enable them"}, 403)
     given = request.headers.get("authorization", "").encode()
@@ -47,8 +48,8 @@ def authorized(request: Request) -> Response | None:
     return None
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request)  # bounded by CTR_MAX_BODY_BYTES, as every route's body
+async def _body(edge: Edge, request: Request) -> dict[str, Any]:
+    raw = await read_body(request, edge.max_body_bytes)  # bounded by CTR_MAX_BODY_BYTES, as every route's body
     if not raw.strip():
         return {}
     body = orjson.loads(raw)
@@ -80,22 +81,22 @@ def _canary_arm(body: dict[str, Any]) -> Arm:
     return Arm(tag, tuple(urls))
 
 
-Handler = Callable[[CanaryRuntime, Request, dict[str, Any]], Awaitable[Rollout | dict[str, Any]]]
+Handler = Callable[[CanaryRuntime, Edge, dict[str, Any]], Awaitable[Rollout | dict[str, Any]]]
 
 
-def _endpoint(action: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(edge: Edge, action: Handler) -> Callable[[Request], Awaitable[Response]]:
     """Auth, body parsing, the runtime's presence and the store's failures, once for all."""
 
     async def endpoint(request: Request) -> Response:
-        denied = authorized(request)
+        denied = authorized(edge, request)
         if denied is not None:
             return denied
-        runtime: CanaryRuntime | None = getattr(request.app.state, "canary", None)
+        runtime = edge.canary
         if runtime is None:
             return _json({"error": "canary releases need the shared state in Redis; set CTR_REDIS_URL"}, 503)
         try:
-            body = await _body(request) if request.method == "POST" else {}
-            out = await action(runtime, request, body)
+            body = await _body(edge, request) if request.method == "POST" else {}
+            out = await action(runtime, edge, body)
         except BadRequest as exc:
             closing = {"connection": "close"} if isinstance(exc, BodyTooLarge) else None
             return _json({"error": exc.message}, exc.status, closing)
@@ -112,13 +113,15 @@ def _endpoint(action: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-async def _status(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+async def _status(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> dict[str, Any]:
     await rt.refresh()  # when the store is down, status() says so and shows the last known split
     return rt.status()
 
 
-async def _start(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> Rollout:
-    stable: Arm = request.app.state.stable_arm
+async def _start(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> Rollout:
+    stable = edge.stable_arm
+    if stable is None:
+        raise ValueError("this gateway has no stable arm to compare a canary with")
     canary = _canary_arm(body)
     if not canary.urls:
         if not rt.canary_urls:
@@ -128,7 +131,7 @@ async def _start(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> R
 
 
 def _manual(name: str) -> Handler:
-    async def act(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> Rollout:
+    async def act(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> Rollout:
         reason = body.get("reason", f"{name} by hand")
         if not isinstance(reason, str):
             raise ValueError("reason must be a string")
@@ -137,12 +140,12 @@ def _manual(name: str) -> Handler:
     return act
 
 
-def routes() -> list[Route]:
+def routes(edge: Edge) -> list[Route]:
     return [
-        Route("/admin/canary", _endpoint(_status), methods=["GET"]),
-        Route("/admin/canary/start", _endpoint(_start), methods=["POST"]),
+        Route("/admin/canary", _endpoint(edge, _status), methods=["GET"]),
+        Route("/admin/canary/start", _endpoint(edge, _start), methods=["POST"]),
         *(
-            Route(f"/admin/canary/{a}", _endpoint(_manual(a)), methods=["POST"])
+            Route(f"/admin/canary/{a}", _endpoint(edge, _manual(a)), methods=["POST"])
             for a in ("pause", "resume", "promote", "rollback")
         ),
     ]

@@ -20,13 +20,12 @@ internal call (nobody else holds its random token) instead of serving strangers.
 from __future__ import annotations
 
 import hmac
-import logging
-import os
-import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+
+from ctr.api import bentoml_compat
 
 HEADER = "x-ctr-internal-token"
 ENV = "CTR_INTERNAL_TOKEN"
@@ -39,18 +38,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-log = logging.getLogger(__name__)
-
 
 def ensure_token(environ: MutableMapping[str, str] | None = None) -> str:
-    """The shared token: CTR_INTERNAL_TOKEN, or a random one set into `environ` (os.environ)."""
-    env = os.environ if environ is None else environ
-    token = env.get(ENV, "")
-    if not token:
-        token = secrets.token_urlsafe(32)
-        env[ENV] = token
-        log.info("%s unset: drew a random internal token for this process tree", ENV)
-    return token
+    """The shared token: CTR_INTERNAL_TOKEN, or a random one drawn for this process tree (see
+    ctr.api.bentoml_compat.shared_token)."""
+    return bentoml_compat.shared_token(ENV, environ)
 
 
 def headers(token: str) -> dict[str, str]:
@@ -85,21 +77,6 @@ class InternalAuth:
 
 
 def authorize_proxy(proxy: Any, token: str) -> Any:
-    """Make BentoML's client of a dependency (a RemoteProxy) send the token; idempotent.
-
-    BentoML 1.4's RemoteProxy has no public way to add a header to every call: its async
-    client's `default_headers` dict is the one its session manager gives each new aiohttp
-    session (the sync client delegates to the async one), so the header goes there, and on
-    a session made already. A dependency built in-process (no server) has no such client
-    and is returned as is. tests/test_internal.py checks this against the real class."""
-    client = getattr(proxy, "to_async", None)
-    default = getattr(client, "default_headers", None)
-    if not isinstance(default, dict) or default.get(HEADER) == token:
-        return proxy
-    default[HEADER] = token
-    manager = getattr(client, "_session_manager", None)
-    if manager is not None:
-        manager._headers[HEADER] = token
-        if manager._session is not None:
-            manager._session.headers[HEADER] = token
-    return proxy
+    """Make BentoML's client of a dependency (a RemoteProxy) send the token; idempotent
+    (ctr.api.bentoml_compat.add_default_header)."""
+    return bentoml_compat.add_default_header(proxy, HEADER, token)

@@ -29,10 +29,12 @@ from ctr import metrics
 from ctr.api import canary, openapi, request_id, status
 from ctr.api.body import BodyTooLarge, read_body
 from ctr.api.contract import MAX_FEATURE_ROWS, MAX_READ_IDS, BadRequest, parse_feedback, parse_predict
+from ctr.api.edge import Edge, bind
+from ctr.degraded import Reason
 from ctr.features.schema import valid_id
 from ctr.features.store import L2_ERRORS, L3_ERRORS
-from ctr.features.writes import FeatureWriter, validate_rows
-from ctr.serving.overload import Admission, Overloaded
+from ctr.features.writes import validate_rows
+from ctr.serving.gateway import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +51,21 @@ def _error(exc: BadRequest) -> Response:
     return Response(exc.body(), exc.status, headers=headers, media_type=JSON)
 
 
-async def read_json(request: Request) -> Any:
+async def read_json(request: Request, limit: int) -> Any:
     """The body (bounded, as `read_body`) parsed as JSON; BadRequest 400 if it is not JSON."""
-    raw = await read_body(request)
+    raw = await read_body(request, limit)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(400, f"request body is not valid JSON ({exc})") from None
 
 
-async def predict(request: Request) -> Response:
-    gateway: Admission | None = getattr(request.app.state, "gateway", None)
+async def predict(edge: Edge, request: Request) -> Response:
+    gateway = edge.gateway
     if gateway is None:
         return _json({"error": "the gateway is starting; retry shortly"}, 503)
     try:
-        req = parse_predict(await read_body(request), request.app.state.max_ads)
+        req = parse_predict(await read_body(request, edge.max_body_bytes), edge.max_ads)
     except BadRequest as exc:
         metrics.REQUESTS.labels("bad_request").inc()
         return _error(exc)
@@ -82,21 +84,21 @@ async def predict(request: Request) -> Response:
     return _json(result, headers=headers)
 
 
-async def feedback(request: Request) -> Response:
+async def feedback(edge: Edge, request: Request) -> Response:
     """POST {"request_id", "ad_id", "clicked", "score"?}: counted for the online CTR of the id's arm and,
     during a rollout, in that arm's counters for the canary's gates."""
     try:
-        fb = parse_feedback(await read_body(request))
+        fb = parse_feedback(await read_body(request, edge.max_body_bytes))
     except BadRequest as exc:
         return _error(exc)
-    claims = request_id.verify(fb.request_id, request.app.state.request_id_key)
+    claims = request_id.verify(fb.request_id, edge.request_id_key)
     if claims is None:
         return _json({"error": "request_id was not issued by this service (use the request_id of a /predict answer)",
                       "detail": ["request_id"]}, 403)  # fmt: skip
     metrics.FEEDBACK.labels(claims.arm, "impression").inc()
     if fb.clicked:
         metrics.FEEDBACK.labels(claims.arm, "click").inc()
-    if (canary_runtime := getattr(request.app.state, "canary", None)) is not None:
+    if (canary_runtime := edge.canary) is not None:
         canary_runtime.record_feedback(
             claims.arm, fb.clicked, fb.score, claims.unit
         )  # the canary's CTR and calibration gates
@@ -111,16 +113,15 @@ def _integral_values(rows: Any) -> Any:
             if isinstance(r, dict) and isinstance(r.get("values"), list) else r for r in rows]  # fmt: skip
 
 
-async def admin_features(request: Request) -> Response:
+async def admin_features(edge: Edge, request: Request) -> Response:
     """POST {"group": "...", "rows": [{"id": "...", "values": [...]}]} with a bearer token."""
-    token: str = getattr(request.app.state, "admin_token", "")
-    writer: FeatureWriter | None = getattr(request.app.state, "writer", None)
+    token, writer = edge.admin_token, edge.writer
     if not token or writer is None:
         return _json({"error": "admin endpoints are disabled; set CTR_ADMIN_TOKEN to enable them"}, 403)
     if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
         return _json({"error": "missing or wrong bearer token (Authorization: Bearer $CTR_ADMIN_TOKEN)"}, 401)
     try:
-        body: Any = await read_json(request)
+        body: Any = await read_json(request, edge.max_body_bytes)
     except BadRequest as exc:
         return _error(exc)
     try:
@@ -141,19 +142,19 @@ async def admin_features(request: Request) -> Response:
         return _json({"error": f"write not done: {where} is unavailable; retry later"}, 503)
     out: dict[str, Any] = {"group": group.name, "written": len(rows), "mode": done.mode}
     if done.cache_deferred:  # committed; the caches follow when Redis answers again
-        out["degraded"] = ["cache:l2:deferred"]
+        out["degraded"] = [Reason.L2_DEFERRED]
     return _json(out)
 
 
-async def admin_features_read(request: Request) -> Response:
+async def admin_features_read(edge: Edge, request: Request) -> Response:
     """POST {"group": "...", "ids": [...]} with the bearer token: what THIS gateway process
     would serve for those ids (through its L1, L2 and L3), with its pid and whether its L1
     hears the other processes' writes. For operators, and for the consistency checker."""
-    writer: FeatureWriter | None = getattr(request.app.state, "writer", None)
-    if (refused := canary.authorized(request)) is not None or writer is None:
+    writer = edge.writer
+    if (refused := canary.authorized(edge, request)) is not None or writer is None:
         return refused or _json({"error": "the gateway is starting; retry shortly"}, 503)
     try:
-        body: Any = await read_json(request)
+        body: Any = await read_json(request, edge.max_body_bytes)
     except BadRequest as exc:
         return _error(exc)
     group = writer.schema.group(body.get("group")) if isinstance(body, dict) else None
@@ -172,34 +173,32 @@ async def admin_features_read(request: Request) -> Response:
     )
 
 
-async def model_info(request: Request) -> Response:
+async def model_info(edge: Edge, request: Request) -> Response:
     """The served model (any body, bounded, is ignored). Served here rather than as a BentoML
     API: BentoML's answered 500 to a multipart Content-Type without a boundary (schemathesis)."""
     try:
-        await read_body(request)
+        await read_body(request, edge.max_body_bytes)
     except BadRequest as exc:
         return _error(exc)
-    info = getattr(request.app.state, "model_info", None)
+    info = edge.model_info
     return _json(info) if info is not None else _json({"error": "the gateway is starting; retry shortly"}, 503)
 
 
-async def openapi_json(request: Request) -> Response:
-    return Response(openapi.document_bytes(getattr(request.app.state, "max_ads", 1000)), media_type=JSON)
+async def openapi_json(edge: Edge, request: Request) -> Response:
+    return Response(openapi.document_bytes(edge.max_ads), media_type=JSON)
 
 
-def make_app() -> Starlette:
-    """Set `app.state.gateway` (an `Admission` around the Gateway), `.max_ads`, `.writer`,
-    `.admin_token`, `.request_id_key`, `.max_body_bytes`, `.model_info` and `.status` (a
-    StatusBoard, for /status and /status.json) before serving."""
+def make_app(edge: Edge) -> Starlette:
+    """The gateway's routes over `edge` (built by ctr.serving.root.build)."""
     return Starlette(
         routes=[
-            Route("/predict", predict, methods=["POST"]),
-            Route("/feedback", feedback, methods=["POST"]),
-            Route("/admin/features", admin_features, methods=["POST"]),
-            Route("/admin/features/read", admin_features_read, methods=["POST"]),
-            Route("/model_info", model_info, methods=["GET", "POST"]),
-            Route("/openapi.json", openapi_json, methods=["GET"]),
-            *status.ROUTES,
-            *canary.routes(),
+            Route("/predict", bind(edge, predict), methods=["POST"]),
+            Route("/feedback", bind(edge, feedback), methods=["POST"]),
+            Route("/admin/features", bind(edge, admin_features), methods=["POST"]),
+            Route("/admin/features/read", bind(edge, admin_features_read), methods=["POST"]),
+            Route("/model_info", bind(edge, model_info), methods=["GET", "POST"]),
+            Route("/openapi.json", bind(edge, openapi_json), methods=["GET"]),
+            *status.routes(edge),
+            *canary.routes(edge),
         ]
     )

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ctr.serving.status import StatusBoard
+from ctr.api.edge import Edge, bind
 
 REFRESH_S = 5
 PERCENT_KEYS = ("availability", "model_scored", "share", "hit_rate")
@@ -217,25 +217,25 @@ up {_fig("uptime_s", "uptime_s", doc["uptime_s"])} · generated {html.escape(doc
 </body></html>"""
 
 
-def _board(request: Request) -> StatusBoard | None:
-    return getattr(request.app.state, "status", None)
-
-
-async def status_json(request: Request) -> Response:
-    board = _board(request)
+async def status_json(edge: Edge, request: Request) -> Response:
+    board = edge.status
     if board is None:
         return Response(orjson.dumps({"error": "the gateway is starting; retry shortly"}), 503,
                         media_type="application/json")  # fmt: skip
     return Response(orjson.dumps(await board.document()), media_type="application/json")
 
 
-async def status_page(request: Request) -> Response:
-    board = _board(request)
+async def status_page(edge: Edge, request: Request) -> Response:
+    board = edge.status
     if board is None:
         return Response("<!doctype html><title>starting</title><p>the gateway is starting; retry shortly</p>", 503,
                         media_type="text/html; charset=utf-8", headers={"refresh": "2"})  # fmt: skip
     return Response(render(await board.document()), media_type="text/html; charset=utf-8")
 
 
-ROUTES = [Route("/status", status_page, methods=["GET"]), Route("/status.json", status_json, methods=["GET"])]
-__all__ = ["REFRESH_S", "ROUTES", "fmt", "render"]
+def routes(edge: Edge) -> list[Route]:
+    return [Route("/status", bind(edge, status_page), methods=["GET"]),
+            Route("/status.json", bind(edge, status_json), methods=["GET"])]  # fmt: skip
+
+
+__all__ = ["REFRESH_S", "fmt", "render", "routes"]

@@ -27,8 +27,8 @@ import aiohttp
 import numpy as np
 import orjson
 
+from ctr.degraded import PAST_DEADLINE, Reason
 from ctr.features import schema
-from ctr.serving.overload import PAST_DEADLINE, SHED
 
 MAX_REQUESTS_PER_LEVEL = 200_000
 
@@ -150,7 +150,7 @@ class Traffic:
         return out
 
 
-_SHED = SHED.encode()
+_SHED = Reason.SHED.encode()
 _PAST_DEADLINE = tuple(f'"{r}"'.encode() for r in PAST_DEADLINE)
 
 

@@ -46,7 +46,8 @@ async def _each(n: int, f: Callable[[int], Awaitable[Any]]) -> list[float]:
 async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, float, float, float]]:
     """(stage, median, p99, p99.9, max in us) for each stage."""
     from ctr.model.runner import ModelRunner
-    from ctr.serving import wiring
+    from ctr.observe.pauses import settle_gc
+    from ctr.serving import root
 
     art = modelstore.artifacts(settings.model_tag)
     bodies = Traffic(settings.data_dir, 100).bodies(2000)
@@ -56,7 +57,7 @@ async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, f
     key = b"k" * 32
     async with feature_stack.opened(settings.model_copy(update={"redis_url": ""})) as stack:
         await warm(stack.store, 10**9, stack.schema)
-        wiring.settle_gc()
+        settle_gc()
         lookup = stack.lookup
         looked = [await lookup.lookup(r.user_id, r.ad_ids) for r in reqs]  # every key in L1 from here on
         contexts = [r.context.model_dump() for r in reqs]
@@ -83,9 +84,9 @@ async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, f
         async def instant(x: np.ndarray) -> np.ndarray:
             return np.full(len(x), 0.5, dtype=np.float32)
 
-        pool = wiring.model_pool(settings.model_copy(update={"model_urls": ""}), instant, runner.n_fields)
+        pool = root.model_pool(settings.model_copy(update={"model_urls": ""}), instant, runner.n_fields)
         await pool.start()
-        gw = wiring.gateway(settings, art, pool, stack)
+        gw = root.gateway(settings, art, pool, stack)
         preds = [await gw.predict(r) for r in reqs[:50]]
         if any(p.fallback for p in preds):
             raise RuntimeError(f"the gateway fell back: {preds[0].degraded}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from ctr.bench import loadgen
 from ctr.bench.capacity import best_rps
 from ctr.bench.local_server import serving
-from ctr.serving.overload import PAST_DEADLINE, SHED
+from ctr.degraded import PAST_DEADLINE, Reason
 from ctr.settings import Settings
 
 
@@ -118,7 +118,7 @@ def run(settings: Settings, url: str, share: float, duration: float, runs: int, 
             steal = steal_share(cpu0, cpu_times())
             w = window_stats(before, scrape(url))
             fb: dict[str, int] = w["fallbacks"]  # type: ignore[assignment]
-            other = sum(v for k, v in fb.items() if k not in PAST_DEADLINE and k != SHED)
+            other = sum(v for k, v in fb.items() if k not in PAST_DEADLINE and k != Reason.SHED)
             gc: dict[str, tuple[int, float]] = w["gc"]  # type: ignore[assignment]
             gcs = ", ".join(f"gen{g}: {n} ({ms:.1f})" for g, (n, ms) in sorted(gc.items())) or "none"
             lines.append(f"| {i + 1} | {r.requests} | {r.model_scored} | {r.deadline} | {r.shed} | {other} "

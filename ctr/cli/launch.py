@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
+from ctr.api import bentoml_compat
 from ctr.settings import PROJECT_ROOT
 
 # `ctr serve --service` accepts the class names and BentoML's service names.
@@ -32,8 +33,8 @@ def serve_command(name: str, host: str, port: int, env: Mapping[str, str]) -> tu
         return env.get(f"CTR_{field.upper()}", str(Settings.model_fields[field].default))
 
     svc = service_name(name)
-    cmd = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", "service:CTRGateway",
-           f"--service-name={svc}", "--host", host, "--port", str(port),
+    cmd = [*bentoml_compat.start_command(sys.executable, "service:CTRGateway"), f"--service-name={svc}",
+           "--host", host, "--port", str(port),
            "--working-dir", str(PROJECT_ROOT)]  # fmt: skip
     out = dict(env)
     if svc == "ctr_model":  # the service graph holds CTRModel only while the gateway does not run the model itself

@@ -18,7 +18,7 @@ from ctr.features.sql import SqliteStore, sqlite_path
 from ctr.features.store import FeatureLookup, FeatureSource, TieredStore
 from ctr.features.tiers import MemoryTier
 from ctr.features.writes import STREAM_TIMEOUT_S, FeatureWriter
-from ctr.resilience.breaker import CircuitBreaker
+from ctr.resilience.breaker import Breakers
 from ctr.settings import Settings
 
 WRITE_TIMEOUT_S = 1.0  # a write's L2 updates and announcements (the read path's budget is 50 ms)
@@ -58,13 +58,15 @@ def _listener(url: str) -> Callable[[], Redis] | None:
     return lambda: Redis.from_url(plain, socket_connect_timeout=0.5, socket_timeout=5.0, retry=Retry(NoBackoff(), 0))
 
 
-def features(settings: Settings, shared: bool = False) -> FeatureStack:
+def features(settings: Settings, shared: bool = False, breakers: Breakers | None = None) -> FeatureStack:
     """L1 (in-process) -> L2 (Redis, when CTR_REDIS_URL is set) -> L3 (CTR_DATABASE_URL).
 
     `shared`: this process is one of several serving the same features (a gateway or
     FeatureService worker): its L1 listens for the others' writes (ctr/features/coherence.py)
     once `start`ed, and is capped to CTR_L1_UNSYNCED_TTL_S until it hears them. A one-off
-    command (`ctr features put`, a benchmark) only announces its writes."""
+    command (`ctr features put`, a benchmark) only announces its writes. The L2 and L3
+    breakers are made by `breakers` (the gateway's registry, which the status page lists)."""
+    breakers = breakers or Breakers(settings)
     fs = schema.DEFAULT.configured(settings.ttl_s, settings.feature_versions)
     redis = connect(settings.redis_url) if settings.redis_url else None
     store = TieredStore(
@@ -74,8 +76,8 @@ def features(settings: Settings, shared: bool = False) -> FeatureStack:
         negative_ttl_s=settings.negative_ttl_s,
         l2_timeout_s=settings.l2_timeout_ms / 1000.0,
         l3_timeout_s=settings.l3_timeout_ms / 1000.0,
-        l2_breaker=CircuitBreaker.from_settings(settings, "l2"),
-        l3_breaker=CircuitBreaker.from_settings(settings, "l3"),
+        l2_breaker=breakers.make("l2"),
+        l3_breaker=breakers.make("l3"),
     )
     # Writes (L2 updates, announcements) on a client of their own, with a writer's timeout.
     write_redis = connect(settings.redis_url, WRITE_TIMEOUT_S) if settings.redis_url else None

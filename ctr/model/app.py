@@ -5,6 +5,7 @@ scores out, served beside BentoML's batchable API on the same address (see
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,14 +20,11 @@ if TYPE_CHECKING:  # torch is imported by CTRModel's process only
 SHAPE = "x-ctr-shape"
 
 
-def make_model_app(delay_s: float = 0.0) -> Starlette:
-    """CTRModel's /infer route; set `app.state.runner` before serving. `delay_s` (CTR_MODEL_DELAY_MS)
-    makes every answer that much later: a slow replica on purpose, for tests and benchmarks."""
+def make_model_app(runner: ModelRunner | Callable[[np.ndarray], np.ndarray], delay_s: float = 0.0) -> Starlette:
+    """CTRModel's /infer route over `runner`. `delay_s` (CTR_MODEL_DELAY_MS) makes every answer
+    that much later: a slow replica on purpose, for tests and benchmarks."""
 
     async def infer(request: Request) -> Response:
-        runner: ModelRunner | None = getattr(request.app.state, "runner", None)
-        if runner is None:
-            return Response(b"model loading", 503)
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         try:

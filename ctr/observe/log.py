@@ -166,6 +166,3 @@ class FallbackBursts:
                 reasons=dict(self._reasons),
             )  # fmt: skip
             self._start = None
-
-
-BURSTS = FallbackBursts()

@@ -208,7 +208,7 @@ class SliRecorder:
         self._stage_hists: dict[str, list[int]] = {}
 
     def configure(self, objectives: Objectives) -> None:
-        """New objectives (the process-wide recorder is made before the settings are read)."""
+        """New objectives."""
         self.objectives = objectives
         self._slow_s = objectives.p99_ms / 1000.0
 
@@ -404,27 +404,18 @@ def finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
-# The process-wide recorder, like the Prometheus metrics: the gateway records requests into
-# it, the stage timers their stages, the status page and the ticker read it.
-RECORDER = SliRecorder()
-
-
 class StageTimer:
     """A stage's Prometheus histogram (`ctr_stage_latency_seconds`) and the recorder, together."""
 
     __slots__ = ("_hist", "_name", "_recorder")
 
-    def __init__(self, name: str, recorder: SliRecorder = RECORDER) -> None:
+    def __init__(self, name: str, recorder: SliRecorder) -> None:
         self._name, self._recorder = name, recorder
         self._hist = metrics.STAGE_LATENCY.labels(name)
 
     def observe(self, seconds: float) -> None:
         self._hist.observe(seconds)
         self._recorder.stage(self._name, seconds)
-
-
-def stage(name: str) -> StageTimer:
-    return StageTimer(name)
 
 
 def export(rec: SliRecorder) -> None:

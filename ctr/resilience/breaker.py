@@ -41,16 +41,6 @@ class BreakerOpen(Exception):
     """The breaker refused the call without trying it."""
 
 
-# Every live breaker of this process, for the status page (ctr.serving.status).
-_LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-
-def live_breakers() -> list[CircuitBreaker]:
-    """The breakers alive in this process, by name (the newest of a name wins)."""
-    out = {b.name: b for b in sorted(_LIVE, key=lambda b: b.created)}
-    return [out[k] for k in sorted(out)]
-
-
 class CircuitBreaker:
     def __init__(
         self,
@@ -85,7 +75,6 @@ class CircuitBreaker:
         self.transitions = 0
         self.created = time.monotonic()
         metrics.BREAKER_STATE.labels(name).set(State.CLOSED.value)
-        _LIVE.add(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, name: str) -> CircuitBreaker:
@@ -175,3 +164,26 @@ class CircuitBreaker:
             raise
         self.record_success()
         return result
+
+
+class Breakers:
+    """The breakers of one gateway, made by its composition root (ctr.serving.root): each is
+    built from the settings (CTR_BREAKER_*) and listed, by name, on the status page. Held
+    weakly: a pool's breaker of a replica that left goes with it."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+        self._live: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+    def make(self, name: str) -> CircuitBreaker:
+        b = CircuitBreaker(name) if self.settings is None else CircuitBreaker.from_settings(self.settings, name)
+        return self.add(b)
+
+    def add(self, breaker: CircuitBreaker) -> CircuitBreaker:
+        self._live.add(breaker)
+        return breaker
+
+    def live(self) -> list[CircuitBreaker]:
+        """The live breakers by name (the newest of a name wins)."""
+        out = {b.name: b for b in sorted(self._live, key=lambda b: b.created)}
+        return [out[k] for k in sorted(out)]

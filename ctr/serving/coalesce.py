@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from ctr import metrics
+from ctr.degraded import Reason
 
 ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
@@ -26,7 +27,7 @@ class ModelError(Exception):
     """A model call failed in a way the gateway answers with the fallback; `reason` is the
     `model:` degradation it reports."""
 
-    reason = "model:error"
+    reason: str = Reason.MODEL_ERROR
 
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
@@ -97,10 +98,11 @@ class Coalescer:
                     fut.set_result(y[start : start + len(xi)])
                 start += len(xi)
         except asyncio.CancelledError:
-            _fail(batch, ModelError("the model call was cancelled", "model:cancelled"))
+            _fail(batch, ModelError("the model call was cancelled", Reason.MODEL_CANCELLED))
             raise
         except Exception as exc:  # a batch that could not be made or split (mismatched rows)
-            _fail(batch, ModelError(f"the coalesced call failed: {type(exc).__name__}: {exc}", "model:batch_failed"))
+            why = f"the coalesced call failed: {type(exc).__name__}: {exc}"
+            _fail(batch, ModelError(why, Reason.MODEL_BATCH_FAILED))
         finally:
             if any(not fut.done() for _, fut in batch):  # cannot happen; if it does, no waiter hangs
                 _fail(batch, ModelError("the model call ended without an answer"))

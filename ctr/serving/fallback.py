@@ -7,19 +7,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ctr import metrics
+from ctr.degraded import Reason
 from ctr.model.segments import SegmentTable
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
 
 # (ad_ids, context) -> scores
 RemoteFallback = Callable[[list[str], dict[str, Any]], Awaitable[list[float]]]
-GLOBAL = "model:fallback:global"
+GLOBAL = Reason.FALLBACK_GLOBAL
 
 
 class Fallback:
     def __init__(self, table: SegmentTable, remote: RemoteFallback | None = None) -> None:
         self.table = table
         self.remote = remote
+
+    def local_scores(self, context: dict[str, Any], n: int) -> list[float]:
+        """The segment table held in this process: no call, nothing to wait for (shed answers)."""
+        return self.table.scores(context, n)
 
     async def scores(self, ad_ids: list[str], context: dict[str, Any], degraded: list[str]) -> list[float]:
         """One score per ad; appends to `degraded` when the global CTR had to stand in."""

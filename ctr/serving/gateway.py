@@ -1,11 +1,19 @@
-"""The gateway's request path: features -> transform -> coalesced model call -> response.
+"""The gateway's request path: admission -> features -> transform -> coalesced model call -> response.
+
+Admission first: past the adaptive concurrency limit (CTR_LIMIT, ctr.resilience.limit) a
+request gets no features and no model call. Without that bound, past saturation every
+request waited out its deadline inside the gateway before the fallback answered it. With
+CTR_OVERLOAD=fallback (default) a shed request is answered from the segment table held in
+this process (200, `fallback: true`, `degraded: ["overload:shed"]`); with
+CTR_OVERLOAD=reject it raises `Overloaded` (the route answers 503 with Retry-After). The
+requests admitted stay inside the deadline, and their outcomes steer the limit.
 
 Every request has a deadline (CTR_DEADLINE_MS); each stage gets what is left of it.
 The model call is guarded by a circuit breaker and a per-call timeout, and retried
 (idempotent) with jittered backoff inside the deadline and a retry budget (see
-`ctr.serving.wiring`). When the model cannot answer, the fallback answers (the segment
+`ctr.serving.root`). When the model cannot answer, the fallback answers (the segment
 table, in this process or from FallbackService, then the global CTR). Every substitution
-is named in `degraded`, starting with the part substituted (`model:`, `features:`, `cache:`).
+is named in `degraded` (ctr.degraded.Reason), starting with the part substituted.
 """
 
 from __future__ import annotations
@@ -15,16 +23,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from ctr import metrics
 from ctr.api.contract import PredictRequest
+from ctr.degraded import LATE, Reason
 from ctr.observe import log as obslog
 from ctr.observe import sli
+from ctr.observe.telemetry import Telemetry
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
+from ctr.resilience.limit import AimdLimit
 from ctr.serving.coalesce import ModelError
 from ctr.serving.fallback import Fallback
 from ctr.serving.features import FeatureProvider
@@ -72,6 +83,14 @@ class ModelFailed(Exception):
         self.reason = reason
 
 
+class Overloaded(Exception):
+    """Shed with CTR_OVERLOAD=reject: answer 503 with Retry-After."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"overloaded; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
 class Gateway:
     def __init__(
         self,
@@ -82,11 +101,19 @@ class Gateway:
         deadline_s: float,
         arms: ArmRouter | None = None,
         new_id: Callable[[str, str, int], str] | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        limiter: AimdLimit | None = None,
+        overload: Literal["fallback", "reject"] = "fallback",
+        retry_after_s: int = 1,
     ) -> None:
         """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
-        default a random hex id); `unit` is the user's canary sub-bucket."""
+        default a random hex id); `unit` is the user's canary sub-bucket. `limiter` (None: no
+        limit) and `overload` are the admission stage."""
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        if overload not in ("fallback", "reject"):
+            raise ValueError(f"overload must be 'fallback' or 'reject', got {overload!r}")
         self.features = features
         self.model = model
         self.fallback = fallback
@@ -94,10 +121,12 @@ class Gateway:
         self.deadline_s = deadline_s
         self.arms = arms
         self.new_id = new_id or _random_id
-        self._inference_h = sli.stage("inference")
-        self._request_h = sli.stage("request")
-        self.sli = sli.RECORDER  # SLIs of this process (the status page reads them)
-        self.bursts = obslog.BURSTS  # one log line per burst of fallbacks
+        self.telemetry = telemetry or Telemetry()
+        self.limiter, self.overload, self.retry_after_s = limiter, overload, retry_after_s
+        self._inference_h = self.telemetry.stage("inference")
+        self._request_h = self.telemetry.stage("request")
+        self.sli = self.telemetry.sli  # SLIs of this process (the status page reads them)
+        self.bursts = self.telemetry.bursts  # one log line per burst of fallbacks
 
     @property
     def pool(self) -> Model | None:
@@ -115,24 +144,65 @@ class Gateway:
         """The model's scores for the rows of `x`, or ModelFailed."""
         t0 = time.perf_counter()
         if deadline - t0 < MIN_MODEL_BUDGET_S:
-            raise ModelFailed("model:deadline")
+            raise ModelFailed(Reason.MODEL_DEADLINE)
         try:
             async with asyncio.timeout(deadline - t0):
                 y = await (model or self.model).submit(x, key)
         except TimeoutError:
-            raise ModelFailed("model:timeout") from None
+            raise ModelFailed(Reason.MODEL_TIMEOUT) from None
         except BreakerOpen:
-            raise ModelFailed("model:breaker_open") from None
+            raise ModelFailed(Reason.MODEL_BREAKER_OPEN) from None
         except REMOTE_ERRORS:
-            raise ModelFailed("model:unavailable") from None
+            raise ModelFailed(Reason.MODEL_UNAVAILABLE) from None
         except ModelError as exc:  # an invalid answer, a batch that failed in the coalescer
             raise ModelFailed(exc.reason) from None
         self._inference_h.observe(time.perf_counter() - t0)
         return np.clip(y.astype(np.float64), 1e-6, 1 - 1e-6).tolist()
 
     async def predict(self, req: PredictRequest, client_id: str | None = None) -> Prediction:
-        """The scores of one request; `client_id` (the caller's X-Request-ID) is logged beside
-        the request's own id."""
+        """The scores of one request, admitted or shed; `client_id` (the caller's
+        X-Request-ID) is logged beside the request's own id."""
+        if self.limiter is None:
+            return (await self._serve(req, client_id))[0]
+        lease = self.limiter.try_acquire()
+        if lease is None:
+            return self.shed(req, client_id)
+        try:
+            pred, failed = await self._serve(req, client_id)
+        except BaseException:
+            lease.ignore()
+            raise
+        if failed in LATE or Reason.FEATURES_TIMEOUT in pred.degraded:  # ran out of time: congestion
+            lease.dropped()
+        elif failed is not None:  # failed fast (unreachable, breaker, bad answer): says nothing of load
+            lease.ignore()
+        else:
+            lease.success()
+        return pred
+
+    def shed(self, req: PredictRequest, client_id: str | None) -> Prediction:
+        """The answer to a request above the limit: the segment table, or Overloaded."""
+        if self.overload == "reject":
+            metrics.REQUESTS.labels("rejected").inc()
+            raise Overloaded(self.retry_after_s)
+        metrics.REQUESTS.labels("shed").inc()
+        metrics.FALLBACKS.labels(Reason.SHED).inc()
+        scores = self.fallback.local_scores(req.context.model_dump(), len(req.ad_ids))
+        version = f"fallback:{self.model_version}"
+        arm, unit = self._arm_of(req.user_id)
+        pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, True, [Reason.SHED])
+        self.observe(pred, Reason.SHED, 0.0, client_id)  # a shed answer is a fallback in the SLIs too
+        return pred
+
+    def _arm_of(self, user_id: str) -> tuple[str, int]:
+        """The arm a user is in and its canary unit (a shed answer carries them as a served one does)."""
+        canary = self.canary
+        if self.arms is None or canary is None:
+            return "stable", 0
+        return self.arms.route(user_id)[0], canary.unit(user_id)
+
+    async def _serve(self, req: PredictRequest, client_id: str | None) -> tuple[Prediction, str | None]:
+        """An admitted request's answer, and why the model failed (None: it scored)."""
         t0 = time.perf_counter()
         deadline = t0 + self.deadline_s
         context = req.context.model_dump()
@@ -158,7 +228,7 @@ class Gateway:
         unit = canary.unit(req.user_id) if canary is not None else 0
         pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed, client_id)
-        return pred
+        return pred, failed
 
     def observe(self, pred: Prediction, failed: str | None, elapsed_s: float, client_id: str | None = None) -> None:
         """The request's SLIs (recorder and ctr_sli_* metrics; also of a request shed at the edge),

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
+from ctr.degraded import Reason
 from ctr.model.app import SHAPE
 from ctr.serving.coalesce import ModelCall, ModelError
 
@@ -23,7 +24,7 @@ from ctr.serving.coalesce import ModelCall, ModelError
 class InvalidAnswer(ModelError):
     """The model answered, but not one finite score per row."""
 
-    reason = "model:invalid_answer"
+    reason = Reason.MODEL_INVALID_ANSWER
 
 
 def check_answer(x: np.ndarray, y: object) -> np.ndarray:

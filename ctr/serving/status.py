@@ -37,7 +37,7 @@ from typing import Any
 from ctr.features.store import TieredStore
 from ctr.features.writes import GROUP, STREAM
 from ctr.observe.sli import STAGE_BUDGET_MS, STAGE_TOTAL_MS, WINDOWS_S, SliRecorder, finite
-from ctr.resilience.breaker import live_breakers
+from ctr.resilience.breaker import Breakers
 from ctr.serving import fleet as fleet_mod
 
 Panel = dict[str, Any]
@@ -55,6 +55,7 @@ class Sources:
     workers: int = 1
     cache_history: deque[tuple[float, dict[str, int]]] = field(default_factory=lambda: deque(maxlen=660))
     fleet_dir: Path | None = None  # where the gateway processes publish (fleet.directory()); None: this one only
+    breakers: Breakers | None = None  # this process's breakers (the composition root's registry)
     fleet: fleet_mod.Fleet | None = None  # set on the copy a document is built from
 
 
@@ -183,7 +184,7 @@ def cache_counts(src: Sources) -> dict[str, Any] | None:
 
 
 async def breakers(src: Sources) -> Panel:
-    rows = src.fleet.breakers() if src.fleet is not None else breaker_rows()
+    rows = src.fleet.breakers() if src.fleet is not None else breaker_rows(src.breakers)
     return {"open": sum(r["state"] == "open" for r in rows), "rows": rows}
 
 
@@ -198,10 +199,10 @@ async def processes(src: Sources) -> Panel | None:
             "rows": rows}  # fmt: skip
 
 
-def breaker_rows() -> list[dict[str, Any]]:
+def breaker_rows(breakers: Breakers | None) -> list[dict[str, Any]]:
     """This process's breakers: state, the window's calls and failures, transitions."""
     rows = []
-    for b in live_breakers():
+    for b in breakers.live() if breakers is not None else ():
         calls, failures = b.window()
         share = _r(failures / calls if calls else None, 3)
         rows.append(
@@ -308,7 +309,8 @@ class StatusBoard:
 
     def snapshot(self, slow: dict[str, Any] | None = None) -> fleet_mod.Snapshot:
         """This process's figures for the other gateway processes' documents."""
-        return fleet_mod.snapshot(self.sources.recorder, cache_counts(self.sources), breaker_rows(), slow=slow)
+        src = self.sources
+        return fleet_mod.snapshot(src.recorder, cache_counts(src), breaker_rows(src.breakers), slow=slow)
 
     def _merged(self) -> Sources:
         """The sources a document is built from: this process's, or every process's merged."""

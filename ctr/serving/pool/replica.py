@@ -17,6 +17,7 @@ from typing import Protocol
 import aiohttp
 import numpy as np
 
+from ctr.degraded import Reason
 from ctr.serving.model_client import BinaryModelClient, InvalidAnswer
 
 
@@ -81,7 +82,7 @@ class LocalFailure(InvalidAnswer):
     """The forward pass in this process raised: counted against the replica and retried like
     an HTTP replica's error (which the CTRModel process answers as a 5xx)."""
 
-    reason = "model:error"
+    reason = Reason.MODEL_ERROR
 
 
 class LocalReplica:
