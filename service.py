@@ -52,7 +52,7 @@ COMMON: dict[str, Any] = {
 }
 
 
-model_app = make_model_app(SETTINGS.model_delay_ms / 1000.0)
+model_app = make_model_app(SETTINGS.model_delay_ms / 1000.0, SETTINGS.model_score_scale)
 
 
 @bentoml.asgi_app(model_app, path="/")
@@ -182,6 +182,9 @@ class CTRGateway:
             SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback, self.arms,
             new_id=request_id.Signer(id_key).issue,
         )  # fmt: skip
+        self.shadow = wiring.shadow_tap(SETTINGS, self.arms)  # the canary's shadow phase; None without Redis
+        self.gateway.shadow = self.shadow
+        predict_app.state.shadow = self.shadow
         predict_app.state.canary = self.arms.runtime if self.arms else None
         predict_app.state.stable_arm = Arm(self.art.tag, tuple(u for u in SETTINGS.model_urls.split(",") if u))
         predict_app.state.max_ads = SETTINGS.max_ads
@@ -203,6 +206,8 @@ class CTRGateway:
         await self.pool.start()
         if self.arms is not None:
             self.arms.start()
+        if self.shadow is not None:
+            self.shadow.start(SETTINGS.canary_sync_s)
         predict_app.state.gateway = wiring.admission(SETTINGS, self.gateway)
         predict_app.state.status = self.status
         self._ticker = wiring.start_ticker(self.status)
@@ -219,6 +224,8 @@ class CTRGateway:
     @bentoml.on_shutdown
     async def close(self) -> None:
         self._ticker.cancel()
+        if self.shadow is not None:
+            await self.shadow.close()
         if self.arms is not None:
             await self.arms.close()
         await self.pool.close()

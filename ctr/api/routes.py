@@ -100,6 +100,8 @@ async def feedback(request: Request) -> Response:
         canary_runtime.record_feedback(
             claims.arm, fb.clicked, fb.score, claims.unit
         )  # the canary's CTR and calibration gates
+    if (shadow := getattr(request.app.state, "shadow", None)) is not None:  # the shadow phase's paired gate
+        await shadow.join(fb.request_id, fb.ad_id, fb.clicked)  # (a failing store degrades, never raises)
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 

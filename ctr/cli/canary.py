@@ -125,15 +125,31 @@ def status(url: str, token: str, as_json: bool) -> None:
     help="Multiplies the default phase durations (1 h, 2 h, 4 h, 8 h); 0.0167 = minutes.",
 )
 @click.option(
+    "--shadow-s",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="A shadow phase first (seconds, times --plan-scale): the canary scores a sample of stable's "
+    "requests off the response path, judged on the same impressions (docs/canary.md).",
+)
+@click.option(
     "--plan-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A plan as JSON (phases or a ramp; see docs/canary.md).",
 )
 def start(
-    url: str, token: str, model_tag: str, urls: tuple[str, ...], plan_scale: float, plan_file: Path | None
+    url: str,
+    token: str,
+    model_tag: str,
+    urls: tuple[str, ...],
+    plan_scale: float,
+    shadow_s: float,
+    plan_file: Path | None,
 ) -> None:
     """Start a rollout of MODEL_TAG at the plan's first share."""
     body: dict[str, Any] = {"model_tag": model_tag, "urls": list(urls), "plan_scale": plan_scale}
+    if shadow_s:
+        body["shadow_s"] = shadow_s
     if plan_file is not None:
         body["plan"] = json.loads(plan_file.read_text())
     click.echo(_summary(call(url, token, "/admin/canary/start", body)))

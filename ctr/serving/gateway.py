@@ -60,6 +60,12 @@ class ArmRouter(Protocol):
     def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None: ...
 
 
+class ShadowTap(Protocol):
+    """The canary's shadow phase (`ctr.serving.canary.shadow`): offered each stable answer, no I/O."""
+
+    def offer(self, request_id: str, user_id: str, ad_ids: list[str], x: np.ndarray, scores: list[float]) -> None: ...
+
+
 def _random_id(arm: str, model_version: str, unit: int = 0) -> str:
     return uuid.uuid4().hex
 
@@ -82,6 +88,7 @@ class Gateway:
         deadline_s: float,
         arms: ArmRouter | None = None,
         new_id: Callable[[str, str, int], str] | None = None,
+        shadow: ShadowTap | None = None,
     ) -> None:
         """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
         default a random hex id); `unit` is the user's canary sub-bucket."""
@@ -94,6 +101,7 @@ class Gateway:
         self.deadline_s = deadline_s
         self.arms = arms
         self.new_id = new_id or _random_id
+        self.shadow = shadow  # after the answer is computed, a sample is scored on the canary in the background
         self._inference_h = sli.stage("inference")
         self._request_h = sli.stage("request")
         self.sli = sli.RECORDER  # SLIs of this process (the status page reads them)
@@ -158,6 +166,8 @@ class Gateway:
         unit = canary.unit(req.user_id) if canary is not None else 0
         pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed, client_id)
+        if self.shadow is not None and failed is None and arm == "stable":
+            self.shadow.offer(pred.request_id, req.user_id, req.ad_ids, x, scores)
         return pred
 
     def observe(self, pred: Prediction, failed: str | None, elapsed_s: float, client_id: str | None = None) -> None:

@@ -26,7 +26,9 @@ from ctr.resilience.retry import Retrier, RetryBudget
 from ctr.serving import fleet
 from ctr.serving.canary.arms import Arms
 from ctr.serving.canary.controller import Controller
+from ctr.serving.canary.paired import PairedConfig
 from ctr.serving.canary.runtime import CanaryRuntime
+from ctr.serving.canary.shadow import RedisShadowStore, Shadow
 from ctr.serving.canary.state import RedisStore
 from ctr.serving.canary.stats import GateConfig
 from ctr.serving.coalesce import ModelCall
@@ -238,6 +240,20 @@ def canary_arms(
         return model_pool(settings, width=width, name="canary", urls=",".join(urls), headers=headers)
 
     return Arms(runtime, stable, stable_version, make_pool)
+
+
+def shadow_tap(settings: Settings, arms: Arms | None) -> Shadow | None:
+    """The rollout's shadow phase in this process (ctr/serving/canary/shadow.py), in the canary's
+    Redis; its paired gate is the controller's evidence in a shadow phase. None without a canary."""
+    store = None if arms is None else arms.runtime.store
+    if arms is None or not isinstance(store, RedisStore):
+        return None
+    cfg = PairedConfig(settings.canary_alpha, settings.canary_shadow_margin, settings.canary_shadow_min_pairs)
+    tap = Shadow(arms, RedisShadowStore(store.r, store.prefix), settings.canary_shadow_sample,
+                 settings.canary_shadow_max_inflight, settings.deadline_ms / 1000.0 * 4, settings.canary_shadow_ttl_s,
+                 cfg)  # fmt: skip
+    arms.runtime.controller.paired = tap.gate
+    return tap
 
 
 async def warm_model(
