@@ -205,6 +205,14 @@ for _name, _doc in (
 @click.option(
     "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Every outcome as JSON."
 )
+@click.option(
+    "--shadow-seeds",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Shadow phase: good and at-margin canaries per start hour and spread (0: no shadow checks).",
+)
+@click.option("--shadow-only", is_flag=True, help="Only the bad canaries (split and shadow) and the shadow checks.")
 def simulate(
     aa_seeds: int,
     margin_seeds: int,
@@ -217,6 +225,8 @@ def simulate(
     on_timeout: str,
     workdir: Path | None,
     json_out: Path | None,
+    shadow_seeds: int,
+    shadow_only: bool,
 ) -> None:
     """Whole rollouts under a fake clock: bad canaries (real trained models), A/A canaries over every
     start hour and two user spreads, canaries exactly at each gate's margin (ctr/bench/canary_suite.py)."""
@@ -227,12 +237,23 @@ def simulate(
     from ctr.serving.canary.plan import default_plan
 
     plan = dataclasses.replace(default_plan(), on_timeout=on_timeout)
-    trained = None
+    world = None
     if not no_models:
         world_cfg = dataclasses.replace(sim.DEFAULT_WORLD, impressions=impressions)
-        trained = sim.build_world(world_cfg, workdir).arms
+        world = sim.build_world(world_cfg, workdir)
     cfg = suite.FullConfig(tuple(rps), aa_seeds, margin_seeds, interval_s, bad_interval_s, workers)
-    result = suite.full(plan, sim.synthetic_arms(), trained, cfg)
+    if shadow_only:
+        result: dict[str, Any] = {"lines": [], "outcomes": {}}
+    else:
+        result = suite.full(plan, sim.synthetic_arms(), world.arms if world else None, cfg)
+    if world is not None and shadow_seeds > 0:
+        from ctr.bench import canary_shadow
+
+        split = {r: canary_shadow.split_bad(world.arms, r, bad_interval_s, workers) for r in rps}
+        shadow_cfg = canary_shadow.ShadowConfig(tuple(rps), per_hour=shadow_seeds, interval_s=bad_interval_s)
+        shadow = canary_shadow.full(world, split, shadow_cfg)
+        result["lines"] += shadow["lines"]
+        result["outcomes"].update(shadow["outcomes"])
     for line in result["lines"]:
         click.echo(line)
     if json_out is not None:
