@@ -190,3 +190,16 @@ def test_without_paired_evidence_the_shadow_phase_never_advances() -> None:
         assert d is not None and d.action == "wait" and "paired insufficient" in d.reason
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("shadow_s, ok", [(600, True), (0, True), (-1, False), ("1h", False), (True, False)])
+def test_the_admin_api_takes_a_shadow_phase(shadow_s: object, ok: bool) -> None:
+    """POST /admin/canary/start {"plan_scale": x, "shadow_s": s}: a shadow phase of s x scale first."""
+    from ctr.api.canary import _plan
+
+    if not ok:
+        with pytest.raises(ValueError, match="shadow_s"):
+            _plan({"plan_scale": 0.5, "shadow_s": shadow_s})
+        return
+    plan = _plan({"plan_scale": 0.5, "shadow_s": shadow_s})
+    assert plan.is_shadow(0) == bool(shadow_s) and (not shadow_s or plan.min_duration_s(0) == 300)

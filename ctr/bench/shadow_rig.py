@@ -4,8 +4,10 @@ replicas on loopback; and the benchmark of /predict's latency with the shadow ph
 
 `python -m ctr.bench.shadow_rig --rate 150 --duration-s 15 --rounds 3` starts the rig (the
 repository's model store and data, `make setup`), then alternates open-loop runs at a fixed
-arrival rate: off (no rollout), on (a rollout in its shadow phase, every request shadowed,
-`CTR_CANARY_SHADOW_SAMPLE=1`), and prints each run's p50/p99 and the medians. Used by
+arrival rate, in ABBA order: off (no rollout), on (a rollout in its shadow phase, `--sample` of
+the requests shadowed, 1 % by default), and prints each run's p50/p99 and the medians. On one
+machine the canary replica shares the gateway's cores: at `--sample 1` its work competes with
+stable's (in a deployment it runs on its own pods). Used by
 tests/test_canary_shadow_e2e.py for the rig alone.
 """
 
@@ -109,13 +111,13 @@ def latency_runs(r: Rig, rate: float, duration_s: float, rounds: int, data_dir: 
     check_loopback(r.url)
     bodies = Traffic(data_dir, 10).bodies(2000)
     out: list[tuple[str, float, float]] = []
-    asyncio.run(open_level(r.url + "/predict", rate, 5.0, bodies))  # warm-up
+    asyncio.run(open_level(r.url, rate, 5.0, bodies))  # warm-up
     for i in range(rounds):
-        for mode in ("off", "on"):
+        for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):  # ABBA: drift of a shared machine cancels
             if mode == "on":
                 r.start_shadow("canary", shadow_s=3600.0)
                 time.sleep(1.0)  # every process syncs the rollout (CTR_CANARY_SYNC_S) and builds the canary pool
-            res = asyncio.run(open_level(r.url + "/predict", rate, duration_s, bodies))
+            res = asyncio.run(open_level(r.url, rate, duration_s, bodies))
             if mode == "on":
                 r.admin("/admin/canary/rollback", {"reason": f"benchmark round {i} done"})
                 time.sleep(1.0)
@@ -123,6 +125,49 @@ def latency_runs(r: Rig, rate: float, duration_s: float, rounds: int, data_dir: 
             print(f"round {i} shadow {mode:3s}: {res.requests} requests, p50 {res.p50_ms:.2f} ms, "
                   f"p99 {res.p99_ms:.2f} ms, fallback {res.fallback}, non-200 {res.non_200}", flush=True)  # fmt: skip
     return out
+
+
+def offer_cost(n: int = 100_000) -> dict[str, float]:
+    """What the shadow phase adds to a request's own path, in process: microseconds per
+    `Shadow.offer` with no shadow phase, in one with the request not sampled, and sampled (the
+    background task created; its work runs after the answer)."""
+    import numpy as np
+
+    from ctr.serving.canary.controller import Controller
+    from ctr.serving.canary.plan import default_plan
+    from ctr.serving.canary.runtime import CanaryRuntime
+    from ctr.serving.canary.shadow import MemoryShadowStore, Shadow
+    from ctr.serving.canary.state import Arm, MemoryStore
+
+    class Pool:
+        async def submit(self, x: np.ndarray, key: str | None = None) -> np.ndarray:
+            return np.full(len(x), 0.05)
+
+    async def go() -> dict[str, float]:
+        store = MemoryStore()
+        runtime = CanaryRuntime(store, Controller(store))
+        arms = type("Arms", (), {"runtime": runtime, "canary": Pool()})()
+        x, ads, scores = np.zeros((10, 27), np.int64), [f"a{i}" for i in range(10)], [0.05] * 10
+        out: dict[str, float] = {}
+        for label, sample, active in (("no shadow phase", 1.0, False), ("not sampled", 0.0, True),
+                                      ("sampled", 1.0, True)):  # fmt: skip
+            tap = Shadow(arms, MemoryShadowStore(), sample, max_inflight=2000)  # type: ignore[arg-type]
+            if active and runtime.rollout is None:
+                await runtime.controller.start(Arm("a"), Arm("b", ("http://c",)), default_plan(shadow_s=3600))
+                await runtime.sync()
+            tap.refresh()
+            took = 0.0
+            for i in range(0, n, 1000):
+                t0 = time.perf_counter()
+                for j in range(i, i + 1000):
+                    tap.offer(f"r{j}", f"u{j}", ads, x, scores)
+                took += time.perf_counter() - t0
+                if tap.tasks:
+                    await asyncio.gather(*tap.tasks)
+            out[label] = took / n * 1e6
+        return out
+
+    return asyncio.run(go())
 
 
 def main() -> None:
@@ -135,11 +180,18 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="Gateway processes.")
+    ap.add_argument("--sample", type=float, default=0.01, help="CTR_CANARY_SHADOW_SAMPLE while on.")
+    ap.add_argument("--offer-cost", action="store_true", help="Only time Shadow.offer in process (no servers).")
     a = ap.parse_args()
+    if a.offer_cost:
+        for label, us in offer_cost().items():
+            print(f"Shadow.offer, {label}: {us:.2f} us per request")
+        return
     env = {**os.environ}
     env.setdefault("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))
     data_dir = Path(env.get("CTR_DATA_DIR", PROJECT_ROOT / "data"))
-    gateway_env = {"CTR_CANARY_SHADOW_SAMPLE": "1", "CTR_GATEWAY_WORKERS": str(a.workers), "CTR_WARM": "false"}
+    gateway_env = {"CTR_CANARY_SHADOW_SAMPLE": str(a.sample), "CTR_GATEWAY_WORKERS": str(a.workers),
+                   "CTR_WARM": "false"}  # fmt: skip
     with redis_server() as redis_url, rig(env, redis_url, {"canary": {}}, gateway_env) as r:
         runs = latency_runs(r, a.rate, a.duration_s, a.rounds, data_dir)
         r.admin("/admin/canary")  # the rig still answers
