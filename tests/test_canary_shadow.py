@@ -203,3 +203,13 @@ def test_the_admin_api_takes_a_shadow_phase(shadow_s: object, ok: bool) -> None:
         return
     plan = _plan({"plan_scale": 0.5, "shadow_s": shadow_s})
     assert plan.is_shadow(0) == bool(shadow_s) and (not shadow_s or plan.min_duration_s(0) == 300)
+
+
+def test_ctr_canary_status_shows_the_shadow_phase() -> None:
+    from ctr.cli.canary import _summary
+
+    s = {"id": "r1", "status": "running", "phase": 0, "share": 0.0, "stable": {"tag": "a"},
+         "canary": {"tag": "b", "urls": []}, "store": "ok",
+         "shadow": {"pairs_joined": 2400, "verdict": "harm", "logloss_diff_rel": 0.066,
+                    "logloss_diff_interval": [0.03, 0.1]}}  # fmt: skip
+    assert "shadow 2,400 pairs joined, harm: log loss +6.60 % [+3.00 %, +10.00 %]" in _summary(s)

@@ -72,6 +72,7 @@ def test_the_paired_gate_rolls_back_a_miscalibrated_canary_before_any_user_sees_
     s = _wait(r, lambda s: s.get("status") != "running")
     assert s["status"] == "rolled_back" and s["reason"].startswith("paired gate"), s
     assert s["share"] == 0.0 and all(h["share"] == 0.0 for h in s["history"])  # never a user on the canary
+    assert s["shadow"]["verdict"] == "harm" and s["shadow"]["pairs_joined"] >= 1000  # GET /admin/canary
     panel = httpx.get(r.url + "/status.json", timeout=10).json()
     shadow = next(p for p in panel["panels"] if p["id"] == "shadow")["data"]
     assert shadow["pairs_joined"] >= 1000 and shadow["verdict"] == "harm" and shadow["logloss_diff_rel"] > 0.01

@@ -117,7 +117,11 @@ def _endpoint(action: Handler) -> Callable[[Request], Awaitable[Response]]:
 
 async def _status(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> dict[str, Any]:
     await rt.refresh()  # when the store is down, status() says so and shows the last known split
-    return rt.status()
+    out = rt.status()
+    shadow = getattr(request.app.state, "shadow", None)
+    if shadow is not None and (paired := await shadow.status()) is not None:
+        out["shadow"] = paired  # the shadow phase's paired gate (ctr/serving/canary/shadow.py)
+    return out
 
 
 async def _start(rt: CanaryRuntime, request: Request, body: dict[str, Any]) -> Rollout:

@@ -88,6 +88,10 @@ def _summary(s: dict[str, Any]) -> str:
         )
     for g in s.get("gates", {}).values():
         lines.append(f"  gate {g['gate']:11s} {g['verdict']:12s} {gate_figures(g)}")
+    if sh := s.get("shadow"):
+        lo, hi = sh.get("logloss_diff_interval") or (None, None)
+        figures = _bracket(sh.get("logloss_diff_rel"), lo, hi, lambda x: f"{100 * x:+.2f} %")
+        lines.append(f"  shadow {sh.get('pairs_joined', 0):,} pairs joined, {sh.get('verdict')}: log loss {figures}")
     if s.get("reason"):
         lines.append(f"  reason: {s['reason']}")
     for h in s.get("history", [])[-5:]:
