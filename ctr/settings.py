@@ -53,7 +53,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ('The model', (
         'model_tag', 'model_replica', 'local_forward', 'device', 'model_precision', 'torch_threads',
         'model_workers', 'model_hop', 'model_max_batch_rows', 'model_max_latency_ms', 'warm_model_round_s',
-        'model_delay_ms',
+        'model_delay_ms', 'model_score_scale',
     )),
     ('The model pool (ctr/serving/pool) and services run alone (ctr serve)', (
         'model_urls', 'lb_policy', 'model_weights', 'hash_load_factor', 'replica_p99_ms', 'replica_min_success',
@@ -76,6 +76,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ('Canary releases (ctr/serving/canary)', (
         'canary_redis_url', 'canary_urls', 'canary_baseline_urls', 'canary_sync_s', 'canary_alpha',
+        'canary_shadow_sample', 'canary_shadow_max_inflight', 'canary_shadow_ttl_s', 'canary_shadow_margin',
+        'canary_shadow_min_pairs',
     )),
     ('Observability: logs, tracing, SLIs and objectives', (
         'log_format', 'log_level', 'tracing', 'sli', 'slo_availability', 'slo_model_scored', 'slo_p99_ms',
@@ -172,6 +174,12 @@ class Settings(BaseSettings):
     )
     model_delay_ms: float = Field(
         0.0, ge=0, description="Fault injection: CTRModel's /infer waits this long before answering (tests, benches)."
+    )
+    model_score_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Fault injection: CTRModel's /infer multiplies its scores by this (a miscalibrated replica on "
+        "purpose, for tests and demos of the canary's gates).",
     )
 
     # --- The model pool (ctr/serving/pool) and services run alone (ctr serve)
@@ -334,6 +342,26 @@ class Settings(BaseSettings):
         description="Canary false rollbacks over a whole rollout, all 4 gates (alpha/4 each); each gate's "
         "non-inferiority is read at alpha (intersection-union).",
     )
+    canary_shadow_sample: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="In a rollout's shadow phase, the share of stable requests the canary also scores, off the "
+        "response path (docs/canary.md, Shadow phase).",
+    )
+    canary_shadow_max_inflight: int = Field(
+        8, ge=1, description="Most shadow calls running at once per gateway process; more are dropped (counted)."
+    )
+    canary_shadow_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a shadow pair waits in Redis for its request's feedback."
+    )
+    canary_shadow_margin: float = Field(
+        0.01,
+        gt=0,
+        description="The shadow phase's paired gate: the relative log-loss increase the canary may have on the "
+        "same impressions (0.01: 1 %); harm at alpha/4, non-inferiority at alpha.",
+    )
+    canary_shadow_min_pairs: int = Field(2000, ge=2, description="Joined shadow pairs before the paired gate reads.")
 
     # --- Observability: logs, tracing, SLIs and objectives
     log_format: Literal["json", "text"] = Field(

@@ -37,7 +37,7 @@ SERVER_FIXTURES = {"redis_url", "cluster_url", "pg_url", "served_redis_url", "sm
 SERVER_MODULES = {"test_container", "test_soak", "test_fuzz", "test_status_browser", "test_canary_sim",
                   "test_canary_e2e", "test_canary_redis", "test_e2e", "test_faults", "test_pool_faults",
                   "test_internal", "test_writer_faults", "test_writes", "test_private_redis", "test_coherence",
-                  "test_consistency"}  # fmt: skip
+                  "test_consistency", "test_canary_shadow_redis", "test_canary_shadow_e2e"}  # fmt: skip
 
 
 def _integration(item: pytest.Item) -> bool:

@@ -70,3 +70,22 @@ def test_mutation_a_fixed_horizon_interval_fails_the_margin_suite(monkeypatch: p
     above fails (looked at every interval, the fixed interval crosses the margin far more often)."""
     monkeypatch.setattr(stats, "halfwidth", suite.fixed_horizon_halfwidth)
     assert suite.bounded_margin_failures(ARMS, MARGIN_PLAN) > suite.MARGIN_BUDGET
+
+
+def test_shadow_phase_rejects_the_bad_models_before_any_user_sees_them(world: sim.World) -> None:
+    """The shadow phase (1 % of stable's requests scored by the canary, joined to the same clicks):
+    the canaries bad in their scores are rolled back by the paired gate within 5 minutes, with fewer
+    pairs than the split's CTR gate needed canary requests; errors and slow score as stable does and
+    pass (the split's gates catch them); the good canary passes."""
+    from ctr.bench import canary_shadow as cs
+
+    arms = cs.paired_arms(world.scores, world.p_true)
+    split = {o.canary: o for o in cs.split_bad(world.arms, 10_000.0, 60.0)}
+    plan = dataclasses.replace(cs.SHADOW_PLAN, interval_s=60.0)
+    for i, name in enumerate((*sim.BAD, "good")):
+        o = asyncio.run(cs.shadow_rollout(arms[name], i, plan, Traffic(rps=10_000.0)))
+        if name in cs.MODEL_BAD:
+            assert o.status == "rejected" and o.sim_time_s <= 300, o
+            assert o.pairs < split[name].canary_requests or name == "miscalibrated", (o, split[name])
+        else:
+            assert o.status == "passed", o

@@ -2,7 +2,7 @@
 
 GET /admin/canary (phase, share, per-arm counts, gate estimates with their intervals,
 decision history, whether Redis answers); POST /admin/canary/start
-({"model_tag": ..., "urls": [...], "plan": {...} | "plan_scale": x}), /pause, /resume,
+({"model_tag": ..., "urls": [...], "plan": {...} | "plan_scale": x, "shadow_s": s}), /pause, /resume,
 /promote, /rollback ({"reason": ...} optional). Every endpoint needs
 `Authorization: Bearer $CTR_ADMIN_TOKEN` (constant-time compare): missing or wrong is 401
 and changes nothing; no token configured is 403 (admin endpoints disabled).
@@ -69,7 +69,10 @@ def _plan(body: dict[str, Any]) -> Plan:
     scale = body.get("plan_scale", 1.0)
     if not isinstance(scale, int | float) or scale <= 0:
         raise ValueError("plan_scale must be a number > 0 (1 = the default 1 h / 2 h / 4 h / 8 h phases)")
-    return default_plan(float(scale))
+    shadow_s = body.get("shadow_s", 0.0)  # a shadow phase before the split (seconds, times plan_scale)
+    if not isinstance(shadow_s, int | float) or isinstance(shadow_s, bool) or not 0 <= shadow_s < 1e7:
+        raise ValueError("shadow_s must be a number of seconds >= 0 (0: no shadow phase)")
+    return default_plan(float(scale), shadow_s=float(shadow_s))
 
 
 def _canary_arm(body: dict[str, Any]) -> Arm:
@@ -115,7 +118,11 @@ def _endpoint(edge: Edge, action: Handler) -> Callable[[Request], Awaitable[Resp
 
 async def _status(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> dict[str, Any]:
     await rt.refresh()  # when the store is down, status() says so and shows the last known split
-    return rt.status()
+    out = rt.status()
+    shadow = edge.shadow
+    if shadow is not None and (paired := await shadow.status()) is not None:
+        out["shadow"] = paired  # the shadow phase's paired gate (ctr/serving/canary/shadow.py)
+    return out
 
 
 async def _start(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> Rollout:

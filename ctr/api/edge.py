@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from ctr.features.writes import FeatureWriter
     from ctr.serving.canary.runtime import CanaryRuntime
+    from ctr.serving.canary.shadow import Shadow
     from ctr.serving.canary.state import Arm
     from ctr.serving.gateway import Gateway
     from ctr.serving.status import StatusBoard
@@ -42,6 +43,7 @@ class Edge:
     stable_arm: Arm | None = None
     model_info: dict[str, Any] | None = None
     status: StatusBoard | None = None
+    shadow: Shadow | None = None  # the canary's shadow phase (its feedback join)
 
 
 Handler = Callable[[Edge, "Request"], Awaitable["Response"]]

@@ -102,6 +102,8 @@ async def feedback(edge: Edge, request: Request) -> Response:
         canary_runtime.record_feedback(
             claims.arm, fb.clicked, fb.score, claims.unit
         )  # the canary's CTR and calibration gates
+    if (shadow := edge.shadow) is not None:  # the shadow phase's paired gate
+        await shadow.join(fb.request_id, fb.ad_id, fb.clicked)  # (a failing store degrades, never raises)
     return _json({"accepted": True, "arm": claims.arm}, 202)
 
 

@@ -63,6 +63,10 @@ class World:
     cfg: WorldConfig
     arms: dict[str, ArmProfile]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The shadow phase (canary_shadow.py): every model's scores of every candidate of the fixed
+    # requests, and the candidates' true click probabilities; users are shown stable's choice.
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    p_true: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 def _derived_log(src: Path, dst: Path, kind: str, seed: int) -> Path:
@@ -127,7 +131,7 @@ def build_world(cfg: WorldConfig = DEFAULT_WORLD, workdir: Path | None = None) -
         "shuffled": (_derived_log(log_dir, tmp / "shuffled", "shuffled", 1), tc),
         "tenth": (_derived_log(log_dir, tmp / "tenth", "tenth", 1), tc),
     }
-    world = World(cfg, {})
+    world = World(cfg, {}, p_true=p_true)
     rows = np.arange(cfg.requests)
     for name, (d, c) in runs.items():
         res = train(d, c)
@@ -141,6 +145,7 @@ def build_world(cfg: WorldConfig = DEFAULT_WORLD, workdir: Path | None = None) -
                 ("slow", scores, 0.0, 10.0),
             ]
         for vname, s, err, slow in variants:
+            world.scores[vname] = s
             shown = s.argmax(axis=1)
             pred = s[rows, shown]
             world.arms[vname] = ArmProfile(

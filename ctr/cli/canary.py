@@ -88,6 +88,10 @@ def _summary(s: dict[str, Any]) -> str:
         )
     for g in s.get("gates", {}).values():
         lines.append(f"  gate {g['gate']:11s} {g['verdict']:12s} {gate_figures(g)}")
+    if sh := s.get("shadow"):
+        lo, hi = sh.get("logloss_diff_interval") or (None, None)
+        figures = _bracket(sh.get("logloss_diff_rel"), lo, hi, lambda x: f"{100 * x:+.2f} %")
+        lines.append(f"  shadow {sh.get('pairs_joined', 0):,} pairs joined, {sh.get('verdict')}: log loss {figures}")
     if s.get("reason"):
         lines.append(f"  reason: {s['reason']}")
     for h in s.get("history", [])[-5:]:
@@ -125,15 +129,31 @@ def status(url: str, token: str, as_json: bool) -> None:
     help="Multiplies the default phase durations (1 h, 2 h, 4 h, 8 h); 0.0167 = minutes.",
 )
 @click.option(
+    "--shadow-s",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="A shadow phase first (seconds, times --plan-scale): the canary scores a sample of stable's "
+    "requests off the response path, judged on the same impressions (docs/canary.md).",
+)
+@click.option(
     "--plan-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A plan as JSON (phases or a ramp; see docs/canary.md).",
 )
 def start(
-    url: str, token: str, model_tag: str, urls: tuple[str, ...], plan_scale: float, plan_file: Path | None
+    url: str,
+    token: str,
+    model_tag: str,
+    urls: tuple[str, ...],
+    plan_scale: float,
+    shadow_s: float,
+    plan_file: Path | None,
 ) -> None:
     """Start a rollout of MODEL_TAG at the plan's first share."""
     body: dict[str, Any] = {"model_tag": model_tag, "urls": list(urls), "plan_scale": plan_scale}
+    if shadow_s:
+        body["shadow_s"] = shadow_s
     if plan_file is not None:
         body["plan"] = json.loads(plan_file.read_text())
     click.echo(_summary(call(url, token, "/admin/canary/start", body)))
@@ -189,6 +209,14 @@ for _name, _doc in (
 @click.option(
     "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Every outcome as JSON."
 )
+@click.option(
+    "--shadow-seeds",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Shadow phase: good and at-margin canaries per start hour and spread (0: no shadow checks).",
+)
+@click.option("--shadow-only", is_flag=True, help="Only the bad canaries (split and shadow) and the shadow checks.")
 def simulate(
     aa_seeds: int,
     margin_seeds: int,
@@ -201,6 +229,8 @@ def simulate(
     on_timeout: str,
     workdir: Path | None,
     json_out: Path | None,
+    shadow_seeds: int,
+    shadow_only: bool,
 ) -> None:
     """Whole rollouts under a fake clock: bad canaries (real trained models), A/A canaries over every
     start hour and two user spreads, canaries exactly at each gate's margin (ctr/bench/canary_suite.py)."""
@@ -211,12 +241,23 @@ def simulate(
     from ctr.serving.canary.plan import default_plan
 
     plan = dataclasses.replace(default_plan(), on_timeout=on_timeout)
-    trained = None
+    world = None
     if not no_models:
         world_cfg = dataclasses.replace(sim.DEFAULT_WORLD, impressions=impressions)
-        trained = sim.build_world(world_cfg, workdir).arms
+        world = sim.build_world(world_cfg, workdir)
     cfg = suite.FullConfig(tuple(rps), aa_seeds, margin_seeds, interval_s, bad_interval_s, workers)
-    result = suite.full(plan, sim.synthetic_arms(), trained, cfg)
+    if shadow_only:
+        result: dict[str, Any] = {"lines": [], "outcomes": {}}
+    else:
+        result = suite.full(plan, sim.synthetic_arms(), world.arms if world else None, cfg)
+    if world is not None and shadow_seeds > 0:
+        from ctr.bench import canary_shadow
+
+        split = {r: canary_shadow.split_bad(world.arms, r, bad_interval_s, workers) for r in rps}
+        shadow_cfg = canary_shadow.ShadowConfig(tuple(rps), per_hour=shadow_seeds, interval_s=bad_interval_s)
+        shadow = canary_shadow.full(world, split, shadow_cfg)
+        result["lines"] += shadow["lines"]
+        result["outcomes"].update(shadow["outcomes"])
     for line in result["lines"]:
         click.echo(line)
     if json_out is not None:

@@ -20,9 +20,12 @@ if TYPE_CHECKING:  # torch is imported by CTRModel's process only
 SHAPE = "x-ctr-shape"
 
 
-def make_model_app(runner: ModelRunner | Callable[[np.ndarray], np.ndarray], delay_s: float = 0.0) -> Starlette:
+def make_model_app(
+    runner: ModelRunner | Callable[[np.ndarray], np.ndarray], delay_s: float = 0.0, score_scale: float = 1.0
+) -> Starlette:
     """CTRModel's /infer route over `runner`. `delay_s` (CTR_MODEL_DELAY_MS) makes every answer
-    that much later: a slow replica on purpose, for tests and benchmarks."""
+    that much later: a slow replica on purpose, for tests and benchmarks; `score_scale`
+    (CTR_MODEL_SCORE_SCALE) multiplies its scores: a miscalibrated one."""
 
     async def infer(request: Request) -> Response:
         if delay_s > 0:
@@ -31,6 +34,8 @@ def make_model_app(runner: ModelRunner | Callable[[np.ndarray], np.ndarray], del
             n, f = (int(v) for v in request.headers[SHAPE].split(","))
             x = np.frombuffer(await request.body(), dtype="<i8").reshape(n, f)
             y = runner(x)
+            if score_scale != 1.0:
+                y = np.minimum(y * score_scale, 1 - 1e-6)
         except (KeyError, ValueError) as exc:
             return Response(f"bad /infer request: {exc}".encode(), 400)
         return Response(np.ascontiguousarray(y, dtype="<f4").tobytes(), media_type="application/octet-stream")

@@ -71,6 +71,12 @@ class ArmRouter(Protocol):
     def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None: ...
 
 
+class ShadowTap(Protocol):
+    """The canary's shadow phase (`ctr.serving.canary.shadow`): offered each stable answer, no I/O."""
+
+    def offer(self, request_id: str, user_id: str, ad_ids: list[str], x: np.ndarray, scores: list[float]) -> None: ...
+
+
 def _random_id(arm: str, model_version: str, unit: int = 0) -> str:
     return uuid.uuid4().hex
 
@@ -106,10 +112,12 @@ class Gateway:
         limiter: AimdLimit | None = None,
         overload: Literal["fallback", "reject"] = "fallback",
         retry_after_s: int = 1,
+        shadow: ShadowTap | None = None,
     ) -> None:
         """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
         default a random hex id); `unit` is the user's canary sub-bucket. `limiter` (None: no
-        limit) and `overload` are the admission stage."""
+        limit) and `overload` are the admission stage; `shadow` is offered each stable answer
+        (a sample is scored on the canary in the background)."""
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         if overload not in ("fallback", "reject"):
@@ -123,6 +131,7 @@ class Gateway:
         self.new_id = new_id or _random_id
         self.telemetry = telemetry or Telemetry()
         self.limiter, self.overload, self.retry_after_s = limiter, overload, retry_after_s
+        self.shadow = shadow
         self._inference_h = self.telemetry.stage("inference")
         self._request_h = self.telemetry.stage("request")
         self.sli = self.telemetry.sli  # SLIs of this process (the status page reads them)
@@ -228,6 +237,8 @@ class Gateway:
         unit = canary.unit(req.user_id) if canary is not None else 0
         pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed, client_id)
+        if self.shadow is not None and failed is None and arm == "stable":
+            self.shadow.offer(pred.request_id, req.user_id, req.ad_ids, x, scores)
         return pred, failed
 
     def observe(self, pred: Prediction, failed: str | None, elapsed_s: float, client_id: str | None = None) -> None:

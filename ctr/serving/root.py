@@ -39,7 +39,9 @@ from ctr.resilience.retry import Retrier, RetryBudget
 from ctr.serving import fleet
 from ctr.serving.canary.arms import Arms
 from ctr.serving.canary.controller import Controller
+from ctr.serving.canary.paired import PairedConfig
 from ctr.serving.canary.runtime import CanaryRuntime
+from ctr.serving.canary.shadow import RedisShadowStore, Shadow
 from ctr.serving.canary.state import Arm, RedisStore
 from ctr.serving.canary.stats import GateConfig
 from ctr.serving.coalesce import ModelCall
@@ -79,6 +81,7 @@ class Root:
     stack: FeatureStack
     pool: ModelPool
     arms: Arms | None
+    shadow: Shadow | None
     gateway: Gateway
     status: StatusBoard
     edge: Edge
@@ -98,6 +101,8 @@ class Root:
         await self.pool.start()
         if self.arms is not None:
             self.arms.start()
+        if self.shadow is not None:
+            self.shadow.start(s.canary_sync_s)
         self._tasks.append(start_ticker(self.status))
         self._model_warm = asyncio.create_task(
             warm_pool(self.pool, self.width, s.deadline_ms / 1000, s.warm_model_round_s)
@@ -111,6 +116,8 @@ class Root:
     async def close(self) -> None:
         for t in [*self._tasks, *([self._model_warm] if self._model_warm else [])]:
             t.cancel()
+        if self.shadow is not None:
+            await self.shadow.close()
         if self.arms is not None:
             await self.arms.close()
         await self.pool.close()
@@ -139,17 +146,18 @@ def build(
     pool = model_pool(settings, in_graph, width, headers=headers, local=local, breakers=breakers)
     stack = feature_stack.features(settings, shared=True, breakers=breakers)
     arms = canary_arms(settings, pool, art.tag, width, headers, breakers)  # None without Redis
+    shadow = shadow_tap(settings, arms)  # the canary's shadow phase; None without Redis
     id_key = resolve_key(settings.request_id_key, settings.admin_token, settings.data_dir)
     gw = gateway(settings, art, pool, stack, features_call, fallback_call, arms, Signer(id_key).issue,
-                 telemetry, breakers)  # fmt: skip
+                 telemetry, breakers, shadow)  # fmt: skip
     board = status_board(gw, stack, workers, breakers)
     edge = Edge(
         gateway=gw, max_ads=settings.max_ads, max_body_bytes=settings.max_body_bytes, request_id_key=id_key,
         admin_token=settings.admin_token, writer=stack.writer, canary=arms.runtime if arms else None,
         stable_arm=Arm(art.tag, tuple(u for u in settings.model_urls.split(",") if u)),
-        model_info=model_info(art), status=board,
+        model_info=model_info(art), status=board, shadow=shadow,
     )  # fmt: skip
-    return Root(settings, art, telemetry, breakers, stack, pool, arms, gw, board, edge, width)
+    return Root(settings, art, telemetry, breakers, stack, pool, arms, shadow, gw, board, edge, width)
 
 
 def local_runner(settings: Settings, art: ModelArtifacts) -> Callable[[np.ndarray], np.ndarray]:
@@ -212,6 +220,7 @@ def gateway(
     new_id: Callable[[str, str, int], str] | None = None,
     telemetry: Telemetry | None = None,
     breakers: Breakers | None = None,
+    shadow: Shadow | None = None,
 ) -> Gateway:
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
@@ -231,7 +240,7 @@ def gateway(
     limiter = AimdLimit.from_settings(settings) if settings.limit == "aimd" else None
     return Gateway(
         provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s, arms, new_id,
-        telemetry=telemetry, limiter=limiter, overload=settings.overload,
+        telemetry=telemetry, limiter=limiter, overload=settings.overload, shadow=shadow,
     )  # fmt: skip
 
 
@@ -282,6 +291,20 @@ def canary_arms(
         return model_pool(settings, width=width, name="canary", urls=",".join(urls), headers=headers, breakers=breakers)
 
     return Arms(runtime, stable, stable_version, make_pool)
+
+
+def shadow_tap(settings: Settings, arms: Arms | None) -> Shadow | None:
+    """The rollout's shadow phase in this process (ctr/serving/canary/shadow.py), in the canary's
+    Redis; its paired gate is the controller's evidence in a shadow phase. None without a canary."""
+    store = None if arms is None else arms.runtime.store
+    if arms is None or not isinstance(store, RedisStore):
+        return None
+    cfg = PairedConfig(settings.canary_alpha, settings.canary_shadow_margin, settings.canary_shadow_min_pairs)
+    tap = Shadow(arms, RedisShadowStore(store.r, store.prefix), settings.canary_shadow_sample,
+                 settings.canary_shadow_max_inflight, settings.deadline_ms / 1000.0 * 4, settings.canary_shadow_ttl_s,
+                 cfg)  # fmt: skip
+    arms.runtime.controller.paired = tap.gate
+    return tap
 
 
 def model_info(art: ModelArtifacts) -> dict[str, Any]:

@@ -272,6 +272,11 @@ async def canary(src: Sources) -> Panel | None:
     return await _part(getattr(src.gateway, "canary", None))
 
 
+async def shadow(src: Sources) -> Panel | None:
+    """The canary's shadow phase (pairs joined, paired log-loss difference, verdict), when there is one."""
+    return await _part(getattr(src.gateway, "shadow", None))
+
+
 DEFAULT_PANELS: list[tuple[str, str, Provider]] = [
     ("traffic", "Traffic", traffic),
     ("processes", "Gateway processes", processes),
@@ -283,6 +288,7 @@ DEFAULT_PANELS: list[tuple[str, str, Provider]] = [
     ("write_behind", "Write-behind", write_behind),
     ("pool", "Model replicas", pool),
     ("canary", "Canary", canary),
+    ("shadow", "Canary shadow phase (paired with stable)", shadow),
 ]
 
 

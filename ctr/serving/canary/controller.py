@@ -12,7 +12,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,7 @@ class Controller:
         owner: str | None = None,
         lease_s: float = 10.0,
         new_id: Callable[[], str] = lambda: secrets.token_hex(8),
+        paired: Callable[[str], Awaitable[GateResult]] | None = None,
     ) -> None:
         self.store = store
         self.cfg = gates
@@ -114,6 +115,7 @@ class Controller:
         self.lease_s = lease_s
         self.new_id = new_id  # a rollout's id and salt (injected: the simulator's runs repeat exactly)
         self.last_gates: dict[str, GateResult] = {}
+        self.paired = paired  # the shadow phase's evidence (shadow.Shadow.gate): rollout id -> paired gate
 
     # ---- manual actions -------------------------------------------------------------
     async def start(self, stable: Arm, canary: Arm, plan: Plan, by: str = "admin") -> Rollout:
@@ -183,7 +185,11 @@ class Controller:
     # ---- the automatic step ----------------------------------------------------------
     async def gates(self, r: Rollout) -> tuple[Counts, dict[str, GateResult]]:
         counters = await self.store.counters(r.id)
-        return counters, evaluate(counters, self.cfg, r.phase, Plan.from_dict(r.plan).n_phases())
+        plan = Plan.from_dict(r.plan)
+        gates = evaluate(counters, self.cfg, r.phase, plan.n_phases())
+        if plan.is_shadow(r.phase):  # no user sees the canary: the paired gate decides (shadow.py)
+            gates["paired"] = await self.paired(r.id) if self.paired else no_paired_evidence()
+        return counters, gates
 
     async def step(self) -> Decision | None:
         """Evaluate once, if this process holds the lease and a rollout is running (or held:
@@ -221,6 +227,11 @@ class Controller:
 
         applied = await self.store.transition(fn)
         return d if applied is not None or d.action == "wait" else None
+
+
+def no_paired_evidence() -> GateResult:
+    """A shadow phase in a process that cannot join pairs: never harm, never ok (it holds)."""
+    return GateResult("paired", "insufficient", math.nan, -math.inf, math.inf, "no shadow evidence here", 0)
 
 
 def _promoted(r: Rollout, now: float) -> Rollout:
