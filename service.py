@@ -14,7 +14,7 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from ctr.api import bento, internal, request_id
+from ctr.api import bento, bentoml_http, internal, request_id
 from ctr.api.contract import Context, EntityId
 from ctr.api.routes import make_app
 from ctr.features import stack as feature_stack
@@ -244,3 +244,8 @@ class CTRGateway:
         proxy = internal.authorize_proxy(self.fallback_service, SETTINGS.internal_token)
         out = await proxy.to_async.predict(ad_ids=ad_ids, context=context)
         return list(out["scores"])
+
+
+# POST /predict past BentoML's per-request middlewares (ctr/api/bentoml_http.py; `ctr bench http`).
+if SETTINGS.predict_fast_path and not SETTINGS.tracing:
+    CTRGateway.add_asgi_middleware(bentoml_http.FastPath, routes={"/predict": predict_app})

@@ -22,7 +22,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("ctr.resilience",),
     ("ctr.features",),
     ("ctr.model",),
-    ("ctr.api.contract", "ctr.api.body", "ctr.api.request_id", "ctr.api.openapi", "ctr.api.internal"),
+    (
+        "ctr.api.contract",
+        "ctr.api.body",
+        "ctr.api.request_id",
+        "ctr.api.openapi",
+        "ctr.api.internal",
+        "ctr.api.bentoml_http",
+    ),
     ("ctr.serving",),
     ("ctr.api.routes", "ctr.api.status", "ctr.api.canary", "ctr.api.bento"),
     ("models",),  # the offline side (data generation, training, evaluation): only the shell imports it
