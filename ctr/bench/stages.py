@@ -122,11 +122,11 @@ async def measure(
             stages.append(("forward", f"forward pass, {k} requests of 100 rows in one call, per request",
                            forward_batch))  # fmt: skip
         out = []
-        for key, name, f in stages:
+        for stage, name, f in stages:
             await _each(min(n, 300), f)  # warm
-            times = await _each(n if key != "forward" else max(1, n // k), f)
-            scale = 1.0 / k if key == "forward" else 1.0
-            out.append((key, name, *(v * scale for v in _us(times))))
+            times = await _each(n if stage != "forward" else max(1, n // k), f)
+            scale = 1.0 / k if stage == "forward" else 1.0
+            out.append((stage, name, *(v * scale for v in _us(times))))
         await pool.close()
     return out
 
