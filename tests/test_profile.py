@@ -181,3 +181,14 @@ def test_the_in_process_limit_adds_a_requests_own_stages() -> None:
              ("forward_100", 240.0)]]  # fmt: skip
     assert limit_us(rows) == 360.0
     assert limit_us([*rows, ("forward", "f", 90.0, 0.0, 0.0, 0.0)]) == 210.0
+
+
+def test_the_monolith_peer_reads_the_row_of_an_l2_entry() -> None:
+    """The peer's MGET answers are L2 entries (value, version, seconds left): a miss and a cached
+    absence are default features, a row is its values (the peer answered 500 to every request
+    when decode's result changed shape)."""
+    from ctr.bench.peer import _row
+    from ctr.features.redis_tier import decode
+
+    assert _row(None) is None and _row(((), 3, 10.0)) is None
+    assert _row(decode(b"3:99999999999999:[1,2]", 0.0)) == (1, 2)
