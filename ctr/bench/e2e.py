@@ -127,9 +127,11 @@ SERVICE = "ctr-serve"
 
 
 def _limit_lines(
-    settings: Settings, service_runs: list[list[loadgen.LevelResult]], cores: int
+    settings: Settings, service_runs: list[list[loadgen.LevelResult]], cores: int, workers: int
 ) -> tuple[list[str], dict[str, float]]:
-    """The in-process limit per core at the coalescer's batch, and the share of it served per core."""
+    """The in-process limit per core at the coalescer's batch, and the share of it served per core:
+    the service's cores are the cores the load generator left, at most one per gateway process
+    (each runs one event loop with one torch thread)."""
     from ctr.bench import stages
 
     bests = [b for p in service_runs if (b := best_level(p)) is not None]
@@ -142,14 +144,15 @@ def _limit_lines(
     limit = 1e6 / per_us
     client = _median([b.client_cores for b in bests])
     served = _median([b.model_rps for b in bests])
-    service_cores = max(cores - client, 0.1)
+    service_cores = max(min(float(workers), cores - client), 0.1)
     share = served / service_cores / limit
     lines = ["in-process limit per core (the service's own work for one request, no HTTP; "
              "`ctr bench stages --batch K`):", stages.format_rows(rows), "",
              f"the coalescer's batch at the best level: {batch:.1f} requests a model call (forward timed at {k}); "
              f"a request's own work {per_us:.0f} us = {limit:,.0f} requests/s per core",
              f"served: {served:.0f} model-scored rps on {cores} cores, of which the load generator took "
-             f"{client:.2f}: {served / service_cores:.0f} rps per core left to the service = "
+             f"{client:.2f}; {workers} gateway process(es) on {service_cores:.2f} cores: "
+             f"{served / service_cores:.0f} rps per core = "
              f"{share:.0%} of the in-process limit per core"]  # fmt: skip
     return lines, {"limit_rps_per_core": limit, "limit_us": per_us, "batch_requests": batch,
                    "client_cores": client, "served_per_core": served / service_cores, "share": share}  # fmt: skip
@@ -214,7 +217,7 @@ def run(
     lines += ["yardsticks (each pass's figure, and their median):", *_yardsticks(runs, workers), ""]
     limit: dict[str, float] = {}
     if with_peers:
-        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores)
+        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers)
         lines += limit_lines
     best = _median([best_rps([asdict(r) for r in rows]) for rows in runs[SERVICE]])
     result: dict[str, object] = {
