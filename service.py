@@ -212,3 +212,8 @@ class CTRGateway:
         proxy = internal.authorize_proxy(self.fallback_service, SETTINGS.internal_token)
         out = await proxy.to_async.predict(ad_ids=ad_ids, context=context)
         return list(out["scores"])
+
+
+# POST /predict past BentoML's per-request middlewares (ctr/api/bentoml_compat.py, item 6; `ctr bench http`).
+if SETTINGS.predict_fast_path and not SETTINGS.tracing:
+    CTRGateway.add_asgi_middleware(bentoml_compat.FastPath, routes={"/predict": predict_app})

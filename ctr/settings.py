@@ -45,6 +45,7 @@ def redact_url(url: str) -> str:
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ('The request and the edge', (
         'max_ads', 'deadline_ms', 'max_body_bytes', 'admin_token', 'request_id_key', 'internal_token',
+        'predict_fast_path',
     )),
     ('The gateway: workers, batching, overload', (
         'gateway_workers', 'batch_window_ms', 'batch_max_rows', 'batch_max_inflight', 'overload', 'limit',
@@ -109,6 +110,12 @@ class Settings(BaseSettings):
         repr=False,
         description="Shared token internal services (CTRModel, FeatureService, FallbackService) require in "
         "X-CTR-Internal-Token; unset, `bentoml serve` draws a random one for its process tree.",
+    )
+    predict_fast_path: bool = Field(
+        True,
+        description="POST /predict goes from uvicorn straight to the gateway's route, past BentoML's per-request "
+        "middlewares (traffic metrics, tracing, timeout, context; ctr/api/bentoml_compat.py); every other route "
+        "keeps them. Off (or with CTR_TRACING on) /predict takes BentoML's whole stack.",
     )
 
     # --- The gateway: workers, batching, overload

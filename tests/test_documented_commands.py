@@ -57,11 +57,13 @@ RUNS: dict[str, Run] = {
     "status": Run("status --url {url} --width 120"),
     "cluster stop": Run("cluster stop"),
     "bench stages": Run("bench stages --requests 50"),
+    "bench http": Run("bench http --requests 50 --rounds 1"),
     "bench features": Run("bench features --requests 50"),
     "bench precision": Run("bench precision --calls 20"),
     "bench batching": Run("bench batching --requests 20"),  # failed with 401 before its token fix
     "bench e2e": Run(
-        "bench e2e --url {url} --concurrency 1 --duration 1 --ads 10 --no-peers --rates none --out {tmp}/bench_e2e.json"
+        "bench e2e --url {url} --concurrency 1 --duration 1 --ads 10 --no-peers --rates none --passes 1 "
+        "--out {tmp}/bench_e2e.json"
     ),
     "bench api": Run("bench api --url {url} --concurrency 1 --duration 1 --ads 10 --passes 1"),
     "bench steady": Run("bench steady --url {url} --duration 2 --runs 1 --saturation 40 --out {tmp}/steady.md"),

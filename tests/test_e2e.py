@@ -75,6 +75,26 @@ def test_bad_input_gets_a_readable_4xx(gateway: Server, body: object, status: in
     assert needle in r.json()["error"]
 
 
+def _ok_requests(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('ctr_requests_total{outcome="ok"}'))  # fmt: skip
+
+
+def test_predict_takes_the_fast_path_and_metrics_still_count_it(gateway: Server) -> None:
+    """POST /predict skips BentoML's per-request middlewares (its traffic metrics never see it,
+    ctr/api/bentoml_compat.py) while the gateway's own counters do; other routes keep BentoML's."""
+    before = _ok_requests(httpx.get(gateway.url + "/metrics").text)
+    for _ in range(3):
+        assert predict(gateway, {"user_id": "u3", "ad_ids": ["a3"], "context": CTX}).status_code == 200
+    assert httpx.get(gateway.url + "/model_info").status_code == 200
+    text = httpx.get(gateway.url + "/metrics").text
+    assert _ok_requests(text) >= before + 3
+    bento = [line for line in text.splitlines()
+             if line.startswith("bentoml_service_request_total{") and 'runner_name="ctr_gateway"' in line]  # fmt: skip
+    assert any('endpoint="/model_info"' in line for line in bento), bento
+    assert not any('endpoint="/predict"' in line for line in bento), bento
+
+
 def test_health_and_metrics(gateway: Server) -> None:
     """BentoML's probes answer, and the project's ctr_* metrics are exported."""
     assert httpx.get(gateway.url + "/livez").status_code == 200

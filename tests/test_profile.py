@@ -1,6 +1,9 @@
 """The profile summary: py-spy's raw stacks summed by the package of the running frame."""
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from ctr.bench.profile import format_summary, package_of, summarize
 
@@ -125,3 +128,67 @@ def test_the_tally_reads_shed_and_past_deadline_answers() -> None:
         body = {"scores": [0.1], "fallback": degraded is not None, "degraded": degraded or []}
         t.add(0.001, 200, orjson.dumps(body))
     assert (t.model, t.fallback, t.shed, t.deadline) == (1, 4, 1, 2)
+
+
+def _level(c: int, rps: float, p99: float, p50: float = 1.0, fallback: int = 0, **kw: float) -> Any:
+    from ctr.bench.loadgen import LevelResult
+
+    return LevelResult("closed", c, 0.0, rps, int(rps), int(rps), fallback, 0, 0, 0, rps, 0.0, p50, p99, p99 * 1.5,
+                       p99 * 2, {}, **kw)  # fmt: skip
+
+
+def test_the_yardsticks_compare_the_median_of_alternated_passes() -> None:
+    """`ctr bench e2e`'s summary: each pass's best model-scored rps at p99 <= 50 ms and c=1
+    p50, their median, and the service's ratio to each peer; the peers' process count is said."""
+    from ctr.bench.e2e import SERVICE, _yardsticks, best_level
+
+    service = [[_level(1, 500, 3.0, p50=2.0), _level(8, 1500, 20.0), _level(32, 2500, 80.0)],
+               [_level(1, 480, 3.0, p50=2.2), _level(8, 1300, 30.0)]]  # fmt: skip
+    peer = [[_level(1, 400, 3.0, p50=2.5), _level(8, 600, 20.0)], [_level(1, 400, 3.0, p50=2.5), _level(8, 700, 9.0)]]
+    b = best_level(service[0])
+    assert b is not None and b.model_rps == 1500  # c=32 missed the p99 target
+    lines = _yardsticks({SERVICE: service, "Starlette": peer}, 2)
+    assert "ctr-serve (2 gateway process(es))" in lines[0] and "Starlette (2 uvicorn worker(s))" in lines[0]
+    best_row = next(line for line in lines if line.startswith("| best model-scored rps"))
+    assert "1500 / 1300 (median 1400)" in best_row and "600 / 700 (median 650)" in best_row
+    assert best_row.endswith(f"| {1400 / 650:.2f}x |")
+    p50_row = next(line for line in lines if line.startswith("| c=1 p50 ms"))
+    assert p50_row.endswith(f"| {2.1 / 2.5:.2f}x |")
+
+
+def test_the_load_generator_reads_the_coalescers_batch_and_its_own_cpu() -> None:
+    """A level's mean requests per model call comes from ctr_model_batch_requests, apart from
+    the stage means; the generator's cores are its CPU seconds over the level's wall seconds."""
+    from ctr.bench.loadgen import BATCH_REQUESTS, _stage_means, _Tally
+
+    before = {"features": (1.0, 100.0), BATCH_REQUESTS: (100.0, 100.0)}
+    after = {"features": (1.2, 200.0), BATCH_REQUESTS: (400.0, 200.0)}
+    means = _stage_means(before, after)
+    assert means == pytest.approx({"features": 2.0, BATCH_REQUESTS: 3.0})
+    t = _Tally()
+    t.add(0.001, 200, b'{"fallback":false}')
+    r = t.result("closed", 8, 0.0, 10.0, means, client_cpu_s=4.0)
+    assert r.batch_requests == 3.0 and r.client_cores == 0.4 and BATCH_REQUESTS not in r.stage_ms
+
+
+def test_the_in_process_limit_adds_a_requests_own_stages() -> None:
+    """The limit's cost of a request is parse + lookup + transform + the forward pass at the
+    coalesced batch (per request) + response; batch 100 alone when no batch was timed."""
+    from ctr.bench.stages import limit_us
+
+    rows = [(k, k, us, 0.0, 0.0, 0.0) for k, us in
+            [("parse", 30.0), ("features", 60.0), ("transform", 20.0), ("gateway", 200.0), ("respond", 10.0),
+             ("forward_100", 240.0)]]  # fmt: skip
+    assert limit_us(rows) == 360.0
+    assert limit_us([*rows, ("forward", "f", 90.0, 0.0, 0.0, 0.0)]) == 210.0
+
+
+def test_the_monolith_peer_reads_the_row_of_an_l2_entry() -> None:
+    """The peer's MGET answers are L2 entries (value, version, seconds left): a miss and a cached
+    absence are default features, a row is its values (the peer answered 500 to every request
+    when decode's result changed shape)."""
+    from ctr.bench.peer import _row
+    from ctr.features.redis_tier import decode
+
+    assert _row(None) is None and _row(((), 3, 10.0)) is None
+    assert _row(decode(b"3:99999999999999:[1,2]", 0.0)) == (1, 2)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -39,13 +40,14 @@ PEERS = (
 
 
 def _peer_levels(
-    settings: Settings, levels: list[int], duration: float, n_ads: int, factory: str
+    settings: Settings, levels: list[int], duration: float, n_ads: int, factory: str, workers: int
 ) -> list[loadgen.LevelResult]:
+    """The peer under uvicorn with `workers` processes (as many as the gateway has)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port",
            str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-           "--log-level", "warning"]  # fmt: skip
+           "--log-level", "warning", "--workers", str(workers)]  # fmt: skip
     with serving(url, timeout_s=60, cmd=cmd):
         return loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
 
@@ -80,6 +82,82 @@ def open_rates(rows: list[loadgen.LevelResult], shares: tuple[float, ...] = OPEN
     return [round(best * k) for k in shares if best * k >= 1]
 
 
+def best_level(rows: list[loadgen.LevelResult], p99_ms: float = 50.0) -> loadgen.LevelResult | None:
+    """The level with the best model-scored rps whose p99 met the target with no errors."""
+    ok = [r for r in rows if r.p99_ms <= p99_ms and r.non_200 == 0]
+    return max(ok, key=lambda r: r.model_rps, default=None)
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _yardsticks(runs: dict[str, list[list[loadgen.LevelResult]]], workers: int) -> list[str]:
+    """One row per measure: each contestant's passes and their median, and the ratio to each peer."""
+    names = list(runs)
+    proc = {n: f"{workers} gateway process(es)" if n == SERVICE else f"{workers} uvicorn worker(s)" for n in names}
+    head = "| measure | " + " | ".join(f"{n} ({proc[n]})" for n in names) + " | "
+    head += " | ".join(f"ratio to {n}" for n in names[1:]) + " |"
+    lines = [head, "|---" * (2 * len(names)) + "|"]
+
+    def c1(n: str, attr: str) -> list[float]:
+        return [getattr(p[0], attr) for p in runs[n] if p and p[0].concurrency == 1]
+
+    def best(n: str) -> list[float]:
+        return [b.model_rps if (b := best_level(p)) else 0.0 for p in runs[n]]
+
+    measures = [
+        ("best model-scored rps at p99 <= 50 ms", best, "{:.0f}"),
+        ("c=1 p50 ms", lambda n: c1(n, "p50_ms"), "{:.2f}"),
+        ("c=1 p99 ms", lambda n: c1(n, "p99_ms"), "{:.2f}"),
+        ("c=1 p99.9 ms", lambda n: c1(n, "p999_ms"), "{:.2f}"),
+        ("fallbacks (all levels)", lambda n: [float(sum(r.fallback for r in p)) for p in runs[n]], "{:.0f}"),
+        ("non-200 (all levels)", lambda n: [float(sum(r.non_200 for r in p)) for p in runs[n]], "{:.0f}"),
+    ]
+    for title, get, fmt in measures:
+        vals = {n: get(n) for n in names}
+        cells = [" / ".join(fmt.format(v) for v in vals[n]) + f" (median {fmt.format(_median(vals[n]))})"
+                 for n in names]  # fmt: skip
+        ratios = [f"{_median(vals[SERVICE]) / _median(vals[n]):.2f}x" if _median(vals[n]) else "-" for n in names[1:]]
+        lines.append(f"| {title} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return lines
+
+
+SERVICE = "ctr-serve"
+
+
+def _limit_lines(
+    settings: Settings, service_runs: list[list[loadgen.LevelResult]], cores: int, workers: int
+) -> tuple[list[str], dict[str, float]]:
+    """The in-process limit per core at the coalescer's batch, and the share of it served per core:
+    the service's cores are the cores the load generator left, at most one per gateway process
+    (each runs one event loop with one torch thread)."""
+    from ctr.bench import stages
+
+    bests = [b for p in service_runs if (b := best_level(p)) is not None]
+    if not bests:
+        return ["in-process limit: no level met p99 <= 50 ms"], {}
+    batch = _median([b.batch_requests for b in bests if b.batch_requests == b.batch_requests]) or 1.0
+    k = max(1, round(batch if batch == batch else 1.0))
+    rows = asyncio.run(stages.measure(settings, 1000, k))
+    per_us = stages.limit_us(rows)
+    limit = 1e6 / per_us
+    client = _median([b.client_cores for b in bests])
+    served = _median([b.model_rps for b in bests])
+    service_cores = max(min(float(workers), cores - client), 0.1)
+    share = served / service_cores / limit
+    lines = ["in-process limit per core (the service's own work for one request, no HTTP; "
+             "`ctr bench stages --batch K`):", stages.format_rows(rows), "",
+             f"the coalescer's batch at the best level: {batch:.1f} requests a model call (forward timed at {k}); "
+             f"a request's own work {per_us:.0f} us = {limit:,.0f} requests/s per core",
+             f"served: {served:.0f} model-scored rps on {cores} cores, of which the load generator took "
+             f"{client:.2f}; {workers} gateway process(es) on {service_cores:.2f} cores: "
+             f"{served / service_cores:.0f} rps per core = "
+             f"{share:.0%} of the in-process limit per core"]  # fmt: skip
+    return lines, {"limit_rps_per_core": limit, "limit_us": per_us, "batch_requests": batch,
+                   "client_cores": client, "served_per_core": served / service_cores, "share": share}  # fmt: skip
+
+
 def run(
     settings: Settings,
     url: str,
@@ -89,57 +167,66 @@ def run(
     peers: bool,
     out: Path,
     rates: list[float] | None = None,
+    passes: int = 2,
 ) -> str:
-    """Closed-loop levels, then open-loop rates (`rates`, or shares of the best closed-loop
-    model-scored rps when None; [] for none), beside the peer and the in-process limit."""
-    lines = []
-    if peers and settings.redis_url:
-        _fill_l2(settings)
-    with serving(url) as proc:
-        rss = PeakRss(proc.pid) if proc is not None else None
-        with rss or contextlib.nullcontext():
-            rows = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
-            rates = open_rates(rows) if rates is None else rates
-            open_rows = loadgen.run_rates(url, rates, duration, n_ads, settings.data_dir) if rates else []
-        peak = rss.peak if rss is not None else None
-    lines += [f"ctr-serve (BentoML), 1 user x {n_ads} ads, closed loop (c workers):",
-              loadgen.format_table(rows), "", _stages_line(rows)]  # fmt: skip
-    if open_rows:
-        lines += ["", "open loop (fixed arrival rate; latency from the scheduled send time):",
-                  loadgen.format_table(open_rows, stages=False)]  # fmt: skip
-    if peak is not None:
-        lines.append(f"\npeak RSS of the whole service graph: {peak / 2**20:.0f} MiB")
-    result: dict[str, object] = {"n_ads": n_ads, "levels": [asdict(r) for r in rows],
-                                 "open_levels": [asdict(r) for r in open_rows], "peak_rss_bytes": peak}  # fmt: skip
-    best = best_rps([asdict(r) for r in rows])
-    best_open = f"; open loop: {best_rps([asdict(r) for r in open_rows]):.0f} rps" if open_rows else ""
-    lines.append(f"\nbest model-scored throughput at p99 <= 50 ms, closed loop: {best:.0f} rps{best_open}")
-    if peers and settings.redis_url:
-        from ctr.bench.peer import run_inprocess
+    """Closed-loop levels of the service and each peer in `passes` alternated passes (service,
+    peers; peers, service; ...), the peers with as many uvicorn workers as the gateway has
+    processes; then open-loop rates (`rates`, or shares of the best closed-loop model-scored
+    rps when None; [] for none) for the service; beside them the in-process limit per core."""
+    from ctr.serving.wiring import gateway_workers, usable_cores
 
-        c1 = rows[0] if rows else None
-        for label, factory in PEERS:
-            if label == "FastAPI" and importlib.util.find_spec("fastapi") is None:
-                lines += ["", "FastAPI peer skipped: FastAPI is not installed (pip install -e '.[bench]')"]
+    workers, cores = gateway_workers(settings), usable_cores()
+    with_peers = peers and bool(settings.redis_url)
+    if with_peers:
+        _fill_l2(settings)
+    have_fastapi = importlib.util.find_spec("fastapi") is not None
+    peer_list = [(lb, f) for lb, f in PEERS if lb != "FastAPI" or have_fastapi] if with_peers else []
+    runs: dict[str, list[list[loadgen.LevelResult]]] = {SERVICE: [], **{label: [] for label, _ in peer_list}}
+    open_rows: list[loadgen.LevelResult] = []
+    peak: int | None = None
+    for p in range(max(1, passes)):
+        order = [SERVICE, *(label for label, _ in peer_list)]
+        for who in order if p % 2 == 0 else reversed(order):
+            if who != SERVICE:
+                runs[who].append(_peer_levels(settings, levels, duration, n_ads, dict(peer_list)[who], workers))
                 continue
-            peer_rows = _peer_levels(settings, levels, duration, n_ads, factory)
-            best_peer = best_rps([asdict(r) for r in peer_rows])
-            ratio = best / best_peer if best_peer else float("nan")
-            p1 = peer_rows[0] if peer_rows else None
-            lines += ["", f"monolith peer ({label} + uvicorn, one MGET, model per request), closed loop:",
-                      loadgen.format_table(peer_rows), "",
-                      f"best model-scored throughput at p99 <= 50 ms (closed loop): ctr-serve {best:.0f} rps, "
-                      f"{label} peer {best_peer:.0f} rps, ratio {ratio:.2f}"]  # fmt: skip
-            if c1 is not None and p1 is not None:
-                lines.append(f"c={c1.concurrency} p50 / p99: ctr-serve {c1.p50_ms:.2f} / {c1.p99_ms:.2f} ms, "
-                             f"{label} peer {p1.p50_ms:.2f} / {p1.p99_ms:.2f} ms")  # fmt: skip
-            result[f"peer_{label.lower()}"] = [asdict(r) for r in peer_rows]
-        bodies = loadgen.Traffic(settings.data_dir, n_ads).bodies(2000)
-        limit_rps, limit_p99 = run_inprocess(settings, bodies, duration)
-        lines += ["", f"in-process limit (fetch + transform + forward in a loop, no HTTP): {limit_rps:.0f} requests/s "
-                  f"({limit_rps * n_ads:,.0f} candidates/s), p99 {limit_p99:.2f} ms",
-                  f"model-scored candidates/s at p99 <= 50 ms / in-process limit: {best / limit_rps:.0%}"]  # fmt: skip
-        result.update(inprocess_rps=limit_rps)
+            with serving(url) as proc:
+                rss = PeakRss(proc.pid) if proc is not None else None
+                with rss or contextlib.nullcontext():
+                    rows = loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+                    if p == 0:
+                        rates = open_rates(rows) if rates is None else rates
+                        open_rows = loadgen.run_rates(url, rates, duration, n_ads, settings.data_dir) if rates else []
+                peak = max(peak or 0, rss.peak) if rss is not None else peak
+            runs[SERVICE].append(rows)
+    lines = [f"{cores} cores; the gateway runs {workers} process(es) (CTR_GATEWAY_WORKERS), each peer as many "
+             f"uvicorn workers; {len(runs[SERVICE])} alternated pass(es) (service, peers; peers, service)",
+             ""]  # fmt: skip
+    for p, rows in enumerate(runs[SERVICE]):
+        lines += [f"ctr-serve (BentoML, {workers} gateway process(es)), 1 user x {n_ads} ads, closed loop, "
+                  f"pass {p + 1}:", loadgen.format_table(rows), "", _stages_line(rows), ""]  # fmt: skip
+    if open_rows:
+        lines += ["open loop (fixed arrival rate; latency from the scheduled send time):",
+                  loadgen.format_table(open_rows, stages=False), ""]  # fmt: skip
+    for label, _ in peer_list:
+        for p, rows in enumerate(runs[label]):
+            lines += [f"monolith peer ({label} + uvicorn, {workers} worker(s), one MGET, model per request), "
+                      f"closed loop, pass {p + 1}:", loadgen.format_table(rows, stages=False), ""]  # fmt: skip
+    if peak is not None:
+        lines.append(f"peak RSS of the whole service graph: {peak / 2**20:.0f} MiB\n")
+    lines += ["yardsticks (each pass's figure, and their median):", *_yardsticks(runs, workers), ""]
+    limit: dict[str, float] = {}
+    if with_peers:
+        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers)
+        lines += limit_lines
+    best = _median([best_rps([asdict(r) for r in rows]) for rows in runs[SERVICE]])
+    result: dict[str, object] = {
+        "n_ads": n_ads, "workers": workers, "cores": cores,
+        # `levels`, the service's last pass, is what `ctr capacity` reads
+        "levels": [asdict(r) for r in runs[SERVICE][-1]], "passes": [[asdict(r) for r in p] for p in runs[SERVICE]],
+        "open_levels": [asdict(r) for r in open_rows], "peak_rss_bytes": peak, "best_rps": best, "limit": limit,
+        **{f"peer_{label.lower()}": [[asdict(r) for r in p] for p in runs[label]] for label, _ in peer_list},
+    }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return "\n".join(lines)

@@ -46,6 +46,9 @@ def check_loopback(url: str) -> None:
     raise ValueError(f"load is only sent to loopback addresses, not {host!r}")
 
 
+BATCH_REQUESTS = "ctr_model_batch_requests"  # the gateway's histogram of requests per model call
+
+
 @dataclass(frozen=True, slots=True)
 class LevelResult:
     mode: str  # "closed" (concurrency workers) or "open" (fixed arrival rate)
@@ -66,6 +69,8 @@ class LevelResult:
     max_ms: float
     stage_ms: dict[str, float]
     late_ms: float = 0.0  # open: how far behind its schedule the generator sent its furthest-behind request
+    batch_requests: float = float("nan")  # the gateway's mean requests per model call (ctr_model_batch_requests)
+    client_cores: float = 0.0  # the load generator's CPU over the level, in cores (its process's CPU s / wall s)
 
     @property
     def fallback_share(self) -> float:
@@ -103,15 +108,18 @@ async def _stages(session: aiohttp.ClientSession, url: str) -> dict[str, tuple[f
         kind = name.removeprefix("ctr_stage_latency_seconds_")
         if kind in ("sum", "count") and (stage := label(labels, "stage")) is not None:
             out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = value
+        elif name in (BATCH_REQUESTS + "_sum", BATCH_REQUESTS + "_count"):  # summed over any labels
+            out.setdefault(BATCH_REQUESTS, [0.0, 0.0])[0 if name.endswith("_sum") else 1] += value
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def _stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Each stage's mean (ms) between two scrapes; BATCH_REQUESTS's mean is requests per call."""
     means = {}
     for stage, (s1, c1) in after.items():
         s0, c0 = before.get(stage, (0.0, 0.0))
         if c1 > c0:
-            means[stage] = (s1 - s0) / (c1 - c0) * 1000
+            means[stage] = (s1 - s0) / (c1 - c0) * (1 if stage == BATCH_REQUESTS else 1000)
     return means
 
 
@@ -173,8 +181,9 @@ class _Tally:
             self.model += 1
 
     def result(
-        self, mode: str, c: int, offered: float, elapsed: float, stage_ms: dict[str, float], late_s: float = 0.0
-    ) -> LevelResult:
+        self, mode: str, c: int, offered: float, elapsed: float, stage_ms: dict[str, float], late_s: float = 0.0,
+        client_cpu_s: float = 0.0,
+    ) -> LevelResult:  # fmt: skip
         arr = np.array(self.lat) * 1000
 
         def pct(q: float) -> float:
@@ -186,7 +195,9 @@ class _Tally:
                            non_200=self.errors,
                            model_rps=self.model / elapsed, fallback_rps=self.fallback / elapsed, p50_ms=pct(50),
                            p99_ms=pct(99), p999_ms=pct(99.9), max_ms=float(arr.max()) if n else float("nan"),
-                           stage_ms=stage_ms, late_ms=late_s * 1000)  # fmt: skip
+                           stage_ms=stage_ms, late_ms=late_s * 1000,
+                           batch_requests=stage_ms.pop(BATCH_REQUESTS, float("nan")),
+                           client_cores=client_cpu_s / elapsed if elapsed > 0 else 0.0)  # fmt: skip
 
 
 async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], Awaitable[None]]) -> float:
@@ -258,11 +269,11 @@ async def _level(url: str, c: int, duration_s: float, bodies: list[bytes], path:
                 i += c
 
         before = await _stages(session, url)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(k) for k in range(c)))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stage_ms = _stage_means(before, await _stages(session, url))
-    return tally.result("closed", c, 0.0, elapsed, stage_ms)
+    return tally.result("closed", c, 0.0, elapsed, stage_ms, client_cpu_s=cpu)
 
 
 async def open_level(
@@ -280,11 +291,11 @@ async def open_level(
             tally.add(time.perf_counter() - scheduled, status, body)
 
         before = await _stages(session, url)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         late = await open_loop(n, rate, t0, one)
-        elapsed = max(time.perf_counter() - t0, n / rate)
+        elapsed, cpu = max(time.perf_counter() - t0, n / rate), time.process_time() - cpu0
         stage_ms = _stage_means(before, await _stages(session, url))
-    return tally.result("open", max_conns, rate, elapsed, stage_ms, late)
+    return tally.result("open", max_conns, rate, elapsed, stage_ms, late, client_cpu_s=cpu)
 
 
 def run_levels(

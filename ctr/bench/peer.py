@@ -3,8 +3,9 @@
 - a competent monolith peer: one FastAPI/uvicorn process (uvloop, httptools, orjson)
   that fetches a request's features with one Redis MGET and runs the model per request:
   no batching, no cache tiers, no resilience; what a good engineer writes in an afternoon;
-- the same monolith as a plain Starlette app (no FastAPI layer): the leaner yardstick;
-- the in-process limit: the same fetch, transform and forward pass in a loop, no HTTP.
+- the same monolith as a plain Starlette app (no FastAPI layer): the leaner yardstick.
+
+(The in-process limit is the service's own work in a loop: `ctr.bench.stages`.)
 
 Both read features from Redis under the service's own L2 keys (`ctr features warm`
 fills them first).
@@ -12,7 +13,6 @@ fills them first).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 
 from ctr.api.contract import BadRequest, parse_predict
 from ctr.features import schema
-from ctr.features.redis_tier import connect, decode
-from ctr.features.tiers import feature_key
+from ctr.features.redis_tier import Entry, connect, decode
+from ctr.features.tiers import NEGATIVE, feature_key
 from ctr.features.transform import Transformer
 from ctr.model import store as modelstore
 from ctr.settings import Settings
+
+
+def _row(entry: Entry | None) -> tuple[Any, ...] | None:
+    """An L2 entry's feature row; None for a miss or a cached absence (default features)."""
+    return None if entry is None or entry[0] is NEGATIVE else entry[0]
 
 
 class Monolith:
@@ -51,7 +56,8 @@ class Monolith:
     async def predict(self, user_id: str, ad_ids: list[str], context: dict[str, Any]) -> list[float]:
         keys = [feature_key(schema.USER_STATIC, user_id), feature_key(schema.USER_BEHAVIORAL, user_id)]
         keys += [feature_key(schema.AD_META, a) for a in ad_ids] + [feature_key(schema.AD_STATS, a) for a in ad_ids]
-        raw = [decode(r) or None for r in await self.redis.mget(keys)]
+        now_s = time.time()
+        raw = [_row(decode(r, now_s)) for r in await self.redis.mget(keys)]
         n = len(ad_ids)
         x = self.transformer.matrix(raw[0], raw[1], raw[2 : 2 + n], raw[2 + n :], context)
         return self.runner(x).astype(float).tolist()
@@ -111,27 +117,3 @@ def make_app(settings: Settings | None = None) -> FastAPI:
         return Response(b"ok")
 
     return app
-
-
-async def inprocess_limit(settings: Settings, bodies: list[bytes], seconds: float) -> tuple[float, float]:
-    """(requests/s, p99 ms) of the monolith's work called in a loop, no HTTP."""
-    mono = Monolith(settings)
-    lat = []
-    end = time.perf_counter() + seconds
-    i = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() < end:
-        req = parse_predict(bodies[i % len(bodies)], settings.max_ads)
-        t = time.perf_counter()
-        scores = await mono.predict(req.user_id, req.ad_ids, req.context.model_dump())
-        orjson.dumps({"scores": scores})
-        lat.append(time.perf_counter() - t)
-        i += 1
-    elapsed = time.perf_counter() - t0
-    await mono.redis.aclose()
-    lat.sort()
-    return i / elapsed, lat[int(0.99 * (len(lat) - 1))] * 1000
-
-
-def run_inprocess(settings: Settings, bodies: list[bytes], seconds: float) -> tuple[float, float]:
-    return asyncio.run(inprocess_limit(settings, bodies, seconds))

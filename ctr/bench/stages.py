@@ -43,8 +43,15 @@ async def _each(n: int, f: Callable[[int], Awaitable[Any]]) -> list[float]:
     return out
 
 
-async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, float, float, float]]:
-    """(stage, median, p99, p99.9, max in us) for each stage."""
+# The stages of the in-process limit: a request's own work, one after another, no HTTP.
+LIMIT = ("parse", "features", "transform", "forward", "respond")
+
+
+async def measure(
+    settings: Settings, n: int = 3000, batch_requests: int = 1
+) -> list[tuple[str, str, float, float, float, float]]:
+    """(key, stage, median, p99, p99.9, max in us) for each stage; `forward` is the pass over
+    `batch_requests` requests' matrices in one call (the coalescer's batch), per request."""
     from ctr.model.runner import ModelRunner
     from ctr.observe.pauses import settle_gc
     from ctr.serving import root
@@ -77,9 +84,14 @@ async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, f
             matrix(i)
 
         xs = [matrix(i) for i in range(len(reqs))]
+        k = max(1, batch_requests)
+        batches = [np.concatenate([xs[(i + j) % len(xs)] for j in range(k)]) for i in range(0, len(xs), k)]
 
         async def forward(i: int) -> None:
             runner(xs[i % len(xs)])
+
+        async def forward_batch(i: int) -> None:
+            runner(batches[i % len(batches)])
 
         async def instant(x: np.ndarray) -> np.ndarray:
             return np.full(len(x), 0.5, dtype=np.float32)
@@ -100,26 +112,45 @@ async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, f
             orjson.dumps(dataclasses.replace(p, request_id=signed))
 
         stages = [
-            ("parse + validate (orjson, pydantic)", parse),
-            ("features: L1 lookup, all hits", features),
-            ("transform to the [100, 16] matrix", transform),
-            ("gateway predict, model answering at once (lookup + transform + bookkeeping)", gateway),
-            ("response: signed id + JSON", respond),
-            ("forward pass, batch 100 (for scale)", forward),
+            ("parse", "parse + validate (orjson, pydantic)", parse),
+            ("features", "features: L1 lookup, all hits", features),
+            ("transform", "transform to the [100, 16] matrix", transform),
+            ("gateway", "gateway predict, model answering at once (lookup + transform + bookkeeping)", gateway),
+            ("respond", "response: signed id + JSON", respond),
+            ("forward_100", "forward pass, batch 100 (for scale)", forward),
         ]
+        if k > 1:
+            stages.append(("forward", f"forward pass, {k} requests of 100 rows in one call, per request",
+                           forward_batch))  # fmt: skip
         out = []
-        for name, f in stages:
+        for stage, name, f in stages:
             await _each(min(n, 300), f)  # warm
-            out.append((name, *_us(await _each(n, f))))
+            times = await _each(n if stage != "forward" else max(1, n // k), f)
+            scale = 1.0 / k if stage == "forward" else 1.0
+            out.append((stage, name, *(v * scale for v in _us(times))))
         await pool.close()
     return out
 
 
-def run(settings: Settings, n: int = 3000) -> str:
-    rows = asyncio.run(measure(settings, n))
+def limit_us(rows: list[tuple[str, str, float, float, float, float]]) -> float:
+    """The in-process limit's cost of one request (us): the medians of the LIMIT stages, the
+    forward pass at the coalesced batch (`forward`, else batch 100 alone)."""
+    med = {key: m for key, _, m, *_ in rows}
+    med.setdefault("forward", med["forward_100"])
+    return sum(med[k] for k in LIMIT)
+
+
+def format_rows(rows: list[tuple[str, str, float, float, float, float]]) -> str:
     lines = [
         "| stage (1 user x 100 ads, in process) | median us | p99 us | p99.9 us | max us |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {med:.0f} | {p99:.0f} | {p999:.0f} | {top:.0f} |" for name, med, p99, p999, top in rows]
+    lines += [f"| {name} | {med:.0f} | {p99:.0f} | {p999:.0f} | {top:.0f} |" for _, name, med, p99, p999, top in rows]
     return "\n".join(lines)
+
+
+def run(settings: Settings, n: int = 3000, batch_requests: int = 1) -> str:
+    rows = asyncio.run(measure(settings, n, batch_requests))
+    per = limit_us(rows)
+    return format_rows(rows) + (f"\n\nin-process limit ({' + '.join(LIMIT)}): {per:.0f} us a request, "
+                                f"{1e6 / per:,.0f} requests/s per core")  # fmt: skip

@@ -36,17 +36,20 @@ def bench() -> None:
     help="Open-loop arrival rates (requests/s, comma-separated); auto: 50/70/90/110 % of the closed loop's "
     "best model-scored rps; none: closed loop only.",
 )
+@click.option("--passes", type=int, default=2, help="Alternated passes: service, peers; peers, service.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench_e2e.json"), show_default=True)
-def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bool, rates: str, out: Path) -> None:
+def bench_e2e(
+    url: str, concurrency: str, duration: float, n_ads: int, peers: bool, rates: str, passes: int, out: Path
+) -> None:
     """Drive POST /predict with 1 user x N ads (Zipf users and ads) at several concurrency levels
     (closed loop), then at fixed arrival rates (open loop); print model-scored and fallback
     rps apart, p50/p99/p99.9/max and the stage breakdown, beside a monolith peer and the
-    in-process limit."""
+    in-process limit per core. Each peer runs as many uvicorn workers as the gateway has processes."""
     from ctr.bench import e2e
 
     levels = [int(c) for c in concurrency.split(",")]
     open_rates = None if rates == "auto" else [] if rates == "none" else [float(r) for r in rates.split(",")]
-    click.echo(e2e.run(_settings(), url, levels, duration, n_ads, peers, out, open_rates))
+    click.echo(e2e.run(_settings(), url, levels, duration, n_ads, peers, out, open_rates, passes))
 
 
 @bench.command("api")
@@ -54,7 +57,7 @@ def bench_e2e(url: str, concurrency: str, duration: float, n_ads: int, peers: bo
 @click.option("--concurrency", default="1,8", show_default=True, help="Comma-separated levels.")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per level and route.")
 @click.option("--ads", "n_ads", type=int, default=100, show_default=True)
-@click.option("--passes", type=int, default=2, show_default=True, help="Alternating passes over both routes.")
+@click.option("--passes", type=int, default=2, help="Alternating passes over both routes.")
 def bench_api(url: str, concurrency: str, duration: float, n_ads: int, passes: int) -> None:
     """POST /predict (the lean mount) beside POST /bentoml/predict (the BentoML API its clients
     call), same requests, same gateway: model-scored rps and p50/p99 of each."""
@@ -66,12 +69,24 @@ def bench_api(url: str, concurrency: str, duration: float, n_ads: int, passes: i
 
 @bench.command("stages")
 @click.option("--requests", "n", type=int, default=3000, show_default=True, help="Calls per stage.")
-def bench_stages(n: int) -> None:
+@click.option("--batch", type=int, default=1, show_default=True, help="Requests per forward pass (the coalescer's).")
+def bench_stages(n: int, batch: int) -> None:
     """The gateway's own CPU per request of 1 user x 100 ads, stage by stage, in this process
     (every feature in L1, no HTTP): parse, lookup, transform, bookkeeping, response."""
     from ctr.bench import stages
 
-    click.echo(stages.run(_settings(), n))
+    click.echo(stages.run(_settings(), n, batch))
+
+
+@bench.command("http")
+@click.option("--requests", "n", type=int, default=2000, show_default=True, help="Calls per variant and round.")
+@click.option("--rounds", type=int, default=5, show_default=True, help="Alternated rounds.")
+def bench_http(n: int, rounds: int) -> None:
+    """What BentoML's ASGI stack adds to a POST /predict, layer by layer, in this process (no HTTP):
+    its whole stack, each middleware left out in turn, its router alone, and the fast path."""
+    from ctr.bench import http_layers
+
+    click.echo(http_layers.run(n, rounds))
 
 
 @bench.command("steady")
