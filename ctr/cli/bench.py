@@ -74,6 +74,17 @@ def bench_stages(n: int) -> None:
     click.echo(stages.run(_settings(), n))
 
 
+@bench.command("l1")
+@click.option("--against", default=None, help="A git ref whose L1 lookup runs alternated with this tree's.")
+@click.option("--rounds", type=int, default=5, show_default=True, help="Alternated runs of each tree.")
+@click.option("--requests", "n", type=int, default=5000, show_default=True, help="Lookups per run.")
+def bench_l1(against: str | None, rounds: int, n: int) -> None:
+    """The L1 lookup of 1 user x 100 ads (all hits), in child processes, alternated with --against's."""
+    from ctr.bench import l1
+
+    click.echo(l1.run(against, rounds, n))
+
+
 @bench.command("steady")
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
 @click.option("--share", type=float, default=0.5, show_default=True, help="Offered rate, as a share of saturation.")
