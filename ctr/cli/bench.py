@@ -207,6 +207,19 @@ def bench_batching(n: int, budget_ms: float) -> None:
     click.echo(bb.run(n, budget_ms))
 
 
+@bench.command("coalescing")
+@click.option("--concurrency", default="1,8,32", show_default=True, help="Comma-separated closed-loop levels.")
+@click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds per run.")
+@click.option("--passes", type=int, default=4, show_default=True, help="Alternated runs of each window per level.")
+@click.option("--http/--in-process", default=False, show_default=True, help="Over HTTP: a server per window.")
+def bench_coalescing(concurrency: str, duration: float, passes: int, http: bool) -> None:
+    """The deadline-aware batching window beside the fixed one (CTR_BATCH_WINDOW), in process,
+    closed loop: p50/p99, model-scored rps, fallbacks, rows per model call."""
+    from ctr.bench import coalescing
+
+    click.echo(coalescing.run(_settings(), [int(c) for c in concurrency.split(",")], duration, passes, http))
+
+
 @bench.command("precision")
 @click.option(
     "--calls", type=int, default=2000, show_default=True, help="Forward passes timed at batch 1 (a quarter at 256)."

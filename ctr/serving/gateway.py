@@ -25,7 +25,7 @@ from ctr.observe import log as obslog
 from ctr.observe import sli
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
-from ctr.serving.coalesce import ModelError
+from ctr.serving.coalesce import DEADLINE, UPSTREAM, ModelError
 from ctr.serving.fallback import Fallback
 from ctr.serving.features import FeatureProvider
 
@@ -116,6 +116,7 @@ class Gateway:
         t0 = time.perf_counter()
         if deadline - t0 < MIN_MODEL_BUDGET_S:
             raise ModelFailed("model:deadline")
+        DEADLINE.set(deadline)  # the coalescer's deadline-aware window reads it
         try:
             async with asyncio.timeout(deadline - t0):
                 y = await (model or self.model).submit(x, key)
@@ -136,7 +137,8 @@ class Gateway:
         t0 = time.perf_counter()
         deadline = t0 + self.deadline_s
         context = req.context.model_dump()
-        x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
+        with UPSTREAM:  # on its way to the model: a coalescer may wait for it
+            x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
         arm, model, version = self.arms.route(req.user_id) if self.arms else ("stable", self.model, self.model_version)
         failed = None
         try:

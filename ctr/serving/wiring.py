@@ -130,7 +130,7 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
         load_factor=settings.hash_load_factor, probe_interval_s=settings.probe_interval_s,
         probe_timeout_s=settings.probe_timeout_ms / 1000.0, refresh_s=settings.dns_refresh_s,
         max_inflight=settings.batch_max_inflight, max_rows=settings.batch_max_rows,
-        window_s=settings.batch_window_ms / 1000.0, hedge=settings.hedge,
+        window_s=settings.batch_window_ms / 1000.0, window=settings.batch_window, hedge=settings.hedge,
     )  # fmt: skip
     # An invalid answer is a failure of that replica: retried on another one like an error.
     retrier = Retrier(
