@@ -125,8 +125,9 @@ class Clock:
 
 def deadline_coalescer(model: Model, on_the_way: list[int], clock: Clock, cost_s: float | None = 0.002) -> Coalescer:
     cost = BatchCost()
-    if cost_s is not None:
-        cost.observe(8, cost_s)
+    if cost_s is not None:  # a line through both: setup cost_s, 0.1 ms a row
+        cost.observe(4, cost_s + 0.0004)
+        cost.observe(16, cost_s + 0.0016)
     return Coalescer(model, 2, 64, window="deadline", clock=clock, expected=lambda: on_the_way[0], cost=cost)
 
 
@@ -157,7 +158,7 @@ def test_a_lone_request_goes_at_once(on_the_way: int) -> None:
 
 
 def test_it_waits_while_the_slack_allows_then_goes_with_its_company() -> None:
-    """Another request on its way and slack left: the first waits (one call's cost at most);
+    """Another request on its way and slack left: the first waits (a call's setup at most);
     when the other arrives and nothing more is coming, both go in one call."""
 
     async def go() -> None:
@@ -182,15 +183,15 @@ def test_it_never_waits_past_the_earliest_deadline_minus_the_cost() -> None:
     estimated cost of the call, however much company is still on its way."""
 
     async def go() -> None:
-        model, clock, on_the_way = Model(), Clock(), [1]  # 12 rows then: the 8-15 bucket measured at 2 ms
+        model, clock, on_the_way = Model(), Clock(), [1]  # 12 rows then: 3.2 ms of cost
         c = deadline_coalescer(model, on_the_way, clock)
         late = submit(c, rows(1, 4), 0.050)
         await settle()
         clock.t = 0.0010
-        urgent = submit(c, rows(2, 4), 0.0035)  # 3.5 ms left, 2 ms of cost: 0.5 ms more at most
+        urgent = submit(c, rows(2, 4), 0.0050)  # due at 5 ms, 3.2 ms of cost: 0.8 ms more at most
         await settle()
-        assert model.calls == [] and c.delay() == pytest.approx(0.0035 - 0.002 - 0.0010)
-        clock.t = 0.0015
+        assert model.calls == [] and c.delay() == pytest.approx(0.0050 - 0.0032 - 0.0010)
+        clock.t = 0.0018
         assert c.delay() <= 0
         third = submit(c, rows(3, 4), 0.050)  # any event re-evaluates; the timer would too
         await settle()
@@ -217,26 +218,33 @@ def test_a_full_batch_goes_at_once() -> None:
 
 
 @pytest.mark.parametrize(
-    ("now", "deadline", "first", "cost", "expected"),
+    ("now", "deadline", "first", "cost", "gain", "expected"),
     [
-        (0.0, 0.050, 0.0, 0.002, 0.002),  # slack: wait one call's cost after the first arrived
-        (0.001, 0.050, 0.0, 0.002, 0.001),
-        (0.0, 0.003, 0.0, 0.002, 0.001),  # the deadline binds first
-        (0.0, 0.001, 0.0, 0.002, -0.001),  # already too late to wait: go now
-        (0.0, 0.050, 0.0, None, 0.0),  # no call measured yet: go now
+        (0.0, 0.050, 0.0, 0.004, 0.002, 0.002),  # slack: wait what a shared call saves
+        (0.001, 0.050, 0.0, 0.004, 0.002, 0.001),
+        (0.0, 0.005, 0.0, 0.004, 0.002, 0.001),  # the deadline binds first
+        (0.0, 0.003, 0.0, 0.004, 0.002, -0.001),  # already too late to wait: go now
+        (0.0, 0.050, 0.0, 0.004, 0.0, 0.0),  # nothing to save (one size measured): go now
+        (0.0, 0.050, 0.0, None, 0.002, 0.0),  # no call measured yet: go now
     ],
 )
-def test_dispatch_delay(now: float, deadline: float, first: float, cost: float | None, expected: float) -> None:
-    """The rule: min(earliest deadline - cost, first arrival + cost) - now."""
-    assert dispatch_delay(now, deadline, first, cost) == pytest.approx(expected)
+def test_dispatch_delay(
+    now: float, deadline: float, first: float, cost: float | None, gain: float, expected: float
+) -> None:
+    """The rule: min(earliest deadline - cost, first arrival + setup saved) - now."""
+    assert dispatch_delay(now, deadline, first, cost, gain) == pytest.approx(expected)
 
 
-def test_batch_cost_is_an_ewma_per_row_bucket() -> None:
-    """None before a call; an EWMA per power-of-two bucket; an unmeasured larger size scales up."""
+def test_batch_cost_is_an_ewma_per_row_bucket_and_a_line_through_them() -> None:
+    """None before a call; an EWMA per power-of-two bucket; one bucket scales up by rows and
+    saves nothing known; two give the line setup + rows x per-row."""
     cost = BatchCost(alpha=0.5)
-    assert cost.estimate(100) is None
+    assert cost.estimate(100) is None and cost.setup_s() == 0.0
     cost.observe(100, 0.002)
-    cost.observe(120, 0.004)  # same bucket (64-127)
+    cost.observe(120, 0.004)  # same bucket (64-127): (110 rows, 3 ms)
     assert cost.estimate(100) == pytest.approx(0.003)
-    assert cost.estimate(400) == pytest.approx(0.012)  # two buckets up: 4x
-    assert cost.estimate(10) == pytest.approx(0.003)  # smaller: never scaled down
+    assert cost.estimate(440) == pytest.approx(0.012) and cost.estimate(10) == pytest.approx(0.003)
+    assert cost.setup_s() == 0.0
+    cost.observe(1000, 0.012)  # (110, 3 ms) and (1000, 12 ms): setup 1.888 ms, 10.1 us a row
+    assert cost.setup_s() == pytest.approx(0.003 - 110 * 0.009 / 890)
+    assert cost.estimate(300) == pytest.approx(cost.setup_s() + 300 * 0.009 / 890)

@@ -12,8 +12,9 @@ batch just waits for the next free slot. When a slot is free, the window decides
   stage), so a lone request never waits; else they wait for company, but never past the
   earliest waiting deadline (`DEADLINE`, set by the gateway) minus the estimated cost of
   the call (`BatchCost`, measured online), nor longer after the first of them arrived
-  than that cost (waiting longer than a call takes buys less than sending the latecomers
-  in the next call). `dispatch_delay` is the rule.
+  than the setup cost of a call, what sharing one saves (waiting longer costs the waiting
+  requests more than a call of their own would; it also idles the slot, which at
+  saturation is throughput lost). `dispatch_delay` is the rule.
 
 (No library coalesces calls for a BentoML client, and BentoML's own target-latency batching
 proposal was never merged, hence this class.)
@@ -62,19 +63,36 @@ UPSTREAM = Upstream()
 
 
 class BatchCost:
-    """The measured time of a model call by rows: an EWMA per power-of-two bucket of rows.
-    An unmeasured size takes the nearest measured bucket's, scaled up by rows when larger."""
+    """The measured time of a model call by rows: an EWMA of (rows, seconds) per power-of-two
+    bucket of rows, and through the smallest and largest buckets a line, time = setup + rows x
+    per-row: the setup is what a request saves by sharing a call instead of making its own."""
 
     def __init__(self, alpha: float = 0.2) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
-        self._ewma: dict[int, float] = {}
+        self._ewma: dict[int, tuple[float, float]] = {}  # bucket -> (rows, seconds)
 
     def observe(self, rows: int, seconds: float) -> None:
         b = max(rows, 1).bit_length()
         prev = self._ewma.get(b)
-        self._ewma[b] = seconds if prev is None else prev + self.alpha * (seconds - prev)
+        a = self.alpha
+        self._ewma[b] = (
+            (rows, seconds) if prev is None else (prev[0] + a * (rows - prev[0]), prev[1] + a * (seconds - prev[1]))
+        )
+
+    def _line(self) -> tuple[float, float] | None:
+        """(setup, per-row) seconds, from two or more buckets."""
+        if len(self._ewma) < 2:
+            return None
+        (n0, c0), (n1, c1) = self._ewma[min(self._ewma)], self._ewma[max(self._ewma)]
+        per_row = max(0.0, (c1 - c0) / (n1 - n0)) if n1 > n0 else 0.0
+        return min(c0, max(0.0, c0 - per_row * n0)), per_row
+
+    def setup_s(self) -> float:
+        """What one shared call saves over two (0 until two sizes were measured)."""
+        line = self._line()
+        return 0.0 if line is None else line[0]
 
     def estimate(self, rows: int) -> float | None:
         """Seconds for a call of `rows`, or None before any call was measured."""
@@ -82,17 +100,23 @@ class BatchCost:
             return None
         b = max(rows, 1).bit_length()
         if b in self._ewma:
-            return self._ewma[b]
-        near = min(self._ewma, key=lambda k: (abs(k - b), -k))
-        return self._ewma[near] * max(1.0, 2.0 ** (b - near))
+            return self._ewma[b][1]
+        line = self._line()
+        if line is not None:
+            return line[0] + line[1] * rows
+        ((n, c),) = self._ewma.values()
+        return c * max(1.0, rows / n)
 
 
-def dispatch_delay(now: float, earliest_deadline: float, first_arrival: float, cost_s: float | None) -> float:
+def dispatch_delay(
+    now: float, earliest_deadline: float, first_arrival: float, cost_s: float | None, gain_s: float
+) -> float:
     """Seconds the waiting requests may still wait for company (<= 0: go now): never past the
-    earliest deadline minus the call's cost, nor longer than that cost after the first arrived."""
+    earliest deadline minus the call's cost, nor longer after the first arrived than what a
+    shared call saves (`gain_s`, the setup cost of a call)."""
     if cost_s is None:
         return 0.0
-    return min(earliest_deadline - cost_s, first_arrival + cost_s) - now
+    return min(earliest_deadline - cost_s, first_arrival + gain_s) - now
 
 
 Pending = tuple[np.ndarray, "asyncio.Future[np.ndarray]", float, float]  # x, future, deadline, arrival
@@ -162,7 +186,8 @@ class Coalescer:
             return 0.0
         rows_then = min(self.max_rows, rows + on_the_way * rows // len(pending))
         earliest = min(p[2] for p in pending)
-        return dispatch_delay(self.clock(), earliest, pending[0][3], self.cost.estimate(rows_then))
+        cost = self.cost
+        return dispatch_delay(self.clock(), earliest, pending[0][3], cost.estimate(rows_then), cost.setup_s())
 
     def _kick(self) -> None:
         if self._timer is not None:
