@@ -136,6 +136,10 @@ def measure_http(settings: Settings, levels: list[int], duration_s: float, passe
     return rows
 
 
+def _rows(x: float) -> str:
+    return "–" if x != x else f"{x:.0f}"  # over HTTP the calls are in the server: not counted
+
+
 def run(settings: Settings, levels: list[int], duration_s: float = 5.0, passes: int = 4, http: bool = False) -> str:
     if http:
         rows = measure_http(settings, levels, duration_s, passes)
@@ -154,7 +158,7 @@ def run(settings: Settings, levels: list[int], duration_s: float = 5.0, passes: 
             med[w] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
             m = med[w]
             out.append(f"| {c} | {w} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['model_rps']:.0f} | "
-                       f"{sum(x['fallbacks'] for x in runs):.0f} | {m['rows_per_call']:.0f} | |")  # fmt: skip
+                       f"{sum(x['fallbacks'] for x in runs):.0f} | {_rows(m['rows_per_call'])} | |")  # fmt: skip
         f, d = med["fixed"], med["deadline"]
         out.append(f"| {c} | deadline / fixed | {d['p50_ms'] / f['p50_ms']:.2f}x | {d['p99_ms'] / f['p99_ms']:.2f}x | "
                    f"{d['model_rps'] / f['model_rps']:.2f}x | | | |")  # fmt: skip
