@@ -62,7 +62,7 @@ class MemoryTier:
     Any other key (the tier used as a plain cache, as the tier contract tests do) lives in a
     map of its own. `peek` reads a whole request's ids of one group in C loops (map, min,
     itemgetter): no (group, version, id) tuple is built and hashed per id (`ctr bench l1`:
-    2.4x faster per request). Measured beside it (docs/performance.md): cachetools'
+    2.7x faster per request). Measured beside it (docs/performance.md): cachetools'
     TLRUCache, pure Python, 3.6x slower than the old lookup; lru-dict's C LRU, 1.8x a plain
     dict's get (it relinks its list on every hit). So this small class is our own.
 
