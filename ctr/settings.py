@@ -48,8 +48,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         'predict_fast_path',
     )),
     ('The gateway: workers, batching, overload', (
-        'gateway_workers', 'batch_window_ms', 'batch_max_rows', 'batch_max_inflight', 'overload', 'limit',
-        'limit_initial', 'limit_min', 'limit_max', 'limit_latency_ms',
+        'gateway_workers', 'batch_window', 'batch_window_ms', 'batch_max_rows', 'batch_max_inflight', 'overload',
+        'limit', 'limit_initial', 'limit_min', 'limit_max', 'limit_latency_ms',
     )),
     ('The model', (
         'model_tag', 'model_replica', 'local_forward', 'device', 'model_precision', 'torch_threads',
@@ -125,7 +125,17 @@ class Settings(BaseSettings):
         description="CTRGateway processes (each with its own L1, coalescer, breakers and, when local, model); "
         "0 = one per core when the model runs in the gateway (CTR_MODEL_REPLICA=local), else half the cores.",
     )
-    batch_window_ms: float = Field(0.0, ge=0, description="How long the gateway waits for company before a model call.")
+    batch_window: Literal["fixed", "deadline"] = Field(
+        "fixed",
+        description="How a free model slot waits for company: fixed (CTR_BATCH_WINDOW_MS), or deadline (while "
+        "requests are on their way, as long as the earliest waiting deadline minus the measured call cost allows, "
+        "at most one call's cost; a lone request goes at once).",
+    )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0,
+        description="With CTR_BATCH_WINDOW=fixed: how long the gateway waits for company before a model call.",
+    )
     batch_max_rows: int = Field(8192, ge=1, description="Most rows in one coalesced call to CTRModel.")
     batch_max_inflight: int = Field(2, ge=1, description="Most concurrent model calls from one gateway process.")
     overload: Literal["fallback", "reject"] = Field(

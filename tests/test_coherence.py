@@ -346,8 +346,8 @@ def test_a_write_reaches_another_process_l1_and_its_negative_entry(redis_url: st
         await a[1].put(G, [("a-new", [900, 40])])
         await until(lambda: _reads_both(store_b), 2.5, "B reads both writes")
         assert b[2].applied >= 2
-        entry = store_b.l1._cache[l1_key(G, "a-new")]
-        assert entry[1] - store_b.l1.clock() <= G.ttl_s  # not a fresh full TTL beyond L2's
+        (entry,) = await store_b.l1.get_many([l1_key(G, "a-new")])
+        assert entry is not None and entry[2] <= G.ttl_s  # not a fresh full TTL beyond L2's
         for p in (a, b):
             await close(*p)
 

@@ -61,6 +61,8 @@ RUNS: dict[str, Run] = {
     "bench features": Run("bench features --requests 50"),
     "bench precision": Run("bench precision --calls 20"),
     "bench batching": Run("bench batching --requests 20"),  # failed with 401 before its token fix
+    "bench l1": Run("bench l1 --against HEAD --rounds 1 --requests 50"),
+    "bench coalescing": Run("bench coalescing --concurrency 1,2 --duration 0.5 --passes 1"),
     "bench e2e": Run(
         "bench e2e --url {url} --concurrency 1 --duration 1 --ads 10 --no-peers --rates none --passes 1 "
         "--out {tmp}/bench_e2e.json"

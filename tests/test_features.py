@@ -147,3 +147,81 @@ def test_sqlite_url_parsing() -> None:
     assert sqlite_path("sqlite:////tmp/x.db") == Path("/tmp/x.db")
     with pytest.raises(ValueError, match="sqlite"):
         sqlite_path("postgresql://localhost/test")
+
+
+def test_l1_hit_rate_never_reads_above_one_while_a_lookup_waits(db: SqliteStore) -> None:
+    """A lookup's L1 hits are counted with its lookups, before it waits on L3: another lookup
+    that ends meanwhile sets the hit-rate gauges to at most 1 (they read 2.0 here before)."""
+    from ctr import metrics
+
+    class Gated(CountingSource):
+        gate: asyncio.Event
+
+        async def get_many(self, group: schema.FeatureGroup, ids: Sequence[str], timeout_s: float | None = None) -> Any:
+            await self.gate.wait()
+            return await super().get_many(group, ids, timeout_s)
+
+    async def go() -> None:
+        origin = Gated(db)
+        origin.gate = asyncio.Event()
+        store = TieredStore(MemoryTier(), origin)
+        store.l1.set_many_now([(l1_key(schema.AD_META, "a1"), (5, 2, "image"), 1, 60.0)])
+        waiting = asyncio.create_task(store.get([(schema.AD_META, ["a1", "a2"])]))  # a1 in L1, a2 from L3
+        await asyncio.sleep(0)
+        await store.get([(schema.AD_META, ["a1"])])  # all in L1, ends first
+        for tier in ("l1", "l2"):
+            assert metrics.CACHE_HIT_RATE.labels(tier)._value.get() <= 1.0
+        c = store.counts()
+        assert c["l1"] + c["l2"] <= c["lookups"] == 3
+        origin.gate.set()
+        await waiting
+        assert store.counts() == {"lookups": 3, "l1": 2, "l2": 0}
+
+    run(go())
+
+
+def test_l1_peek_answers_only_when_every_id_is_live() -> None:
+    """The hot path reads a whole group's ids: values (None for an unknown entity) when all
+    are live, else None; a version bump is another map."""
+    clock = FakeClock(0.0)
+    l1 = MemoryTier(clock=clock)
+    space = (schema.AD_META.name, schema.AD_META.version)
+    l1.set_many_now([(l1_key(schema.AD_META, "a1"), (1,), 1, 10.0), (l1_key(schema.AD_META, "a2"), (), 0, 5.0)])
+    assert l1.peek(space, ["a1", "a2"], clock()) == [(1,), None]
+    assert l1.peek(space, [], clock()) == []
+    assert l1.peek(space, ["a1", "a3"], clock()) is None
+    assert l1.peek((schema.AD_META.name, schema.AD_META.version + 1), ["a1"], clock()) is None
+    clock.advance(6)
+    assert l1.peek(space, ["a1", "a2"], clock()) is None
+    assert l1.get_many_now([l1_key(schema.AD_META, "a1"), l1_key(schema.AD_META, "a2")]) == [(1,), None]
+
+
+def test_l1_generations_bound_entries_and_keep_what_is_read() -> None:
+    """Never more than max_entries; an entry read once per generation survives eviction."""
+    l1 = MemoryTier(max_entries=100)
+    hot = l1_key(schema.AD_META, "hot")
+    l1.set_many_now([(hot, (1,), 1, 60.0)])
+    for i in range(1000):
+        l1.set_many_now([(l1_key(schema.USER_STATIC, f"u{i}"), (i,), 1, 60.0)])
+        if i % 40 == 0:
+            assert l1.get_many_now([hot]) == [(1,)]
+        assert len(l1) <= 100
+    assert l1.get_many_now([hot]) == [(1,)]
+    assert l1.get_many_now([l1_key(schema.USER_STATIC, "u0")]) == [None]  # not read since: evicted
+
+
+def test_an_l1_tombstone_outlives_eviction_and_flush() -> None:
+    """A tombstone is kept apart from the entries: neither a generation turning over nor a
+    flush lets an older in-flight fill back in while it lives."""
+    clock = FakeClock(0.0)
+    l1 = MemoryTier(max_entries=4, clock=clock, tombstone_s=30.0)
+    k = l1_key(schema.AD_STATS, "a1")
+    l1.invalidate_now([(k, 9)])
+    for i in range(20):
+        l1.set_many_now([(l1_key(schema.AD_STATS, f"x{i}"), (i,), 1, 60.0)])
+    l1.clear()
+    l1.set_many_now([(k, (1,), 5, 60.0)])
+    assert l1.get_many_now([k]) == [None] and l1.newer_than(k, 5)
+    clock.advance(31)
+    l1.set_many_now([(k, (1,), 5, 60.0)])
+    assert l1.get_many_now([k]) == [(1,)] and not l1.newer_than(k, 5)

@@ -89,6 +89,17 @@ def bench_http(n: int, rounds: int) -> None:
     click.echo(http_layers.run(n, rounds))
 
 
+@bench.command("l1")
+@click.option("--against", default=None, help="A git ref whose L1 lookup runs alternated with this tree's.")
+@click.option("--rounds", type=int, default=5, show_default=True, help="Alternated runs of each tree.")
+@click.option("--requests", "n", type=int, default=5000, show_default=True, help="Lookups per run.")
+def bench_l1(against: str | None, rounds: int, n: int) -> None:
+    """The L1 lookup of 1 user x 100 ads (all hits), in child processes, alternated with --against's."""
+    from ctr.bench import l1
+
+    click.echo(l1.run(against, rounds, n))
+
+
 @bench.command("steady")
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="Started here when not answering.")
 @click.option("--share", type=float, default=0.5, show_default=True, help="Offered rate, as a share of saturation.")
@@ -209,6 +220,19 @@ def bench_batching(n: int, budget_ms: float) -> None:
     from ctr.bench import batching as bb
 
     click.echo(bb.run(n, budget_ms))
+
+
+@bench.command("coalescing")
+@click.option("--concurrency", default="1,8,32", show_default=True, help="Comma-separated closed-loop levels.")
+@click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds per run.")
+@click.option("--passes", type=int, default=4, show_default=True, help="Alternated runs of each window per level.")
+@click.option("--http/--in-process", default=False, show_default=True, help="Over HTTP: a server per window.")
+def bench_coalescing(concurrency: str, duration: float, passes: int, http: bool) -> None:
+    """The deadline-aware batching window beside the fixed one (CTR_BATCH_WINDOW), in process,
+    closed loop: p50/p99, model-scored rps, fallbacks, rows per model call."""
+    from ctr.bench import coalescing
+
+    click.echo(coalescing.run(_settings(), [int(c) for c in concurrency.split(",")], duration, passes, http))
 
 
 @bench.command("precision")

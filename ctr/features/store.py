@@ -29,14 +29,15 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from ctr import metrics
+from ctr.degraded import Reason, group_default, is_features
 from ctr.features import schema
 from ctr.features.schema import FeatureGroup
-from ctr.features.tiers import NEGATIVE, CacheTier, MemoryTier, feature_key
+from ctr.features.tiers import MISS, NEGATIVE, CacheTier, MemoryTier, feature_key
 from ctr.features.versions import NONE
 from ctr.resilience.breaker import BreakerOpen, CircuitBreaker
 
 Row = tuple[Any, ...]
-Key = tuple[str, int, str]  # L1's key (group, version, id); L2's is its hash (feature_key)
+Key = tuple[str, int, str]  # L1's key (group, version, id: ctr/features/tiers.py); L2's is its hash (feature_key)
 L2_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 L3_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, TimeoutError)
 try:  # asyncpg is only needed with PostgreSQL
@@ -149,39 +150,43 @@ class TieredStore:
         """Values per request (None for an unknown entity or a failed read), and what was degraded.
         `l3_timeout_s` replaces the L3 budget of the reads this call starts (warming)."""
         t0 = time.perf_counter()
-        req_keys = [[(g.name, g.version, i) for i in ids] for g, ids in requests]  # l1_key, inlined (hot path)
-        req_vals = [self.l1.get_many_now(keys) for keys in req_keys]
-        asked = sum(len(k) for k in req_keys)
-        if all(None not in vals for vals in req_vals):  # the common case: all in L1
+        l1 = self.l1
+        now = l1.clock()
+        spaces = [(g.name, g.version) for g, _ in requests]
+        hot = [l1.peek(space, ids, now) for space, (_, ids) in zip(spaces, requests, strict=True)]
+        if None not in hot:  # the common case: all in L1, one dict get per id
+            asked = sum(map(len, hot))  # type: ignore[arg-type]
+            self._count(asked, asked)
             self._observe("l1", asked, asked, t0)
-            self._counts["l1"] += asked
-            self._count(asked)
-            return [[v or None for v in vals] for vals in req_vals], []  # NEGATIVE is () -> None
+            return hot, []  # type: ignore[return-value]
         want: dict[Key, tuple[FeatureGroup, str]] = {}
         found: dict[Key, Any] = {}
-        for (group, ids), keys, vals in zip(requests, req_keys, req_vals, strict=True):
-            for k, i, v in zip(keys, ids, vals, strict=True):
+        req_keys = []
+        for (group, ids), space in zip(requests, spaces, strict=True):
+            keys = [(group.name, group.version, i) for i in ids]
+            req_keys.append(keys)
+            for k, i, v in zip(keys, ids, l1.get_ids(space, ids, now), strict=True):
                 want[k] = (group, i)
-                if v is not None:
-                    found[k] = v
+                if v is not MISS:
+                    found[k] = v  # None: an unknown entity
         missing = [k for k in want if k not in found]
         degraded: list[str] = []
+        # lookups and L1 hits counted together, before any await: hit rates never exceed 1
+        self._count(len(want), len(found))
         self._observe("l1", len(want), len(found), t0)
-        self._counts["l1"] += len(found)
         l2_ok = self.l2 is not None and self.l2_mode != "off"
         if missing and self.l2 is not None and self.l2_mode != "use":
-            degraded.append("cache:l2:bypassed")
+            degraded.append(Reason.L2_BYPASSED)
         elif missing and self.l2 is not None:
             try:
                 missing = await self._from_l2(missing, want, found)
             except (*L2_ERRORS, BreakerOpen) as exc:
                 l2_ok = False
-                degraded.append("cache:l2:bypassed")
+                degraded.append(Reason.L2_BYPASSED)
                 if not isinstance(exc, BreakerOpen):
                     metrics.CACHE_ERRORS.labels("l2").inc()
         if missing:
             await self._from_origin(missing, want, found, l2_ok, degraded, l3_timeout_s or self.l3_timeout_s)
-        self._count(len(want))
         return [[self._value(found.get(k)) for k in keys] for keys in req_keys], degraded
 
     @staticmethod
@@ -195,9 +200,13 @@ class TieredStore:
         miss.inc(asked - hits)
         latency.observe(time.perf_counter() - t0)
 
-    def _count(self, lookups: int) -> None:
+    def _count(self, lookups: int, l1_hits: int = 0, l2_hits: int = 0) -> None:
+        """Keys looked up and hits; a lookup is counted when L1 answers, its L2 hits later (so
+        neither rate ever reads above 1, even while other lookups wait on L2 or L3)."""
         c = self._counts
         c["lookups"] += lookups
+        c["l1"] += l1_hits
+        c["l2"] += l2_hits
         if c["lookups"]:
             _HIT_RATE_L1.set(c["l1"] / c["lookups"])
             _HIT_RATE_L2.set((c["l1"] + c["l2"]) / c["lookups"])
@@ -225,7 +234,7 @@ class TieredStore:
                 found[k] = e[0]
                 hits.append((k, e[0], e[1], self.l1_ttl(e[2])))  # L2's remaining TTL
         self._observe("l2", len(keys), len(hits), t0)
-        self._counts["l2"] += len(hits)
+        self._count(0, 0, len(hits))
         if hits and epoch == l1.epoch:  # a flush while L2 answered: its copies may predate missed writes
             self.l1.set_many_now(hits)
         return still
@@ -246,7 +255,7 @@ class TieredStore:
         values = await asyncio.shield(asyncio.gather(*flights.values()))
         found.update(zip(flights, values, strict=True))
         for name in sorted({want[k][0].name for k in keys if found[k] is Absent.FAILED}):
-            reason = f"features:{name}:default"
+            reason = group_default(name)
             metrics.DEGRADED.labels(reason).inc()
             degraded.append(reason)
 
@@ -382,9 +391,11 @@ class FeatureLookup:
         else:
             (values, degraded), ctx = await self.store.get(requests), context
         (us,), (ub,), am, ast = values
-        failed = any(d.startswith("features:") for d in degraded)  # a failed group reads as unknown
+        failed = any(map(is_features, degraded))  # a failed group reads as unknown
         if not failed and us is None and ub is None:
-            degraded.append("features:user:default")
-        if not failed and any(m is None and s is None for m, s in zip(am, ast, strict=True)):
-            degraded.append("features:ad:default")
+            degraded.append(Reason.FEATURES_USER)
+        # no ad lacks both groups when either list has no None (a C scan, the common case)
+        both = None in am and None in ast
+        if not failed and both and any(m is None and s is None for m, s in zip(am, ast, strict=True)):
+            degraded.append(Reason.FEATURES_AD)
         return Features(us, ub, am, ast, ctx, degraded)

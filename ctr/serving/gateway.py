@@ -36,7 +36,7 @@ from ctr.observe.telemetry import Telemetry
 from ctr.resilience.breaker import BreakerOpen
 from ctr.resilience.deadline import REMOTE_ERRORS
 from ctr.resilience.limit import AimdLimit
-from ctr.serving.coalesce import ModelError
+from ctr.serving.coalesce import DEADLINE, ModelError, Upstream
 from ctr.serving.fallback import Fallback
 from ctr.serving.features import FeatureProvider
 
@@ -113,6 +113,7 @@ class Gateway:
         overload: Literal["fallback", "reject"] = "fallback",
         retry_after_s: int = 1,
         shadow: ShadowTap | None = None,
+        upstream: Upstream | None = None,
     ) -> None:
         """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
         default a random hex id); `unit` is the user's canary sub-bucket. `limiter` (None: no
@@ -132,6 +133,7 @@ class Gateway:
         self.telemetry = telemetry or Telemetry()
         self.limiter, self.overload, self.retry_after_s = limiter, overload, retry_after_s
         self.shadow = shadow
+        self.upstream = upstream or Upstream()  # counted here, read by the pool's coalescers
         self._inference_h = self.telemetry.stage("inference")
         self._request_h = self.telemetry.stage("request")
         self.sli = self.telemetry.sli  # SLIs of this process (the status page reads them)
@@ -154,6 +156,7 @@ class Gateway:
         t0 = time.perf_counter()
         if deadline - t0 < MIN_MODEL_BUDGET_S:
             raise ModelFailed(Reason.MODEL_DEADLINE)
+        DEADLINE.set(deadline)  # the coalescer's deadline-aware window reads it
         try:
             async with asyncio.timeout(deadline - t0):
                 y = await (model or self.model).submit(x, key)
@@ -215,7 +218,8 @@ class Gateway:
         t0 = time.perf_counter()
         deadline = t0 + self.deadline_s
         context = req.context.model_dump()
-        x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
+        with self.upstream:  # on its way to the model: a coalescer may wait for it
+            x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
         arm, model, version = self.arms.route(req.user_id) if self.arms else ("stable", self.model, self.model_version)
         failed = None
         try:

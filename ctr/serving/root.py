@@ -44,7 +44,7 @@ from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.shadow import RedisShadowStore, Shadow
 from ctr.serving.canary.state import Arm, RedisStore
 from ctr.serving.canary.stats import GateConfig
-from ctr.serving.coalesce import ModelCall
+from ctr.serving.coalesce import ModelCall, Upstream
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway, Model
@@ -142,14 +142,15 @@ def build(
     every internal call; `workers` is the number of gateway processes (the status page)."""
     telemetry = Telemetry.from_settings(settings)
     breakers = Breakers(settings)
+    upstream = Upstream()  # the gateway's requests in their feature stage, for the pools' coalescers
     width = len(art.architecture["cardinalities"])
-    pool = model_pool(settings, in_graph, width, headers=headers, local=local, breakers=breakers)
+    pool = model_pool(settings, in_graph, width, headers=headers, local=local, breakers=breakers, upstream=upstream)
     stack = feature_stack.features(settings, shared=True, breakers=breakers)
-    arms = canary_arms(settings, pool, art.tag, width, headers, breakers)  # None without Redis
+    arms = canary_arms(settings, pool, art.tag, width, headers, breakers, upstream)  # None without Redis
     shadow = shadow_tap(settings, arms)  # the canary's shadow phase; None without Redis
     id_key = resolve_key(settings.request_id_key, settings.admin_token, settings.data_dir)
     gw = gateway(settings, art, pool, stack, features_call, fallback_call, arms, Signer(id_key).issue,
-                 telemetry, breakers, shadow)  # fmt: skip
+                 telemetry, breakers, shadow, upstream)  # fmt: skip
     board = status_board(gw, stack, workers, breakers)
     edge = Edge(
         gateway=gw, max_ads=settings.max_ads, max_body_bytes=settings.max_body_bytes, request_id_key=id_key,
@@ -170,7 +171,7 @@ def local_runner(settings: Settings, art: ModelArtifacts) -> Callable[[np.ndarra
 def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int = 16, name: str = "model",
                urls: str | None = None, headers: dict[str, str] | None = None,
                local: Callable[[np.ndarray], np.ndarray] | None = None,
-               breakers: Breakers | None = None) -> ModelPool:  # fmt: skip
+               breakers: Breakers | None = None, upstream: Upstream | None = None) -> ModelPool:  # fmt: skip
     """The pool of model replicas: CTR_MODEL_URLS (or `urls`, e.g. a canary arm's), or, when
     empty, the model in this process (`local`, a runner) or else the in-graph CTRModel reached
     through `in_graph`, as the pool's one replica."""
@@ -200,7 +201,8 @@ def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int
         load_factor=settings.hash_load_factor, probe_interval_s=settings.probe_interval_s,
         probe_timeout_s=settings.probe_timeout_ms / 1000.0, refresh_s=settings.dns_refresh_s,
         max_inflight=settings.batch_max_inflight, max_rows=settings.batch_max_rows,
-        window_s=settings.batch_window_ms / 1000.0, hedge=settings.hedge,
+        window_s=settings.batch_window_ms / 1000.0, window=settings.batch_window, hedge=settings.hedge,
+        upstream=upstream,
     )  # fmt: skip
     # An invalid answer is a failure of that replica: retried on another one like an error.
     retrier = Retrier(
@@ -221,6 +223,7 @@ def gateway(
     telemetry: Telemetry | None = None,
     breakers: Breakers | None = None,
     shadow: Shadow | None = None,
+    upstream: Upstream | None = None,
 ) -> Gateway:
     """The gateway core. Features come from this process, or from FeatureService through
     `features_call` with CTR_FEATURES_REMOTE; fallback scores from the in-process table, or
@@ -241,6 +244,7 @@ def gateway(
     return Gateway(
         provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s, arms, new_id,
         telemetry=telemetry, limiter=limiter, overload=settings.overload, shadow=shadow,
+        upstream=upstream,
     )  # fmt: skip
 
 
@@ -273,6 +277,7 @@ def canary_arms(
     width: int = 16,
     headers: dict[str, str] | None = None,
     breakers: Breakers | None = None,
+    upstream: Upstream | None = None,
 ) -> Arms | None:
     """The canary's two arms over `stable` and a pool per rollout, with the rollout state in
     Redis (CTR_CANARY_REDIS_URL, else a plain CTR_REDIS_URL); None without a Redis."""
@@ -288,7 +293,15 @@ def canary_arms(
     runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls, baseline_urls=baseline)
 
     def make_pool(urls: tuple[str, ...]) -> ModelPool:
-        return model_pool(settings, width=width, name="canary", urls=",".join(urls), headers=headers, breakers=breakers)
+        return model_pool(
+            settings,
+            width=width,
+            name="canary",
+            urls=",".join(urls),
+            headers=headers,
+            breakers=breakers,
+            upstream=upstream,
+        )
 
     return Arms(runtime, stable, stable_version, make_pool)
 

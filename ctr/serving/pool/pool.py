@@ -27,7 +27,7 @@ from ctr import metrics
 from ctr.resilience.breaker import BreakerOpen, CircuitBreaker, State
 from ctr.resilience.deadline import REMOTE_ERRORS
 from ctr.resilience.retry import Retrier
-from ctr.serving.coalesce import Coalescer
+from ctr.serving.coalesce import Coalescer, Upstream, Window
 from ctr.serving.model_client import InvalidAnswer, check_answer
 from ctr.serving.pool.balancer import Balancer, Lease, Slot, make_policy
 from ctr.serving.pool.health import HealthConfig, ReplicaHealth, Status, evaluate
@@ -60,7 +60,9 @@ class PoolConfig:
     max_inflight: int = 2
     max_rows: int = 8192
     window_s: float = 0.0
+    window: Window = "fixed"
     hedge: bool = False
+    upstream: Upstream | None = None  # the gateway's requests on their way (the deadline window waits for them)
 
 
 @dataclass(eq=False)
@@ -127,7 +129,9 @@ class ModelPool:
         status = Status.PROBING if self._tasks else Status.HEALTHY
         member = Member(url, Slot(replica.name, index, weight), replica, self._breaker(f"{self.name}:{index}"),
                         ReplicaHealth(c.health, status), labels)  # fmt: skip
-        member.coalescer = Coalescer(self._coalesced_call(member), c.max_inflight, c.max_rows, c.window_s)
+        member.coalescer = Coalescer(
+            self._coalesced_call(member), c.max_inflight, c.max_rows, c.window_s, c.window, expected=c.upstream
+        )
         metrics.REPLICA_HEALTH.labels(*labels).set(status.value)
         log.info("pool %s: replica %d is %s", self.name, index, url)
         return member
