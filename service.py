@@ -142,6 +142,7 @@ class FallbackService:
     stored = MODEL
 
     def __init__(self) -> None:
+        obslog.configure(SETTINGS.log_format, SETTINGS.log_level)  # after BentoML set up this process's logging
         art = modelstore.artifacts(str(self.stored.tag))
         self.table = art.segments
         self.version = f"fallback:{art.tag}"

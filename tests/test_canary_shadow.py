@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,3 +214,51 @@ def test_ctr_canary_status_shows_the_shadow_phase() -> None:
          "shadow": {"pairs_joined": 2400, "verdict": "harm", "logloss_diff_rel": 0.066,
                     "logloss_diff_interval": [0.03, 0.1]}}  # fmt: skip
     assert "shadow 2,400 pairs joined, harm: log loss +6.60 % [+3.00 %, +10.00 %]" in _summary(s)
+
+
+def test_a_failed_flush_across_a_new_rollout_keeps_each_rollouts_pairs_apart() -> None:
+    """Pairs joined in rollout A, a flush that fails, then rollout B: A's pairs land in A, none in
+    B (one pooled delta used to be written to whichever rollout was current); a bad sync round
+    does not end the loop."""
+
+    async def go() -> None:
+        ctl, tap, pool, _ = await _rig()
+        a = tap.rollout_id
+        assert a is not None
+        pool.gate.set()
+        tap.offer("r1", "u1", ["a1"], np.zeros((1, 3), np.int64), [0.05])
+        await asyncio.gather(*tap.tasks)
+        assert await tap.join("r1", "a1", True)
+        real_add = tap.store.add
+
+        async def down(rollout_id: str, delta: Any) -> None:
+            raise ConnectionError("store down")
+
+        tap.store.add = down  # type: ignore[method-assign]
+        await tap.flush()  # kept for the next try
+        await ctl.rollback(by="test", reason="next")
+        await ctl.start(Arm("ctr_model:a"), Arm("ctr_model:c", ("http://c",)), SHADOW_PLAN)
+        await tap.arms.runtime.sync()
+        tap.refresh()
+        b = tap.rollout_id
+        assert b is not None and b != a
+        tap.store.add = real_add  # type: ignore[method-assign]
+        await tap.flush()
+        assert (await tap.store.load(a)).total("n") == 1 and (await tap.store.load(b)).total("n") == 0
+
+        calls = 0
+
+        async def broken() -> None:
+            nonlocal calls
+            calls += 1
+            raise ValueError("a corrupt plan")
+
+        tap.sync = broken  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        loop = asyncio.create_task(tap.run(stop, 0.001))
+        while calls < 3:
+            await asyncio.sleep(0.001)
+        stop.set()
+        await loop
+
+    asyncio.run(go())

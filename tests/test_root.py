@@ -184,3 +184,29 @@ def test_no_app_state_and_no_process_singletons_on_the_request_path() -> None:
                 or (isinstance(n.value, ast.Name) and n.value.id.endswith("app")))]  # fmt: skip
         assert not uses, (path, uses)
     assert not hasattr(sli, "RECORDER") and not hasattr(obslog, "BURSTS") and not hasattr(breaker, "_LIVE")
+
+
+def test_a_root_starts_and_closes_what_it_built(tmp_path: Path) -> None:
+    """start(): the pool, the ticker and the model's warm-up (ready once the model answered in
+    time); close(): every task ended, the pool closed; the gateway and its pools share one
+    counter of requests on their way (the deadline window reads it)."""
+    art: Any = SimpleNamespace(spec=SPEC, segments=TABLE, tag="ctr_model:test", metadata={},
+                               architecture={"cardinalities": [4] * 16})  # fmt: skip
+    settings = Settings(redis_url="", canary_redis_url="", model_urls="", admin_token="t" * 32, warm=False,
+                        database_url=f"sqlite:///{tmp_path / 'f.db'}", data_dir=tmp_path)  # fmt: skip
+
+    async def go() -> None:
+        r = root.build(settings, art, local=lambda x: np.full(len(x), 0.25, dtype=np.float32))
+        assert r.gateway.upstream is r.pool.config.upstream is not None
+        await r.start()
+        try:
+            for _ in range(2000):
+                if r.ready():
+                    break
+                await asyncio.sleep(0.005)
+            assert r.ready() and r._tasks and not any(t.done() for t in r._tasks)
+        finally:
+            await r.close()
+        assert all(t.done() for t in r._tasks) and r._model_warm is not None and r._model_warm.done()
+
+    asyncio.run(go())

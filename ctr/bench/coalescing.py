@@ -81,7 +81,9 @@ class _RowsPerCall:
 
 async def measure(settings: Settings, levels: list[int], duration_s: float, passes: int) -> list[tuple[Any, ...]]:
     from ctr.model.runner import ModelRunner
-    from ctr.serving import wiring
+    from ctr.observe.pauses import settle_gc
+    from ctr.serving import root
+    from ctr.serving.coalesce import Upstream
 
     art = modelstore.artifacts(settings.model_tag)
     reqs = [parse_predict(b, settings.max_ads) for b in Traffic(settings.data_dir, 100).bodies(2000)]
@@ -91,13 +93,14 @@ async def measure(settings: Settings, levels: list[int], duration_s: float, pass
         await warm(stack.store, 10**9, stack.schema)
         for r in reqs:  # every key in L1 from here on
             await stack.lookup.lookup(r.user_id, r.ad_ids)
-        wiring.settle_gc()
+        settle_gc()
         gws = {}
         for w in WINDOWS:
             s = settings.model_copy(update={"model_urls": "", "batch_window": w})
-            pool = wiring.model_pool(s, None, runner.n_fields, local=runner)
+            up = Upstream()  # one counter for the gateway and its pool, as root.build makes it
+            pool = root.model_pool(s, None, runner.n_fields, local=runner, upstream=up)
             await pool.start()
-            gws[w] = (wiring.gateway(s, art, pool, stack), pool)
+            gws[w] = (root.gateway(s, art, pool, stack, upstream=up), pool)
         for c in levels:
             for w in WINDOWS:  # warm each: the deadline window learns its call cost
                 await _level(*gws[w], reqs, c, min(1.0, duration_s))

@@ -173,7 +173,7 @@ def run(
     peers; peers, service; ...), the peers with as many uvicorn workers as the gateway has
     processes; then open-loop rates (`rates`, or shares of the best closed-loop model-scored
     rps when None; [] for none) for the service; beside them the in-process limit per core."""
-    from ctr.serving.wiring import gateway_workers, usable_cores
+    from ctr.serving.placement import gateway_workers, usable_cores
 
     workers, cores = gateway_workers(settings), usable_cores()
     with_peers = peers and bool(settings.redis_url)

@@ -55,6 +55,7 @@ async def measure(
     from ctr.model.runner import ModelRunner
     from ctr.observe.pauses import settle_gc
     from ctr.serving import root
+    from ctr.serving.coalesce import Upstream
 
     art = modelstore.artifacts(settings.model_tag)
     bodies = Traffic(settings.data_dir, 100).bodies(2000)
@@ -96,9 +97,10 @@ async def measure(
         async def instant(x: np.ndarray) -> np.ndarray:
             return np.full(len(x), 0.5, dtype=np.float32)
 
-        pool = root.model_pool(settings.model_copy(update={"model_urls": ""}), instant, runner.n_fields)
+        up = Upstream()  # one counter for the gateway and its pool, as root.build makes it
+        pool = root.model_pool(settings.model_copy(update={"model_urls": ""}), instant, runner.n_fields, upstream=up)
         await pool.start()
-        gw = root.gateway(settings, art, pool, stack)
+        gw = root.gateway(settings, art, pool, stack, upstream=up)
         preds = [await gw.predict(r) for r in reqs[:50]]
         if any(p.fallback for p in preds):
             raise RuntimeError(f"the gateway fell back: {preds[0].degraded}")

@@ -86,7 +86,6 @@ class Root:
     status: StatusBoard
     edge: Edge
     width: int
-    warm_features: bool = True
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _model_warm: asyncio.Task[None] | None = None
 
@@ -95,7 +94,7 @@ class Root:
         sync and the once-a-second ticker; warm the model replicas in the background (`ready`)."""
         s = self.settings
         await self.stack.start()
-        if self.warm_features and s.warm and not s.features_remote:
+        if s.warm and not s.features_remote:
             await warm(self.stack.store, s.warm_top_users, self.stack.schema)
         pauses.settle_gc()
         await self.pool.start()
@@ -114,8 +113,10 @@ class Root:
         return t is not None and t.done() and not t.cancelled() and t.exception() is None
 
     async def close(self) -> None:
-        for t in [*self._tasks, *([self._model_warm] if self._model_warm else [])]:
+        tasks = [*self._tasks, *([self._model_warm] if self._model_warm else [])]
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.shadow is not None:
             await self.shadow.close()
         if self.arms is not None:

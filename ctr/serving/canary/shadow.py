@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import random
@@ -189,12 +190,19 @@ class Shadow:
         self.cfg = cfg or PairedConfig()
         self.draw = draw
         self.rollout_id: str | None = None  # set by `refresh` (the sync loop), read by the hot path
-        self.delta = PairedCounts()
+        # This process's sums not yet in the store, per rollout: a flush that failed across a
+        # change of rollout never adds one rollout's pairs to another's.
+        self.deltas: dict[str, PairedCounts] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
 
     def refresh(self) -> None:
         self.rollout_id = shadowing(self.arms.runtime)
+
+    @property
+    def delta(self) -> PairedCounts:
+        """The current rollout's unflushed sums (a scratch one outside a shadow phase)."""
+        return self.deltas.setdefault(self.rollout_id or "", PairedCounts())
 
     # ---- hot path: no I/O, no waiting --------------------------------------------------------
     def offer(self, request_id: str, user_id: str, ad_ids: Sequence[str], x: np.ndarray, scores: list[float]) -> None:
@@ -202,30 +210,33 @@ class Shadow:
         rid, pool = self.rollout_id, self.arms.canary
         if rid is None or pool is None or self.draw() >= self.sample:
             return
-        self.delta.ops["offered"] += 1
+        delta = self.deltas.setdefault(rid, PairedCounts())
+        delta.ops["offered"] += 1
         if len(self.tasks) >= self.max_inflight:
-            self.delta.ops["dropped"] += 1
+            delta.ops["dropped"] += 1
             return
         unit = self.arms.runtime.unit(user_id)
         call = self._score(rid, pool, request_id, user_id, ad_ids, x, scores, unit)
-        task = asyncio.get_running_loop().create_task(call)
+        # A context of its own: the stable request's (its deadline for the coalescer) stays behind.
+        task = asyncio.get_running_loop().create_task(call, context=contextvars.Context())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _score(self, rid: str, pool: Pool, request_id: str, user_id: str, ad_ids: Sequence[str],
                      x: np.ndarray, scores: list[float], unit: int) -> None:  # fmt: skip
+        delta = self.deltas.setdefault(rid, PairedCounts())
         try:
             async with asyncio.timeout(self.timeout_s):
                 q = await pool.submit(x, user_id)
         except CALL_ERRORS:
-            self.delta.ops["failed"] += 1
+            delta.ops["failed"] += 1
             return
         pairs = {ad: (float(p), float(s), unit) for ad, p, s in zip(ad_ids, scores, q.tolist(), strict=True)}
         try:
             await self.store.put(rid, request_id, pairs, self.ttl_s)
-            self.delta.ops["stored"] += 1
+            delta.ops["stored"] += 1
         except STORE_ERRORS:
-            self.delta.ops["store_errors"] += 1
+            delta.ops["store_errors"] += 1
 
     # ---- feedback ------------------------------------------------------------------------------
     async def join(self, request_id: str, ad_id: str, clicked: bool) -> bool:
@@ -233,30 +244,31 @@ class Shadow:
         rid = self.rollout_id
         if rid is None:
             return False
+        delta = self.deltas.setdefault(rid, PairedCounts())
         try:
             pair = await self.store.take(rid, request_id, ad_id)
         except STORE_ERRORS:
-            self.delta.ops["join_errors"] += 1
+            delta.ops["join_errors"] += 1
             return False
         if pair is None:
             return False
         p, q, unit = pair
-        self.delta.record(np.array([p]), np.array([q]), np.array([float(clicked)]), np.array([unit]))
-        self.delta.ops["joined"] += 1
+        delta.record(np.array([p]), np.array([q]), np.array([float(clicked)]), np.array([unit]))
+        delta.ops["joined"] += 1
         return True
 
     # ---- sync -------------------------------------------------------------------------------
     async def flush(self) -> None:
-        """Write this process's sums to the store (kept for the next try when it fails)."""
-        rid = self.rollout_id or (self.arms.runtime.rollout.id if self.arms.runtime.rollout else None)
-        if rid is None or self.delta.empty():
-            return
-        delta, self.delta = self.delta, PairedCounts()
-        try:
-            await self.store.add(rid, delta)
-        except STORE_ERRORS:
-            delta.add(self.delta)
-            self.delta = delta
+        """Write this process's sums to the store, each to its own rollout (kept for the next try
+        when it fails)."""
+        for rid in [r for r, d in self.deltas.items() if r and not d.empty()]:
+            delta = self.deltas.pop(rid)
+            try:
+                await self.store.add(rid, delta)
+            except STORE_ERRORS:
+                delta.add(self.deltas.get(rid, PairedCounts()))
+                self.deltas[rid] = delta
+        self.deltas.pop("", None)  # counted outside any shadow phase: nothing to add them to
 
     async def sync(self) -> None:
         await self.flush()
@@ -283,7 +295,10 @@ class Shadow:
 
     async def run(self, stop: asyncio.Event, every_s: float) -> None:
         while not stop.is_set():
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:  # a corrupt plan, a bug: the loop must outlive any one bad round (as Arms.run)
+                log.exception("shadow sync failed; retrying next round")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
 
