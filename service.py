@@ -178,11 +178,13 @@ class CTRGateway:
             SETTINGS, self.pool, self.art.tag, self.width, INTERNAL_HEADERS
         )  # None without Redis
         id_key = request_id.resolve_key(SETTINGS.request_id_key, SETTINGS.admin_token, SETTINGS.data_dir)
+        receipts = self.arms.runtime.served if self.arms else None  # what each answer served, for /feedback
         self.gateway = wiring.gateway(
             SETTINGS, self.art, self.pool, self.stack, self._remote_features, self._remote_fallback, self.arms,
-            new_id=request_id.Signer(id_key).issue,
+            new_id=request_id.Signer(id_key, receipts=receipts).issue,
         )  # fmt: skip
         predict_app.state.canary = self.arms.runtime if self.arms else None
+        predict_app.state.feedback = wiring.feedback_desk(SETTINGS, self.arms)
         predict_app.state.stable_arm = Arm(self.art.tag, tuple(u for u in SETTINGS.model_urls.split(",") if u))
         predict_app.state.max_ads = SETTINGS.max_ads
         predict_app.state.writer = self.stack.writer

@@ -98,6 +98,7 @@ def routes_app(tmp_path: Path, *, max_ads: int = 1000, max_body_bytes: int = 1_0
     from ctr.features.store import TieredStore
     from ctr.features.tiers import MemoryTier
     from ctr.features.writes import FeatureWriter
+    from ctr.serving.canary.feedback import FeedbackDesk
     from ctr.serving.coalesce import Coalescer
     from ctr.serving.fallback import Fallback
     from ctr.serving.gateway import Gateway
@@ -114,6 +115,7 @@ def routes_app(tmp_path: Path, *, max_ads: int = 1000, max_body_bytes: int = 1_0
     app.state.max_ads = max_ads
     app.state.max_body_bytes = max_body_bytes
     app.state.request_id_key = key
+    app.state.feedback = FeedbackDesk(None, None, 900.0)  # no Redis: the id's signature and age only
     app.state.admin_token = token
     app.state.model_info = {"model_version": "ctr_model:test"}
     app.state.writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})

@@ -41,9 +41,12 @@ def body(user: str = "u1", ads: list[str] | None = None) -> dict:
 
 def test_an_issued_id_verifies_to_its_claims() -> None:
     """issue -> verify gives back the arm, model version and time; ids are unique, compact, URL-safe."""
-    rid = request_id.issue("canary", "ctr_model:abc123", KEY, 1_800_000_000.25)
-    assert request_id.verify(rid, KEY) == request_id.Claims("canary", "ctr_model:abc123", 1_800_000_000.25)
-    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", rid) and len(rid) < 120
+    ads = request_id.ads_digest(["a1", "a2"])
+    rid = request_id.issue("canary", "ctr_model:abc123", KEY, 1_800_000_000.25, 7, "r0llout", ads)
+    c = request_id.verify(rid, KEY)
+    assert c is not None and c.nonce and c.record == f"{c.nonce}.{ads}"
+    assert c == request_id.Claims("canary", "ctr_model:abc123", 1_800_000_000.25, 7, "r0llout", ads, c.nonce)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", rid) and len(rid) < 140
     assert rid != request_id.issue("canary", "ctr_model:abc123", KEY, 1_800_000_000.25)
 
 
@@ -119,7 +122,7 @@ def test_predict_issues_a_signed_id_and_feedback_counts_under_its_arm(client: Te
     before = _feedback("stable", "click"), _feedback("canary", "click")
     fb = {"request_id": r.json()["request_id"], "ad_id": "a1", "clicked": True, "arm": "canary"}
     ok = client.post("/feedback", json=fb)
-    assert ok.status_code == 202 and ok.json() == {"accepted": True, "arm": "stable"}
+    assert ok.status_code == 202 and ok.json() == {"accepted": True, "arm": "stable", "gates": False}
     assert (_feedback("stable", "click"), _feedback("canary", "click")) == (before[0] + 1, before[1])
 
 

@@ -101,7 +101,7 @@ def _predict(n: int) -> list[str]:
     """`n` requests, the i-th with the caller's id `client-i`; the ids the gateway issued."""
     ids = iter(f"req-{i}" for i in range(n))
     gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
-                 new_id=lambda arm, version, unit: next(ids))  # fmt: skip
+                 new_id=lambda *_: next(ids))  # fmt: skip
 
     async def go() -> list[str]:
         return [(await gw.predict(REQ, f"client-{i}")).request_id for i in range(n)]
@@ -138,6 +138,7 @@ def test_the_logged_request_id_is_the_one_the_client_holds() -> None:
 
     from ctr.api import request_id
     from ctr.api.routes import make_app
+    from ctr.serving.canary.feedback import FeedbackDesk
     from ctr.serving.overload import Admission
 
     key = b"k" * 32
@@ -145,6 +146,7 @@ def test_the_logged_request_id_is_the_one_the_client_holds() -> None:
                  new_id=request_id.Signer(key).issue)  # fmt: skip
     app = make_app()
     app.state.gateway, app.state.max_ads, app.state.request_id_key = Admission(gw, None), 10, key
+    app.state.feedback = FeedbackDesk(None, None, 900.0)
     body = {"user_id": "u1", "ad_ids": ["a1"], "context": REQ.context.model_dump()}
     out = io.StringIO()
     obslog.configure("json", "DEBUG", stream=out)

@@ -73,6 +73,8 @@ class Part:
             return later()
         return self._status
 
+    public_status = status
+
 
 class FakeGateway:
     model_version = "ctr_model:test"

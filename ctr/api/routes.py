@@ -4,8 +4,8 @@
 4xx with a message a person can act on, and the hot path skips BentoML's per-call
 IO-descriptor machinery (notes/bentoml.md: about 1.5-1.8 ms of CPU per request). Every
 answer carries a signed request id (ctr.api.request_id).
-/feedback: counted under the arm its (signed) request id carries; ids this service did
-not issue are refused.
+/feedback: counted under the arm its (signed) request id carries, once per (id, ad), for an
+ad that answer served; ids this service did not issue are refused (ctr.serving.canary.feedback).
 /admin/features: authenticated feature writes (write-through or write-behind per group).
 /openapi.json: the OpenAPI document of these routes (ctr.api.openapi).
 Every body is bounded (CTR_MAX_BODY_BYTES, ctr.api.body) before it is read into memory or parsed.
@@ -32,6 +32,8 @@ from ctr.api.contract import MAX_FEATURE_ROWS, MAX_READ_IDS, BadRequest, parse_f
 from ctr.features.schema import valid_id
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import FeatureWriter, validate_rows
+from ctr.serving.canary.feedback import FeedbackDesk, Refused
+from ctr.serving.canary.served import STORE_ERRORS as SERVED_ERRORS
 from ctr.serving.overload import Admission, Overloaded
 
 log = logging.getLogger(__name__)
@@ -83,24 +85,28 @@ async def predict(request: Request) -> Response:
 
 
 async def feedback(request: Request) -> Response:
-    """POST {"request_id", "ad_id", "clicked", "score"?}: counted for the online CTR of the id's arm and,
-    during a rollout, in that arm's counters for the canary's gates."""
+    """POST {"request_id", "ad_id", "clicked"}: checked and counted by the FeedbackDesk
+    (ctr.serving.canary.feedback): once per (id, ad), for a served ad, within the maximum age,
+    in the online CTR of the id's arm and, for an id of the running rollout, its gates."""
     try:
         fb = parse_feedback(await read_body(request))
     except BadRequest as exc:
         return _error(exc)
     claims = request_id.verify(fb.request_id, request.app.state.request_id_key)
     if claims is None:
+        metrics.FEEDBACK_REFUSED.labels("forged").inc()
         return _json({"error": "request_id was not issued by this service (use the request_id of a /predict answer)",
                       "detail": ["request_id"]}, 403)  # fmt: skip
-    metrics.FEEDBACK.labels(claims.arm, "impression").inc()
-    if fb.clicked:
-        metrics.FEEDBACK.labels(claims.arm, "click").inc()
-    if (canary_runtime := getattr(request.app.state, "canary", None)) is not None:
-        canary_runtime.record_feedback(
-            claims.arm, fb.clicked, fb.score, claims.unit
-        )  # the canary's CTR and calibration gates
-    return _json({"accepted": True, "arm": claims.arm}, 202)
+    desk: FeedbackDesk = request.app.state.feedback
+    try:
+        done = await desk.take(claims, fb.ad_id, fb.clicked)
+    except Refused as exc:
+        return _json({"error": exc.message, "detail": [exc.reason]}, exc.status)
+    except SERVED_ERRORS as exc:
+        log.warning("feedback not counted: the feedback store is unavailable: %s: %s", type(exc).__name__, exc)
+        metrics.FEEDBACK_REFUSED.labels("store_unavailable").inc()
+        return _json({"error": "the feedback store is unavailable; send the feedback again later"}, 503)
+    return _json({"accepted": True, "arm": claims.arm, "gates": done.gates}, 202)
 
 
 def _integral_values(rows: Any) -> Any:
@@ -189,8 +195,8 @@ async def openapi_json(request: Request) -> Response:
 
 def make_app() -> Starlette:
     """Set `app.state.gateway` (an `Admission` around the Gateway), `.max_ads`, `.writer`,
-    `.admin_token`, `.request_id_key`, `.max_body_bytes`, `.model_info` and `.status` (a
-    StatusBoard, for /status and /status.json) before serving."""
+    `.admin_token`, `.request_id_key`, `.feedback` (a FeedbackDesk), `.max_body_bytes`,
+    `.model_info` and `.status` (a StatusBoard, for /status and /status.json) before serving."""
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,7 +60,24 @@ class ArmRouter(Protocol):
     def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None: ...
 
 
-def _random_id(arm: str, model_version: str, unit: int = 0) -> str:
+class IdIssuer(Protocol):
+    """Issues an answer's request id (the edge's `request_id.Signer.issue`): the arm and version that
+    answered, the user's canary unit, the rollout whose split chose the arm ("" outside one), and
+    what was served (kept for /feedback)."""
+
+    def __call__(
+        self,
+        arm: str,
+        model_version: str,
+        unit: int = 0,
+        rollout: str = "",
+        ad_ids: Sequence[str] = (),
+        scores: Sequence[float] = (),
+    ) -> str: ...
+
+
+def _random_id(arm: str, model_version: str, unit: int = 0, rollout: str = "",
+               ad_ids: Sequence[str] = (), scores: Sequence[float] = ()) -> str:  # fmt: skip
     return uuid.uuid4().hex
 
 
@@ -81,10 +98,9 @@ class Gateway:
         model_version: str,
         deadline_s: float,
         arms: ArmRouter | None = None,
-        new_id: Callable[[str, str, int], str] | None = None,
+        new_id: IdIssuer | None = None,
     ) -> None:
-        """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
-        default a random hex id); `unit` is the user's canary sub-bucket."""
+        """`new_id` issues each request's one id (the edge's signer; default a random hex id)."""
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.features = features
@@ -138,6 +154,8 @@ class Gateway:
         context = req.context.model_dump()
         x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
         arm, model, version = self.arms.route(req.user_id) if self.arms else ("stable", self.model, self.model_version)
+        canary = self.canary
+        rollout = canary.active_id() if canary is not None else ""  # read with the route: the same view
         failed = None
         try:
             scores = await self._infer(x, deadline, req.user_id, model)
@@ -153,10 +171,10 @@ class Gateway:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
         if self.arms is not None:
-            self.arms.record(arm, elapsed, failed is not None, req.user_id)
-        canary = self.canary
+            self.arms.record(arm, elapsed, failed is not None, req.user_id)  # a fallback is its arm's error
         unit = canary.unit(req.user_id) if canary is not None else 0
-        pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, failed is not None, degraded)
+        rid = self.new_id(arm, version, unit, rollout, req.ad_ids, scores)
+        pred = Prediction(rid, scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed, client_id)
         return pred
 

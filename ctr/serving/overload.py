@@ -71,10 +71,21 @@ class Admission:
             raise Overloaded(self.retry_after_s)
         metrics.REQUESTS.labels("shed").inc()
         metrics.FALLBACKS.labels(SHED).inc()
-        scores = self.gateway.fallback.table.scores(req.context.model_dump(), len(req.ad_ids))
-        version = f"fallback:{self.gateway.model_version}"
-        pred = Prediction(self.gateway.new_id("stable", version, 0), scores, version, "stable", True, [SHED])
-        self.gateway.observe(pred, SHED, 0.0, client_id)  # a shed answer is a fallback in the SLIs too
+        gw = self.gateway
+        scores = gw.fallback.table.scores(req.context.model_dump(), len(req.ad_ids))
+        version = f"fallback:{gw.model_version}"
+        # The user's own arm (a shed answer is labelled as every other answer of that user); its
+        # fallback version keeps its feedback out of the gates. Not counted in the arms' requests:
+        # shedding happens before routing, to both arms' users alike, and says nothing of either model.
+        canary = gw.canary
+        arm, unit, rollout = (
+            ("stable", 0, "")
+            if canary is None
+            else (canary.arm(req.user_id), canary.unit(req.user_id), canary.active_id())
+        )
+        rid = gw.new_id(arm, version, unit, rollout, req.ad_ids, scores)
+        pred = Prediction(rid, scores, version, arm, True, [SHED])
+        gw.observe(pred, SHED, 0.0, client_id)  # a shed answer is a fallback in the SLIs too
         return pred
 
     def failed(self, elapsed_s: float) -> None:
