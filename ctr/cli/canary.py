@@ -160,6 +160,39 @@ for _name, _doc in (
     canary.add_command(_action(_name, _doc))
 
 
+@canary.command("attack")
+@_url
+@_token
+@click.option("--users", type=int, default=400, show_default=True, help="Honest answers to collect first.")
+@click.option("--replays", type=int, default=3000, show_default=True, help="Replays of one canary id.")
+@click.option(
+    "--sign",
+    is_flag=True,
+    help="Also make over-age and other-rollout ids with the key derived from the admin token (a gateway "
+    "without CTR_REQUEST_ID_KEY); without it only what a client can do without the key is tried.",
+)
+def attack(url: str, token: str, users: int, replays: int, sign: bool) -> None:
+    """Try to steer a running rollout through /feedback (replays, unserved ads, forged, over-age and
+    other-rollout ids, lying scores) and show that no gate moved. Loopback only; run it on a
+    gateway with no other traffic (other feedback would move the counters it compares)."""
+    import asyncio
+
+    from ctr.api.request_id import resolve_key
+    from ctr.bench.canary_attack import attack as run
+
+    key = resolve_key("", token, Path(".")) if sign and token else None  # derived: no file is read
+    try:
+        rep = asyncio.run(run(url, token, key, users=users, replays=replays))
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    honest = ", ".join(f"{arm} {n}" for arm, n in rep.honest.items())
+    click.echo(f"honest feedback counted: {honest}")
+    for line in rep.lines():
+        click.echo(line)
+    if rep.moved():
+        raise SystemExit(1)
+
+
 @canary.command("simulate")
 @click.option(
     "--aa-seeds", type=int, default=240, show_default=True, help="A/A rollouts per traffic and spread (24 start hours)."
