@@ -80,7 +80,7 @@ def test_a_scripted_attacker_moves_no_gate(gateway: Server, canary_replica: Serv
     assert rep.moved() == []
     assert all(s.get(202, 0) == 0 for s in rep.attacks.values()), rep.attacks
     assert set(rep.attacks["replay, clicked (lift the canary's CTR)"]) == {409}
-    assert set(rep.attacks["ad not served"]) == {422}
+    assert set(rep.attacks["ad not served"]) == {409}
     assert set(rep.attacks["forged or altered id"]) == {403}
     assert set(rep.attacks["id past the maximum age (signed with the key)"]) == {410}
     assert set(rep.attacks["id of another rollout (signed with the key)"]) == {409}

@@ -150,7 +150,7 @@ def test_defect_1_replays_unserved_ads_and_client_scores_move_no_counter(
     redis_url: str, models: tuple[ModelServer, ModelServer], tmp_path: Path
 ) -> None:
     """3,000 replays of one canary id count once (409 after the first; the old route counted
-    all 3,000 and rolled a healthy canary back); an ad the answer did not serve is a 422; the
+    all 3,000 and rolled a healthy canary back); an ad the answer did not serve is a 409; the
     calibration gate sums the served score (0.3), never the client's `score` (0.99)."""
 
     async def go() -> None:
@@ -167,7 +167,7 @@ def test_defect_1_replays_unserved_ads_and_client_scores_move_no_counter(
             assert {r.status_code for r in replays} == {409}
             assert "counted already" in replays[0].json()["error"] and replays[0].json()["detail"] == ["duplicate"]
             unserved = await g.feedback(rid, ad="a999")
-            assert unserved.status_code == 422 and "not among the ad_ids" in unserved.json()["error"]
+            assert unserved.status_code == 409 and "not among the ad_ids" in unserved.json()["error"]
             assert (await g.feedback(rid, ad="a2", clicked=False)).status_code == 202  # another served ad: counts
             got = (await g.counts())["canary"]
             assert (got["impressions"], got["clicks"], got["scored"]) == (2, 1, 2)

@@ -94,7 +94,7 @@ class Feedback(BaseModel):
             json_schema_extra={"pattern": request_id.PATTERN},
         ),
     ]
-    ad_id: Annotated[EntityId, Field(description="one of the ad_ids that answer scored (else 422)")]
+    ad_id: Annotated[EntityId, Field(description="one of the ad_ids that answer scored (else 409)")]
     clicked: StrictBool
     arm: Literal["stable", "canary"] | None = Field(
         None, description="Ignored: the arm is the one the request id carries.", json_schema_extra={"deprecated": True}

@@ -26,6 +26,7 @@ from ctr.features import stack as feature_stack
 from ctr.features.transform import Transformer
 from ctr.features.warm import warm
 from ctr.model import store as modelstore
+from ctr.serving.canary.served import ServedLog
 from ctr.settings import Settings
 
 
@@ -95,15 +96,25 @@ async def measure(settings: Settings, n: int = 3000) -> list[tuple[str, float, f
 
         async def respond(i: int) -> None:
             p = preds[i % len(preds)]
-            signed = request_id.issue(p.arm, p.model_version, key, time.time())
+            ads = reqs[i % len(preds)].ad_ids
+            signed = request_id.issue(p.arm, p.model_version, key, time.time(), 7, "", request_id.ads_digest(ads))
             orjson.dumps(dataclasses.replace(p, request_id=signed))
+
+        receipts = ServedLog(None, 900.0)  # type: ignore[arg-type]  # records buffered, never written here
+
+        async def remember(i: int) -> None:
+            p = preds[i % len(preds)]
+            receipts.remember(f"nonce{i}.digest", reqs[i % len(preds)].ad_ids, p.scores)
+            if len(receipts._pending) >= 1000:
+                receipts._pending.clear()
 
         stages = [
             ("parse + validate (orjson, pydantic)", parse),
             ("features: L1 lookup, all hits", features),
             ("transform to the [100, 16] matrix", transform),
             ("gateway predict, model answering at once (lookup + transform + bookkeeping)", gateway),
-            ("response: signed id + JSON", respond),
+            ("response: signed id (rollout, ad digest) + JSON", respond),
+            ("served record for /feedback: pack + buffer", remember),
             ("forward pass, batch 100 (for scale)", forward),
         ]
         out = []
@@ -121,4 +132,33 @@ def run(settings: Settings, n: int = 3000) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {name} | {med:.0f} | {p99:.0f} | {p999:.0f} | {top:.0f} |" for name, med, p99, p999, top in rows]
+    url = settings.canary_redis_url or (settings.redis_url if settings.redis_url.startswith("redis://") else "")
+    if url:
+        lines.append(asyncio.run(served_writes(url)))
     return "\n".join(lines)
+
+
+async def served_writes(url: str, records: int = 20_000, batch: int = 16) -> str:
+    """The gateway's CPU per served record written to Redis (ServedLog.flush: one pipelined SET
+    each, `batch` records a round trip, as concurrent answers share one), 100 ads a record."""
+    import redis.asyncio as aioredis
+
+    from ctr.serving.canary.served import STORE_ERRORS
+
+    client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    log = ServedLog(client, 60.0, prefix="ctr:bench:")
+    ads, scores = [f"a{i}" for i in range(100)], [0.05] * 100
+    try:
+        cpu = 0.0
+        for r in range(records // batch):
+            for i in range(batch):
+                log.remember(f"n{r}-{i}.d", ads, scores)
+            t0 = time.process_time()
+            await log.flush()
+            cpu += time.process_time() - t0
+    except STORE_ERRORS as exc:
+        return f"(served records not measured: {url} did not answer: {type(exc).__name__})"
+    finally:
+        await client.aclose()
+    return (f"| served records written to Redis (pipelined SET, {batch} a round trip), CPU per record | "
+            f"{cpu / records * 1e6:.0f} (mean) | | | |")  # fmt: skip

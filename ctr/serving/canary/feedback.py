@@ -8,7 +8,7 @@ clicked. It counts only if, in this order (each refusal has its own status and r
 3. the rollout it was issued under is the one running now (else 409, `other_rollout`: an id
    of a rollout that ended, or of another, moves no gate of this one);
 4. the answer it names is known (else 410, `unknown`: expired, or lost with Redis);
-5. that answer served the ad (else 422, `not_served`);
+5. that answer served the ad (else 409, `not_served`: 422 stays "the body fails the schema");
 6. this (id, ad) was not counted before (else 409, `duplicate`; SET NX in Redis, shared by
    every process, with the id's remaining lifetime as expiry).
 
@@ -108,7 +108,7 @@ class FeedbackDesk:
         if claim.outcome == "unknown":
             raise Refused(410, "unknown", "no record of this answer: it expired or the feedback store lost it")
         if claim.outcome == "not_served":
-            raise Refused(422, "not_served", f"ad_id {ad_id!r} is not among the ad_ids this request_id answered")
+            raise Refused(409, "not_served", f"ad_id {ad_id!r} is not among the ad_ids this request_id answered")
         if claim.outcome == "duplicate":
             raise Refused(409, "duplicate", f"feedback for this request_id and ad_id {ad_id!r} was counted already")
         return claim.score

@@ -31,7 +31,7 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -92,7 +92,7 @@ class ServedLog:
         self.max_pending = max_pending
         self._pending: list[tuple[str, bytes]] = []
         self._wake = asyncio.Event()
-        self._claim = client.register_script(_CLAIM)
+        self._claim: Any = None  # the Lua script, registered on first use
         self._task: asyncio.Task[None] | None = None
 
     def _record(self, key: str) -> str:
@@ -154,6 +154,8 @@ class ServedLog:
             await self.flush()
         ttl_ms = self.ttl_ms if ttl_s is None else max(1, int(ttl_s * 1000))
         mark = f"{self.prefix}counted:{key}:{ad_id}"
+        if self._claim is None:
+            self._claim = self.r.register_script(_CLAIM)
         out = await self._claim(keys=[self._record(key), mark], args=[ad_id, ttl_ms])
         code = int(out[0])
         if code == 3:
