@@ -69,7 +69,7 @@ class Claims:
 class Receipts(Protocol):
     """Keeps what each answer served, for /feedback (`ctr.serving.canary.served.ServedLog`)."""
 
-    def remember(self, key: str, ad_ids: Sequence[str], scores: Sequence[float]) -> None: ...
+    def remember(self, key: str, ad_ids: Sequence[str], scores: Sequence[float], issued_at: float) -> None: ...
 
 
 def ads_digest(ad_ids: Sequence[str]) -> str:
@@ -110,11 +110,11 @@ class Signer:
         ad_ids: Sequence[str] = (),
         scores: Sequence[float] = (),
     ) -> str:
-        nonce = _b64(os.urandom(NONCE_BYTES))
+        nonce, now = _b64(os.urandom(NONCE_BYTES)), self.clock()
         ads = ads_digest(ad_ids) if ad_ids else ""
-        rid = issue(arm, model_version, self.key, self.clock(), unit, rollout, ads, nonce)
+        rid = issue(arm, model_version, self.key, now, unit, rollout, ads, nonce)
         if self.receipts is not None and ad_ids:
-            self.receipts.remember(record_key(nonce, ads), ad_ids, scores)
+            self.receipts.remember(record_key(nonce, ads), ad_ids, scores, round(now, 3))
         return rid
 
 

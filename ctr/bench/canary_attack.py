@@ -114,13 +114,13 @@ class Attacker:
         """The honest phase, the counters, the attack, the counters again."""
         rep = Report()
         answers = await self.answers(users)
+        await asyncio.sleep(2.0)  # every gateway process has written what its answers served
         for arm in ("stable", "canary"):
             mine = [p for p in answers if p["arm"] == arm]
-            codes = await asyncio.gather(
-                *(self.feedback(p["request_id"], ADS[0], i % 10 == 0) for i, p in enumerate(mine))
-            )
-            rep.honest[arm] = codes.count(202)
-            rep.served_sum[arm] = sum(p["scores"][0] for p in mine)
+            fbs = [self.feedback(p["request_id"], ADS[0], i % 10 == 0) for i, p in enumerate(mine)]
+            counted = [p for p, code in zip(mine, await asyncio.gather(*fbs), strict=True) if code == 202]
+            rep.honest[arm] = len(counted)
+            rep.served_sum[arm] = sum(p["scores"][0] for p in counted)
         rep.before = await self.settled(sync_wait_s)
         canary = [p for p in answers if p["arm"] == "canary"]
         if not canary:

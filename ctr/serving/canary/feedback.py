@@ -7,7 +7,8 @@ clicked. It counts only if, in this order (each refusal has its own status and r
 2. it is at most `max_age_s` old (CTR_FEEDBACK_MAX_AGE_S; else 410, `too_old`);
 3. the rollout it was issued under is the one running now (else 409, `other_rollout`: an id
    of a rollout that ended, or of another, moves no gate of this one);
-4. the answer it names is known (else 410, `unknown`: expired, or lost with Redis);
+4. the answer it names is known (else 410, `unknown`: expired, or lost with Redis; 503,
+   `not_written_yet`, when the id is under 2 s old: another process may not have written it);
 5. that answer served the ad (else 409, `not_served`: 422 stays "the body fails the schema");
 6. this (id, ad) was not counted before (else 409, `duplicate`; SET NX in Redis, shared by
    every process, with the id's remaining lifetime as expiry).
@@ -33,6 +34,8 @@ from ctr import metrics
 from ctr.api.request_id import Claims
 from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.served import ServedLog
+
+NOT_WRITTEN_YET_S = 2.0  # an unknown answer younger than this may still be in its process's buffer
 
 
 class Refused(Exception):
@@ -104,7 +107,11 @@ class FeedbackDesk:
             return None
         if not claims.record:
             raise Refused(410, "unknown", "request_id names no served answer (issued by an older gateway)")
-        claim = await self.served.claim(claims.record, ad_id, ttl_s=self.max_age_s - max(0.0, age_s) + 1.0)
+        claim = await self.served.claim(
+            claims.record, claims.issued_at, ad_id, ttl_s=self.max_age_s - max(0.0, age_s) + 1.0
+        )
+        if claim.outcome == "unknown" and age_s < NOT_WRITTEN_YET_S:  # another process may not have written it
+            raise Refused(503, "not_written_yet", "the answer's record is not written yet; send the feedback again")
         if claim.outcome == "unknown":
             raise Refused(410, "unknown", "no record of this answer: it expired or the feedback store lost it")
         if claim.outcome == "not_served":
