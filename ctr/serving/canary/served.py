@@ -23,13 +23,15 @@ appends it to a buffer; a background task writes the buffer in one round trip, l
 `linger_s` (50 ms) so that the answers of that time share it: a round trip costs the gateway
 about 100-150 µs of CPU (redis-py) and a record about 10 µs more, so a round trip per answer
 would add half again to a request's CPU in the gateway; at 50 ms the round trips cost about
-0.3 % of a core whatever the traffic, and each answer its ~10 µs. A feedback can arrive before its record is written only from
-another process within that linger: it gets a 503 to send again (`FeedbackDesk`).
+0.3 % of a core whatever the traffic, and each answer its ~10 µs. A feedback can arrive
+before its record is written only from another process within that linger: it gets a 503 to
+send again (`FeedbackDesk`).
 
 `claim` (one Lua script, atomic) finds the record, checks the ad, and marks (id, ad) counted
 with SET NX and the id's remaining lifetime as expiry, so each pair counts once among every
-process sharing the Redis; it returns the served score. Records buffered when Redis is down are kept (up to `max_pending`, oldest dropped first,
-`ctr_feedback_records_dropped_total`) and written when it answers.
+process sharing the Redis; it returns the served score. Records buffered when Redis is down
+are kept (up to `max_pending`, oldest dropped first, `ctr_feedback_records_dropped_total`)
+and written when it answers.
 """
 
 from __future__ import annotations
