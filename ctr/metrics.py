@@ -65,6 +65,13 @@ RETRY_BUDGET_EXHAUSTED = Counter(
     "ctr_retry_budget_exhausted", "Retries refused because the retry budget was spent, by dependency.", ["dependency"]
 )
 FEEDBACK = Counter("ctr_feedback", "Feedback on shown ads (online CTR = click / impression), by arm.", ["arm", "event"])
+FEEDBACK_REFUSED = Counter(
+    "ctr_feedback_refused", "Feedback refused, by reason (forged, too_old, other_rollout, not_served, duplicate, ...).",
+    ["reason"],
+)  # fmt: skip
+FEEDBACK_RECORDS_DROPPED = Counter(
+    "ctr_feedback_records_dropped", "Served-answer records dropped unwritten (Redis down, buffer full).",
+)  # fmt: skip
 CONCURRENCY_LIMIT = Gauge(
     "ctr_concurrency_limit", "The gateway's adaptive concurrency limit (requests in flight before shedding).",
     multiprocess_mode="livemax",

@@ -79,6 +79,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         'canary_redis_url', 'canary_urls', 'canary_baseline_urls', 'canary_sync_s', 'canary_alpha',
         'canary_shadow_sample', 'canary_shadow_max_inflight', 'canary_shadow_ttl_s', 'canary_shadow_margin',
         'canary_shadow_min_pairs',
+        'canary_stale_s', 'canary_allowed_hosts', 'feedback_max_age_s',
     )),
     ('Observability: logs, tracing, SLIs and objectives', (
         'log_format', 'log_level', 'tracing', 'sli', 'slo_availability', 'slo_model_scored', 'slo_p99_ms',
@@ -379,6 +380,24 @@ class Settings(BaseSettings):
         "same impressions (0.01: 1 %); harm at alpha/4, non-inferiority at alpha.",
     )
     canary_shadow_min_pairs: int = Field(2000, ge=2, description="Joined shadow pairs before the paired gate reads.")
+    canary_stale_s: float = Field(
+        30.0,
+        gt=0,
+        description="A gateway process that has not reached the canary's store for this long sends every user "
+        "to stable (until the store answers again).",
+    )
+    canary_allowed_hosts: str = Field(
+        "",
+        description="Hosts a rollout's replica URLs may name (comma-separated; `*.ns.svc.cluster.local` patterns "
+        "allowed); the gateway sends its internal token to no other. Always allowed: loopback and the hosts of "
+        "CTR_MODEL_URLS, CTR_CANARY_URLS and CTR_CANARY_BASELINE_URLS.",
+    )
+    feedback_max_age_s: float = Field(
+        900.0,
+        gt=0,
+        description="/feedback refuses a request id older than this (410); also how long Redis keeps what each "
+        "answer served (for the ad check and the served score) and which (id, ad) pairs were counted.",
+    )
 
     # --- Observability: logs, tracing, SLIs and objectives
     log_format: Literal["json", "text"] = Field(

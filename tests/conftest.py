@@ -26,6 +26,7 @@ os.environ["CTR_REDIS_URL"] = ""  # tests name the Redis they use
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # A small log: big enough for a model that beats chance clearly, small enough to train in seconds.
+GATEWAY_INTERNAL_TOKEN = "gateway-fixture-internal-token"
 SMALL = ["--users", "2000", "--ads", "300", "--impressions", "60000", "--max-epochs", "3"]
 
 
@@ -156,8 +157,9 @@ class Server:
 
 @pytest.fixture(scope="session")
 def gateway(small_setup: dict[str, str]) -> Iterator[Server]:
-    """The real `bentoml serve service:CTRGateway` (every service of the graph) on a free port."""
-    env = {**small_setup, "CTR_MAX_ADS": "50"}
+    """The real `bentoml serve service:CTRGateway` (every service of the graph) on a free port; its
+    internal token is GATEWAY_INTERNAL_TOKEN, so a test can start a canary replica it may call."""
+    env = {**small_setup, "CTR_MAX_ADS": "50", "CTR_INTERNAL_TOKEN": GATEWAY_INTERNAL_TOKEN}
     server = Server("service:CTRGateway", env)
     yield server
     server.stop()

@@ -101,6 +101,7 @@ def routes_app(
     from ctr.features.store import TieredStore
     from ctr.features.tiers import MemoryTier
     from ctr.features.writes import FeatureWriter
+    from ctr.serving.canary.feedback import FeedbackDesk
     from ctr.serving.coalesce import Coalescer
     from ctr.serving.fallback import Fallback
     from ctr.serving.gateway import Gateway
@@ -115,4 +116,6 @@ def routes_app(
     gateway = Gateway(fake_features, Coalescer(model), Fallback(TABLE), "ctr_model:test", 1.0, new_id=Signer(key).issue)
     writer = FeatureWriter(TieredStore(MemoryTier(), SqliteStore(tmp_path / "f.db")), {})
     info = {"model_version": "ctr_model:test"}
+    desk = FeedbackDesk(None, None, 900.0)  # no Redis: the id's signature and age only
+    edge = {"feedback": desk, **edge}
     return make_app(Edge(gateway, max_ads, max_body_bytes, key, token, writer, model_info=info, **edge))

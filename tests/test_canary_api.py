@@ -19,7 +19,10 @@ from ctr.api.edge import Edge
 from ctr.api.routes import make_app
 from ctr.cli import main
 from ctr.serving.canary.controller import Controller
+from ctr.serving.canary.feedback import FeedbackDesk
+from ctr.serving.canary.hosts import HostPolicy
 from ctr.serving.canary.runtime import CanaryRuntime
+from ctr.serving.canary.served import ServedLog
 from ctr.serving.canary.state import Arm, RedisStore
 
 TOKEN = "s3cret-token"
@@ -32,11 +35,17 @@ class Served:
         self.prefix = f"test:{uuid.uuid4().hex[:8]}:"
         self.redis_url = redis_url
         self.runtime = None
+        desk = FeedbackDesk(None, None, 900.0)
         if redis_url is not None:
             store = RedisStore(aioredis.from_url(redis_url), prefix=self.prefix)
-            self.runtime = CanaryRuntime(store, Controller(store))
+            served = ServedLog(aioredis.from_url(redis_url), 900.0, prefix=self.prefix)
+            hosts = HostPolicy(["canary", "c"])  # the replica hosts these tests name
+            self.runtime = CanaryRuntime(store, Controller(store), served=served, hosts=hosts)
+            desk = FeedbackDesk(self.runtime, served, 900.0)
+            self.signer = request_id.Signer(KEY, receipts=served)
         stable = Arm("ctr_model:stable", ("http://model:3000",))
-        app = make_app(Edge(request_id_key=KEY, admin_token=token, canary=self.runtime, stable_arm=stable))
+        app = make_app(Edge(request_id_key=KEY, admin_token=token, canary=self.runtime, stable_arm=stable,
+                            feedback=desk))  # fmt: skip
         self.served = ThreadServer(app)
         self.url, self.server = self.served.url, self.served.server
 
@@ -143,14 +152,17 @@ def test_cli_drives_the_api(served: Served) -> None:
 
 def test_feedback_is_attributed_to_the_arm(served: Served) -> None:
     """/feedback during a rollout lands in the arm its signed request id carries (impressions,
-    clicks, predicted CTR); a forged id is refused and counted nowhere."""
+    clicks, and the predicted CTR that was served, not the client's); a forged id is refused and
+    counted nowhere; a second feedback for the same (id, ad) is a 409."""
     with httpx.Client(base_url=served.url, headers=AUTH) as c:
-        assert c.post("/admin/canary/start", json=START).status_code == 200
-        canary_id = request_id.issue("canary", "ctr_model:canary", KEY, time.time())
-        stable_id = request_id.issue("stable", "ctr_model:stable", KEY, time.time())
-        for clicked in (True, False, False):
-            fb = {"request_id": canary_id, "ad_id": "a7", "clicked": clicked, "score": 0.25}
-            assert c.post("/feedback", json=fb).json() == {"accepted": True, "arm": "canary"}
+        rollout = c.post("/admin/canary/start", json=START).json()["id"]
+        canary_id = served.signer.issue("canary", "ctr_model:canary", 3, rollout, ["a7", "a8", "a9"], [0.25] * 3)
+        stable_id = served.signer.issue("stable", "ctr_model:stable", 5, rollout, ["a7"], [0.5])
+        for ad, clicked in (("a7", True), ("a8", False), ("a9", False)):
+            fb = {"request_id": canary_id, "ad_id": ad, "clicked": clicked, "score": 0.9}
+            assert c.post("/feedback", json=fb).json() == {"accepted": True, "arm": "canary", "gates": True}
+        again = c.post("/feedback", json={"request_id": canary_id, "ad_id": "a7", "clicked": True})
+        assert again.status_code == 409
         # the arm is the signed id's, not the body's
         fb = {"request_id": stable_id, "ad_id": "a7", "clicked": True, "arm": "canary"}
         assert c.post("/feedback", json=fb).status_code == 202
@@ -161,4 +173,4 @@ def test_feedback_is_attributed_to_the_arm(served: Served) -> None:
     runtime = served.runtime
     canary, stable = runtime._delta["canary"], runtime._delta["stable"]
     assert (canary.impressions, canary.clicks, canary.scored, canary.pred_sum) == (3, 1, 3, 0.75)
-    assert (stable.impressions, stable.clicks, stable.scored) == (1, 1, 0)
+    assert (stable.impressions, stable.clicks, stable.scored, stable.pred_sum) == (1, 1, 1, 0.5)

@@ -111,7 +111,7 @@ class Pool:
 
 class Arms:
     def __init__(self, runtime: CanaryRuntime, pool: Pool | None) -> None:
-        self.runtime, self.canary = runtime, pool
+        self.runtime, self.canary, self.shadow_pool = runtime, pool, pool
 
 
 async def _rig(scale: float = 1.0, max_inflight: int = 2) -> tuple[Controller, Shadow, Pool, FakeClock]:

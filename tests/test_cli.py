@@ -133,15 +133,15 @@ def test_progress_on_a_terminal_is_a_rich_bar() -> None:
 
 
 def test_canary_status_reads_like_a_person_wrote_it() -> None:
-    """`ctr canary status`: times as UTC dates, not epoch seconds; a share's interval within
-    [0, 100] %, an error-rate difference within ±100 pp, log ratios as ratios."""
+    """`ctr canary status`: times as UTC dates, not epoch seconds; the p99 difference in ms, an
+    error-rate difference within ±100 pp, log ratios as ratios."""
     from ctr.cli.canary import _summary
 
     doc = {
         "id": "r1", "status": "running", "phase": 1, "share": 0.05, "store": "ok",
         "stable": {"tag": "ctr_model:a"}, "canary": {"tag": "ctr_model:b", "urls": []},
         "gates": {
-            "latency": {"gate": "latency", "verdict": "inconclusive", "estimate": 0.004, "interval": [-0.02, 1.3]},
+            "latency": {"gate": "latency", "verdict": "inconclusive", "estimate": 7.36, "interval": [2.43, None]},
             "errors": {"gate": "errors", "verdict": "ok", "estimate": 0.0, "interval": [-1.4, 0.001]},
             "ctr": {"gate": "ctr", "verdict": "ok", "estimate": 0.0, "interval": [-0.1, 0.1]},
             "calibration": {"gate": "calibration", "verdict": "insufficient", "estimate": None,
@@ -150,7 +150,7 @@ def test_canary_status_reads_like_a_person_wrote_it() -> None:
         "history": [{"at": 1764748812.0, "action": "start", "phase": 0, "share": 0.01, "by": "admin", "reason": "go"}],
     }  # fmt: skip
     out = _summary(doc)
-    assert "share slower 0.40 % [0.00 %, 100.00 %]" in out
+    assert "p99 difference +7.4 ms [+2.4 ms, –]" in out
     assert "error rate difference +0.00 pp [-100.00 pp, +0.10 pp]" in out
     assert "ratio 1.000 [0.905, 1.105]" in out and "not enough data yet" in out
     assert "2025-12-03 08:00:12 UTC start" in out and "1764748812" not in out

@@ -91,6 +91,7 @@ ELSEWHERE: dict[str, str] = {
     "canary promote": "tests/test_canary_e2e.py",
     "canary rollback": "tests/test_canary_e2e.py",
     "canary simulate": "tests/test_canary_sim.py (whole rollouts with trained models)",
+    "canary attack": "tests/test_canary_attack.py (the same attacker against a real bentoml serve and a live canary)",
     "ship bento": "tests/test_container.py (make bento)",
     "ship image": "tests/test_container.py (make image: builds an OCI image)",
     "ship smoke": "tests/test_container.py (make smoke)",

@@ -234,11 +234,13 @@ def test_admin_write_makes_a_new_ad_known_in_every_process(gateway: Server) -> N
 
 
 def test_feedback_is_counted_and_validated(gateway: Server) -> None:
-    """Feedback on a shown ad is accepted (202) and counted; a malformed one is a 422, one
-    with an id the service did not issue a 403."""
+    """Feedback on a shown ad is accepted (202) and counted once (again: 409); an ad the answer did
+    not serve is a 409, a malformed one a 422, one with an id the service did not issue a 403."""
     rid = predict(gateway, {"user_id": "u1", "ad_ids": ["a1"], "context": CTX}).json()["request_id"]
     ok = {"request_id": rid, "ad_id": "a1", "clicked": True}
     assert httpx.post(gateway.url + "/feedback", json=ok, timeout=10).status_code == 202
+    assert httpx.post(gateway.url + "/feedback", json=ok, timeout=10).status_code == 409
+    assert httpx.post(gateway.url + "/feedback", json={**ok, "ad_id": "a2"}, timeout=10).status_code == 409
     forged = httpx.post(gateway.url + "/feedback", json={**ok, "request_id": "r1"}, timeout=10)
     assert forged.status_code == 403
     bad = httpx.post(gateway.url + "/feedback", json={**ok, "clicked": "maybe"}, timeout=10)

@@ -42,9 +42,12 @@ def body(user: str = "u1", ads: list[str] | None = None) -> dict:
 
 def test_an_issued_id_verifies_to_its_claims() -> None:
     """issue -> verify gives back the arm, model version and time; ids are unique, compact, URL-safe."""
-    rid = request_id.issue("canary", "ctr_model:abc123", KEY, 1_800_000_000.25)
-    assert request_id.verify(rid, KEY) == request_id.Claims("canary", "ctr_model:abc123", 1_800_000_000.25)
-    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", rid) and len(rid) < 120
+    ads = request_id.ads_digest(["a1", "a2"])
+    rid = request_id.issue("canary", "ctr_model:abc123", KEY, 1_800_000_000.25, 7, "r0llout", ads)
+    c = request_id.verify(rid, KEY)
+    assert c is not None and c.nonce and c.record == f"{c.nonce}.{ads}"
+    assert c == request_id.Claims("canary", "ctr_model:abc123", 1_800_000_000.25, 7, "r0llout", ads, c.nonce)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", rid) and len(rid) < 140
     assert rid != request_id.issue("canary", "ctr_model:abc123", KEY, 1_800_000_000.25)
 
 
@@ -120,7 +123,7 @@ def test_predict_issues_a_signed_id_and_feedback_counts_under_its_arm(client: Te
     before = _feedback("stable", "click"), _feedback("canary", "click")
     fb = {"request_id": r.json()["request_id"], "ad_id": "a1", "clicked": True, "arm": "canary"}
     ok = client.post("/feedback", json=fb)
-    assert ok.status_code == 202 and ok.json() == {"accepted": True, "arm": "stable"}
+    assert ok.status_code == 202 and ok.json() == {"accepted": True, "arm": "stable", "gates": False}
     assert (_feedback("stable", "click"), _feedback("canary", "click")) == (before[0] + 1, before[1])
 
 
@@ -228,19 +231,33 @@ def _asgi_post(app: object, path: str, payload: bytes) -> tuple[int, bytes]:
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
-def test_300000_ids_are_refused_before_any_is_validated(tmp_path: Path) -> None:
-    """300,000 empty ids (900 kB, under the body limit): a 422 under 1 kB in under 5 ms of CPU
-    (it cost 3.6 s and a 17 MB body when every element was validated before the count)."""
+def test_300000_ids_are_refused_before_any_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300,000 empty ids (900 kB, under the body limit): a 422 under 1 kB, no element validated,
+    at no more CPU than about parsing the body's JSON once (it cost 3.6 s and a 17 MB body when
+    every element was validated before the count). The CPU is compared with orjson's parse of
+    the same body in the same run (5 ms on a quiet machine, 6-7 ms on a loaded one: a ratio
+    holds where an absolute bound does not); the figures are printed."""
+    from ctr.api import contract
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an element was validated before the count was checked")
+
     app = routes_app(tmp_path)
     payload = orjson.dumps(body("u1", [""] * 300_000))
-    cpu_ms = []
-    for _ in range(3):  # the least of three: the first run also pays for warming allocations
+    monkeypatch.setattr(contract.PredictRequest, "model_validate", never)
+    route_ms, parse_ms = [], []
+    for _ in range(5):  # the least of five, alternated: the first run also pays for warming allocations
         t0 = time.process_time()
         status, answer = _asgi_post(app, "/predict", payload)
-        cpu_ms.append((time.process_time() - t0) * 1000)
-    print(f"300,000 ids: {len(payload)} B in, {status} with {len(answer)} B out, {min(cpu_ms):.2f} ms CPU")
+        t1 = time.process_time()
+        orjson.loads(payload)
+        route_ms.append((t1 - t0) * 1000)
+        parse_ms.append((time.process_time() - t1) * 1000)
+    route, parse = min(route_ms), min(parse_ms)
+    print(f"300,000 ids: {len(payload)} B in, {status} with {len(answer)} B out, "
+          f"{route:.2f} ms CPU (orjson's parse alone: {parse:.2f} ms)")  # fmt: skip
     assert status == 422 and len(answer) < 1024 and "too many ad_ids: 300000" in answer.decode()
-    assert min(cpu_ms) < 5.0
+    assert route < 2.5 * parse + 1.0
 
 
 def test_error_detail_is_capped_to_the_first_items_and_a_count(tmp_path: Path) -> None:

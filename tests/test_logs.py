@@ -101,7 +101,7 @@ def _predict(n: int) -> list[str]:
     """`n` requests, the i-th with the caller's id `client-i`; the ids the gateway issued."""
     ids = iter(f"req-{i}" for i in range(n))
     gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
-                 new_id=lambda arm, version, unit: next(ids))  # fmt: skip
+                 new_id=lambda *_: next(ids))  # fmt: skip
 
     async def go() -> list[str]:
         return [(await gw.predict(REQ, f"client-{i}")).request_id for i in range(n)]
@@ -139,11 +139,12 @@ def test_the_logged_request_id_is_the_one_the_client_holds() -> None:
     from ctr.api import request_id
     from ctr.api.edge import Edge
     from ctr.api.routes import make_app
+    from ctr.serving.canary.feedback import FeedbackDesk
 
     key = b"k" * 32
     gw = Gateway(_features, Coalescer(_model), Fallback(TABLE), "ctr_model:logtest", 1.0,
                  new_id=request_id.Signer(key).issue)  # fmt: skip
-    app = make_app(Edge(gw, max_ads=10, request_id_key=key))
+    app = make_app(Edge(gw, max_ads=10, request_id_key=key, feedback=FeedbackDesk(None, None, 900.0)))
     body = {"user_id": "u1", "ad_ids": ["a1"], "context": REQ.context.model_dump()}
     out = io.StringIO()
     obslog.configure("json", "DEBUG", stream=out)

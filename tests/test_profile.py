@@ -173,14 +173,15 @@ def test_the_load_generator_reads_the_coalescers_batch_and_its_own_cpu() -> None
 
 def test_the_in_process_limit_adds_a_requests_own_stages() -> None:
     """The limit's cost of a request is parse + lookup + transform + the forward pass at the
-    coalesced batch (per request) + response; batch 100 alone when no batch was timed."""
+    coalesced batch (per request) + response + the served record for /feedback; batch 100 alone
+    when no batch was timed."""
     from ctr.bench.stages import limit_us
 
     rows = [(k, k, us, 0.0, 0.0, 0.0) for k, us in
             [("parse", 30.0), ("features", 60.0), ("transform", 20.0), ("gateway", 200.0), ("respond", 10.0),
-             ("forward_100", 240.0)]]  # fmt: skip
-    assert limit_us(rows) == 360.0
-    assert limit_us([*rows, ("forward", "f", 90.0, 0.0, 0.0, 0.0)]) == 210.0
+             ("served", 5.0), ("forward_100", 240.0)]]  # fmt: skip
+    assert limit_us(rows) == 365.0
+    assert limit_us([*rows, ("forward", "f", 90.0, 0.0, 0.0, 0.0)]) == 215.0
 
 
 def test_the_monolith_peer_reads_the_row_of_an_l2_entry() -> None:

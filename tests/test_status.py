@@ -73,6 +73,8 @@ class Part:
             return later()
         return self._status
 
+    public_status = status
+
 
 class FakeGateway:
     model_version = "ctr_model:test"
@@ -304,3 +306,17 @@ def test_the_ticker_publishes_this_process(tmp_path: Any) -> None:
     board.tick(1.0)
     snap = json.loads((tmp_path / "ctr-status" / f"{os.getpid()}.json").read_text())
     assert snap["totals"]["stable"]["model"] == 285 and snap["windows"]["all"]["60"]["hist"]
+
+
+def test_a_fallback_reason_from_the_enum_keeps_the_document_and_the_fleet_snapshot_json() -> None:
+    """Reasons are `ctr.degraded.Reason` (a StrEnum): counted under a plain str key, the status
+    document and the snapshot other processes read serialize (orjson refuses a str subclass as
+    a key: every ticker round failed and the page showed one process of two)."""
+    from ctr.degraded import Reason
+    from ctr.serving import fleet
+
+    rec = recorder()
+    rec.record("stable", "fallback", 0.01, Reason.MODEL_TIMEOUT)
+    d = doc(Sources(rec))
+    orjson.dumps(d)
+    orjson.dumps(fleet.snapshot(rec, None, []))

@@ -5,7 +5,11 @@ decision history, whether Redis answers); POST /admin/canary/start
 ({"model_tag": ..., "urls": [...], "plan": {...} | "plan_scale": x, "shadow_s": s}), /pause, /resume,
 /promote, /rollback ({"reason": ...} optional). Every endpoint needs
 `Authorization: Bearer $CTR_ADMIN_TOKEN` (constant-time compare): missing or wrong is 401
-and changes nothing; no token configured is 403 (admin endpoints disabled).
+and changes nothing; no token configured is 403 (admin endpoints disabled). Replica URLs
+on a host that CTR_CANARY_ALLOWED_HOSTS does not allow are a 422 (the gateway's internal
+token goes to no other host). With the canary store unreachable, every action is a 503
+except a rollback: the process that takes it decides it at once and answers 202 (see
+`CanaryRuntime.rollback_here` for what the other processes see, and when).
 
 `edge.canary` is the process's CanaryRuntime (None: no Redis, 503) and `edge.stable_arm` the
 Arm this gateway serves as stable (ctr.api.edge).
@@ -81,7 +85,7 @@ def _canary_arm(body: dict[str, Any]) -> Arm:
         raise ValueError("model_tag (the canary's BentoML model tag) is required")
     if not isinstance(urls, list) or not all(isinstance(u, str) and u.startswith("http") for u in urls):
         raise ValueError("urls must be a list of http(s) URLs of the canary's CTRModel replicas")
-    return Arm(tag, tuple(urls))
+    return Arm(tag, tuple(u.strip().rstrip("/") for u in urls))
 
 
 Handler = Callable[[CanaryRuntime, Edge, dict[str, Any]], Awaitable[Rollout | dict[str, Any]]]
@@ -109,9 +113,9 @@ def _endpoint(edge: Edge, action: Handler) -> Callable[[Request], Awaitable[Resp
         except STORE_ERRORS as exc:
             return _json({"error": f"the canary state store is unavailable: {type(exc).__name__}: {exc}"}, 503)
         if isinstance(out, Rollout):
-            runtime.rollout = out
+            runtime.adopt(out)
             return _json(orjson.loads(out.to_json()))
-        return _json(out)
+        return _json(out, 202 if out.get("store") == "unavailable" else 200)
 
     return endpoint
 
@@ -134,17 +138,31 @@ async def _start(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> Rollout
         if not rt.canary_urls:
             raise ValueError("no canary replicas: give urls, or set CTR_CANARY_URLS on the gateway")
         canary = Arm(canary.tag, rt.canary_urls)
+    rt.hosts.check(canary.urls)
     return await rt.controller.start(stable, canary, _plan(body), by="admin")
 
 
 def _manual(name: str) -> Handler:
-    async def act(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> Rollout:
+    async def act(rt: CanaryRuntime, edge: Edge, body: dict[str, Any]) -> Rollout | dict[str, Any]:
         reason = body.get("reason", f"{name} by hand")
         if not isinstance(reason, str):
             raise ValueError("reason must be a string")
-        return await getattr(rt.controller, name)(by="admin", reason=reason)
+        try:
+            return await getattr(rt.controller, name)(by="admin", reason=reason)
+        except STORE_ERRORS as exc:
+            if name != "rollback":
+                raise
+            rt.unavailable(exc)
+            ended = rt.rollback_here(by="admin", reason=reason)
+            return {**orjson.loads(ended.to_json()), "store": "unavailable", "decided": "here", "note": HERE}
 
     return act
+
+
+HERE = ("the canary store is unreachable: rolled back in this gateway process and recorded on its machine; the "
+        "machine's other gateway processes follow within CTR_CANARY_SYNC_S, other machines send every user to "
+        "stable after CTR_CANARY_STALE_S, and the first process holding the decision that reaches the store "
+        "puts it there")  # fmt: skip
 
 
 def routes(edge: Edge) -> list[Route]:

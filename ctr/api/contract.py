@@ -89,17 +89,20 @@ class Feedback(BaseModel):
         Field(
             min_length=1,
             max_length=request_id.MAX_CHARS,
-            description="the request_id of a /predict answer; any other is refused (403)",
+            description="the request_id of a /predict answer; any other is refused (403), one older than "
+            "CTR_FEEDBACK_MAX_AGE_S too (410)",
             json_schema_extra={"pattern": request_id.PATTERN},
         ),
     ]
-    ad_id: EntityId
+    ad_id: Annotated[EntityId, Field(description="one of the ad_ids that answer scored (else 409)")]
     clicked: StrictBool
     arm: Literal["stable", "canary"] | None = Field(
         None, description="Ignored: the arm is the one the request id carries.", json_schema_extra={"deprecated": True}
     )
     score: Annotated[float, Field(gt=0, lt=1)] | None = Field(
-        None, description="The score /predict returned for this ad: feeds the canary's calibration gate."
+        None,
+        description="Ignored: the calibration gate takes the score that was served for this ad, never the client's.",
+        json_schema_extra={"deprecated": True},
     )
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from ctr.features.writes import FeatureWriter
+    from ctr.serving.canary.feedback import FeedbackDesk
     from ctr.serving.canary.runtime import CanaryRuntime
     from ctr.serving.canary.shadow import Shadow
     from ctr.serving.canary.state import Arm
@@ -44,6 +45,7 @@ class Edge:
     model_info: dict[str, Any] | None = None
     status: StatusBoard | None = None
     shadow: Shadow | None = None  # the canary's shadow phase (its feedback join)
+    feedback: FeedbackDesk | None = None  # /feedback's checks against what each answer served
 
 
 Handler = Callable[[Edge, "Request"], Awaitable["Response"]]

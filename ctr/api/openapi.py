@@ -32,6 +32,7 @@ class Error(BaseModel):
 class FeedbackAccepted(BaseModel):
     accepted: Literal[True]
     arm: Literal["stable", "canary"]
+    gates: bool  # counted in the running rollout's gates (an id of it, answered by a model)
 
 
 class FeatureWritten(BaseModel):
@@ -85,6 +86,7 @@ def _json(model: type[BaseModel] | dict[str, Any], description: str) -> dict[str
 
 def _errors(*codes: int) -> dict[str, Any]:
     what = {400: "body is not JSON", 401: "missing or wrong bearer token", 403: "refused",
+            409: "conflicts with what was counted or is running", 410: "too old or no longer known",
             413: "body over CTR_MAX_BODY_BYTES", 422: "invalid field", 503: "not ready or a store is down"}  # fmt: skip
     return {str(c): _json(Error, what[c]) for c in codes}
 
@@ -127,7 +129,8 @@ def document(max_ads: int = 1000) -> dict[str, Any]:
             }},
             "/feedback": {"post": {
                 "operationId": "feedback", "requestBody": _body(Feedback),
-                "responses": {"202": _json(FeedbackAccepted, "counted"), **_errors(400, 403, 413, 422)},
+                "responses": {"202": _json(FeedbackAccepted, "counted"),
+                              **_errors(400, 403, 409, 410, 413, 422, 503)},
             }},
             "/admin/features": {"post": {
                 "operationId": "admin_features", "requestBody": _body("FeatureWrite"),

@@ -2,11 +2,18 @@
 accepts only ids it issued.
 
 An id is `<payload>.<tag>`, both URL-safe base64 without padding: the payload is the
-compact JSON `[arm, model_version, issued_at, nonce, unit]` (unit: the user's hash
-sub-bucket, the canary gates' variance unit), the tag the first 16 bytes of
-HMAC-SHA256(key, payload). The arm travels in the id, so feedback is attributed to the
-arm that answered without a lookup, and with several gateway processes any of them can
-verify an id another issued, as long as they share the key (`request_id_key`).
+compact JSON `[arm, model_version, issued_at, nonce, unit, rollout, ads]` (unit: the user's
+hash sub-bucket, the canary gates' variance unit; rollout: the id of the rollout whose split
+chose the arm, "" outside one; ads: a hash of the served ad ids, `ads_digest`), the tag the
+first 16 bytes of HMAC-SHA256(key, payload). The arm travels in the id, so feedback is
+attributed to the arm that answered without a lookup, and with several gateway processes
+any of them can verify an id another issued, as long as they share the key
+(`request_id_key`).
+
+What the answer served (its ad ids and scores) is not in the id: it would grow with the ads
+(2 bytes a score is 270 characters for 100 ads, 2.7 kB for 1,000). `Signer` hands it to a
+`Receipts` keeper instead (`ctr.serving.canary.served`: Redis, for CTR_FEEDBACK_MAX_AGE_S),
+under `record_key(nonce, ads)`, which only the signed id names.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 
@@ -43,6 +51,34 @@ class Claims:
     model_version: str
     issued_at: float  # unix seconds
     unit: int = 0  # the user's hash sub-bucket (the canary gates' variance unit); 0 in older ids
+    rollout: str = ""  # the rollout whose split chose the arm; "" outside one (and in older ids)
+    ads: str = ""  # ads_digest of the served ad ids; "" in older ids
+    nonce: str = ""
+
+    @property
+    def fallback(self) -> bool:
+        """Whether the fallback table answered (its scores say nothing of either arm's model)."""
+        return self.model_version.startswith("fallback:")
+
+    @property
+    def record(self) -> str:
+        """The key of what this answer served (`Receipts`); "" for ids that name no ads."""
+        return record_key(self.nonce, self.ads) if self.ads else ""
+
+
+class Receipts(Protocol):
+    """Keeps what each answer served, for /feedback (`ctr.serving.canary.served.ServedLog`)."""
+
+    def remember(self, key: str, ad_ids: Sequence[str], scores: Sequence[float], issued_at: float) -> None: ...
+
+
+def ads_digest(ad_ids: Sequence[str]) -> str:
+    """A hash of the served ad ids, in order (blake2b, 64 bits): binds an id to its ad list."""
+    return _b64(hashlib.blake2b("\n".join(ad_ids).encode(), digest_size=8).digest())
+
+
+def record_key(nonce: str, ads: str) -> str:
+    return f"{nonce}.{ads}"
 
 
 def _b64(raw: bytes) -> str:
@@ -59,20 +95,44 @@ def _tag(key: bytes, payload: str) -> bytes:
 
 class Signer:
     """Issues the one id of a request, at the edge, when its arm and model version are known:
-    the same id goes to the logs, the response and (through /feedback) the canary's join."""
+    the same id goes to the logs, the response and (through /feedback) the canary's join.
+    With `receipts`, what the answer served is kept under the id's record key."""
 
-    def __init__(self, key: bytes, clock: Callable[[], float] = time.time) -> None:
-        self.key, self.clock = key, clock
+    def __init__(self, key: bytes, clock: Callable[[], float] = time.time, receipts: Receipts | None = None) -> None:
+        self.key, self.clock, self.receipts = key, clock, receipts
 
-    def issue(self, arm: str, model_version: str, unit: int = 0) -> str:
-        return issue(arm, model_version, self.key, self.clock(), unit)
+    def issue(
+        self,
+        arm: str,
+        model_version: str,
+        unit: int = 0,
+        rollout: str = "",
+        ad_ids: Sequence[str] = (),
+        scores: Sequence[float] = (),
+    ) -> str:
+        nonce, now = _b64(os.urandom(NONCE_BYTES)), self.clock()
+        ads = ads_digest(ad_ids) if ad_ids else ""
+        rid = issue(arm, model_version, self.key, now, unit, rollout, ads, nonce)
+        if self.receipts is not None and ad_ids:
+            self.receipts.remember(record_key(nonce, ads), ad_ids, scores, round(now, 3))
+        return rid
 
 
-def issue(arm: str, model_version: str, key: bytes, now: float, unit: int = 0) -> str:
-    """A request id carrying `arm`, `model_version`, `now` (unix seconds) and the user's `unit`
-    (so feedback adds to the user's sub-bucket without naming the user), signed with `key`."""
-    nonce = _b64(os.urandom(NONCE_BYTES))
-    payload = _b64(orjson.dumps([arm, model_version, round(now, 3), nonce, unit]))
+def issue(
+    arm: str,
+    model_version: str,
+    key: bytes,
+    now: float,
+    unit: int = 0,
+    rollout: str = "",
+    ads: str = "",
+    nonce: str | None = None,
+) -> str:
+    """A request id carrying `arm`, `model_version`, `now` (unix seconds), the user's `unit`
+    (so feedback adds to the user's sub-bucket without naming the user), the `rollout` whose
+    split chose the arm and the served `ads` (`ads_digest`), signed with `key`."""
+    nonce = nonce or _b64(os.urandom(NONCE_BYTES))
+    payload = _b64(orjson.dumps([arm, model_version, round(now, 3), nonce, unit, rollout, ads]))
     return f"{payload}.{_b64(_tag(key, payload))}"
 
 
@@ -84,17 +144,20 @@ def verify(request_id: str, key: bytes) -> Claims | None:
     try:
         if not hmac.compare_digest(_unb64(tag), _tag(key, payload)):
             return None
-        arm, version, issued_at, _, *rest = orjson.loads(_unb64(payload))
+        arm, version, issued_at, nonce, *rest = orjson.loads(_unb64(payload))
     except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
         return None
-    unit = rest[0] if len(rest) == 1 else 0
-    if len(rest) > 1 or not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit < 1 << 16:
+    if len(rest) not in (0, 1, 3):  # older ids: no unit, or no rollout and ads
         return None
-    if not (isinstance(arm, str) and isinstance(version, str) and isinstance(issued_at, int | float)):
+    unit = rest[0] if rest else 0
+    rollout, ads = rest[1:] if len(rest) == 3 else ("", "")
+    if not isinstance(unit, int) or isinstance(unit, bool) or not 0 <= unit < 1 << 16:
         return None
-    if not math.isfinite(issued_at):
+    if not all(isinstance(v, str) for v in (arm, version, nonce, rollout, ads)):
         return None
-    return Claims(arm, version, float(issued_at), unit)
+    if not isinstance(issued_at, int | float) or isinstance(issued_at, bool) or not math.isfinite(issued_at):
+        return None
+    return Claims(arm, version, float(issued_at), unit, rollout, ads, nonce)
 
 
 def resolve_key(explicit: str, admin_token: str, data_dir: Path) -> bytes:

@@ -4,8 +4,8 @@
 4xx with a message a person can act on, and the hot path skips BentoML's per-call
 IO-descriptor machinery (notes/bentoml.md: about 1.5-1.8 ms of CPU per request). Every
 answer carries a signed request id (ctr.api.request_id).
-/feedback: counted under the arm its (signed) request id carries; ids this service did
-not issue are refused.
+/feedback: counted under the arm its (signed) request id carries, once per (id, ad), for an
+ad that answer served; ids this service did not issue are refused (ctr.serving.canary.feedback).
 /admin/features: authenticated feature writes (write-through or write-behind per group).
 /openapi.json: the OpenAPI document of these routes (ctr.api.openapi).
 Every body is bounded (CTR_MAX_BODY_BYTES, ctr.api.body) before it is read into memory or parsed.
@@ -34,6 +34,8 @@ from ctr.degraded import Reason
 from ctr.features.schema import valid_id
 from ctr.features.store import L2_ERRORS, L3_ERRORS
 from ctr.features.writes import validate_rows
+from ctr.serving.canary.feedback import Refused
+from ctr.serving.canary.served import STORE_ERRORS as SERVED_ERRORS
 from ctr.serving.gateway import Overloaded
 
 log = logging.getLogger(__name__)
@@ -85,26 +87,33 @@ async def predict(edge: Edge, request: Request) -> Response:
 
 
 async def feedback(edge: Edge, request: Request) -> Response:
-    """POST {"request_id", "ad_id", "clicked", "score"?}: counted for the online CTR of the id's arm and,
-    during a rollout, in that arm's counters for the canary's gates."""
+    """POST {"request_id", "ad_id", "clicked"}: checked and counted by the FeedbackDesk
+    (ctr.serving.canary.feedback): once per (id, ad), for a served ad, within the maximum age,
+    in the online CTR of the id's arm and, for an id of the running rollout, its gates; then
+    joined to its shadow pair when the rollout is in its shadow phase."""
     try:
         fb = parse_feedback(await read_body(request, edge.max_body_bytes))
     except BadRequest as exc:
         return _error(exc)
     claims = request_id.verify(fb.request_id, edge.request_id_key)
     if claims is None:
+        metrics.FEEDBACK_REFUSED.labels("forged").inc()
         return _json({"error": "request_id was not issued by this service (use the request_id of a /predict answer)",
                       "detail": ["request_id"]}, 403)  # fmt: skip
-    metrics.FEEDBACK.labels(claims.arm, "impression").inc()
-    if fb.clicked:
-        metrics.FEEDBACK.labels(claims.arm, "click").inc()
-    if (canary_runtime := edge.canary) is not None:
-        canary_runtime.record_feedback(
-            claims.arm, fb.clicked, fb.score, claims.unit
-        )  # the canary's CTR and calibration gates
-    if (shadow := edge.shadow) is not None:  # the shadow phase's paired gate
-        await shadow.join(fb.request_id, fb.ad_id, fb.clicked)  # (a failing store degrades, never raises)
-    return _json({"accepted": True, "arm": claims.arm}, 202)
+    desk = edge.feedback
+    if desk is None:
+        return _json({"error": "the gateway is starting; retry shortly"}, 503)
+    try:
+        done = await desk.take(claims, fb.ad_id, fb.clicked)
+    except Refused as exc:
+        return _json({"error": exc.message, "detail": [exc.reason]}, exc.status)
+    except SERVED_ERRORS as exc:
+        log.warning("feedback not counted: the feedback store is unavailable: %s: %s", type(exc).__name__, exc)
+        metrics.FEEDBACK_REFUSED.labels("store_unavailable").inc()
+        return _json({"error": "the feedback store is unavailable; send the feedback again later"}, 503)
+    if (shadow := edge.shadow) is not None:  # the shadow phase's paired gate (a failing store degrades, never raises)
+        await shadow.join(fb.request_id, fb.ad_id, fb.clicked)
+    return _json({"accepted": True, "arm": claims.arm, "gates": done.gates}, 202)
 
 
 def _integral_values(rows: Any) -> Any:

@@ -26,6 +26,7 @@ from ctr.features import stack as feature_stack
 from ctr.features.transform import Transformer
 from ctr.features.warm import warm
 from ctr.model import store as modelstore
+from ctr.serving.canary.served import ServedLog
 from ctr.settings import Settings
 
 
@@ -44,7 +45,7 @@ async def _each(n: int, f: Callable[[int], Awaitable[Any]]) -> list[float]:
 
 
 # The stages of the in-process limit: a request's own work, one after another, no HTTP.
-LIMIT = ("parse", "features", "transform", "forward", "respond")
+LIMIT = ("parse", "features", "transform", "forward", "respond", "served")
 
 
 async def measure(
@@ -110,15 +111,25 @@ async def measure(
 
         async def respond(i: int) -> None:
             p = preds[i % len(preds)]
-            signed = request_id.issue(p.arm, p.model_version, key, time.time())
+            ads = reqs[i % len(preds)].ad_ids
+            signed = request_id.issue(p.arm, p.model_version, key, time.time(), 7, "", request_id.ads_digest(ads))
             orjson.dumps(dataclasses.replace(p, request_id=signed))
+
+        receipts = ServedLog(None, 900.0)  # type: ignore[arg-type]  # records buffered, never written here
+
+        async def remember(i: int) -> None:
+            p = preds[i % len(preds)]
+            receipts.remember(f"nonce{i}.digest", reqs[i % len(preds)].ad_ids, p.scores, time.time())
+            if len(receipts._pending) >= 1000:
+                receipts._pending.clear()
 
         stages = [
             ("parse", "parse + validate (orjson, pydantic)", parse),
             ("features", "features: L1 lookup, all hits", features),
             ("transform", "transform to the [100, 16] matrix", transform),
             ("gateway", "gateway predict, model answering at once (lookup + transform + bookkeeping)", gateway),
-            ("respond", "response: signed id + JSON", respond),
+            ("respond", "response: signed id (rollout, ad digest) + JSON", respond),
+            ("served", "served record for /feedback: pack + buffer", remember),
             ("forward_100", "forward pass, batch 100 (for scale)", forward),
         ]
         if k > 1:
@@ -154,5 +165,38 @@ def format_rows(rows: list[tuple[str, str, float, float, float, float]]) -> str:
 def run(settings: Settings, n: int = 3000, batch_requests: int = 1) -> str:
     rows = asyncio.run(measure(settings, n, batch_requests))
     per = limit_us(rows)
-    return format_rows(rows) + (f"\n\nin-process limit ({' + '.join(LIMIT)}): {per:.0f} us a request, "
-                                f"{1e6 / per:,.0f} requests/s per core")  # fmt: skip
+    out = format_rows(rows)
+    url = settings.canary_redis_url or (settings.redis_url if settings.redis_url.startswith("redis://") else "")
+    if url:
+        out += "\n" + asyncio.run(served_writes(url))
+    return out + (f"\n\nin-process limit ({' + '.join(LIMIT)}): {per:.0f} us a request, "
+                  f"{1e6 / per:,.0f} requests/s per core")  # fmt: skip
+
+
+async def served_writes(url: str, records: int = 12_000, batches: tuple[int, ...] = (1, 16, 64)) -> str:
+    """The gateway's CPU per served record written to Redis (ServedLog.flush: one HSET a round trip
+    of `batch` records, as concurrent answers share one), 100 ads a record."""
+    import redis.asyncio as aioredis
+
+    from ctr.serving.canary.served import STORE_ERRORS
+
+    client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    log = ServedLog(client, 60.0, prefix="ctr:bench:")
+    ads, scores = [f"a{i}" for i in range(100)], [0.05] * 100
+    lines = []
+    try:
+        for batch in batches:
+            cpu = 0.0
+            for r in range(records // batch):
+                for i in range(batch):
+                    log.remember(f"n{r}-{i}.d", ads, scores, time.time())
+                t0 = time.process_time()
+                await log.flush()
+                cpu += time.process_time() - t0
+            lines.append(f"| served records written to Redis, {batch} a round trip: CPU per record (mean) | "
+                         f"{cpu / (records // batch * batch) * 1e6:.0f} | | | |")  # fmt: skip
+    except STORE_ERRORS as exc:
+        return f"(served records not measured: {url} did not answer: {type(exc).__name__})"
+    finally:
+        await client.delete(*[k async for k in client.scan_iter("ctr:bench:*")] or ["ctr:bench:none"])
+        await client.aclose()

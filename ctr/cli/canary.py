@@ -43,16 +43,16 @@ def when(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-# How each gate's estimate reads (ctr/serving/canary/stats.py): the range the quantity can take
-# (a confidence interval of a share is clipped to it), and its unit.
-_SHARE, _DIFF, _LOG_RATIO = "share", "difference", "log ratio"
-_KINDS = {"latency": _SHARE, "errors": _DIFF, "ctr": _LOG_RATIO, "calibration": _LOG_RATIO}
+# How each gate's estimate reads (ctr/serving/canary/stats.py): its unit, and the range a
+# difference of shares can take (its confidence interval is clipped to it).
+_MS, _DIFF, _LOG_RATIO = "ms", "difference", "log ratio"
+_KINDS = {"latency": _MS, "errors": _DIFF, "ctr": _LOG_RATIO, "calibration": _LOG_RATIO}
 
 
 def gate_figures(g: dict[str, Any]) -> str:
-    """`estimate [lo, hi]` in the gate's own terms: the share of slow canary requests in per cent
-    within [0, 100] %, the error-rate difference in percentage points within [-100, 100], the
-    CTR and calibration log ratios as ratios; `–` where there is no estimate yet."""
+    """`estimate [lo, hi]` in the gate's own terms: the canary's p99 minus the reference's in ms,
+    the error-rate difference in percentage points within [-100, 100], the CTR and calibration
+    log ratios as ratios; `–` where there is no estimate yet."""
     est, (lo, hi) = g.get("estimate"), g.get("interval") or (None, None)
     kind = _KINDS.get(g["gate"])
     if est is None:
@@ -60,16 +60,19 @@ def gate_figures(g: dict[str, Any]) -> str:
     if kind == _LOG_RATIO:
         ratio = [None if x is None else math.exp(x) for x in (est, lo, hi)]
         return "ratio " + _bracket(*ratio, lambda x: f"{x:.3f}")
-    bounds = (0.0, 1.0) if kind == _SHARE else (-1.0, 1.0)
-    clip = [None if x is None else min(max(x, bounds[0]), bounds[1]) for x in (est, lo, hi)]
-    if kind == _SHARE:
-        return "share slower " + _bracket(*clip, lambda x: f"{100 * x:.2f} %")
+    if kind == _MS:
+        return "p99 difference " + _bracket(est, lo, hi, lambda x: f"{x:+.1f} ms")
+    clip = [None if x is None else min(max(x, -1.0), 1.0) for x in (est, lo, hi)]
     return "error rate difference " + _bracket(*clip, lambda x: f"{100 * x:+.2f} pp")
 
 
 def _bracket(est: float | None, lo: float | None, hi: float | None, f: Callable[[float], str]) -> str:
     show = lambda x: "–" if x is None else f(x)  # noqa: E731
     return f"{show(est)} [{show(lo)}, {show(hi)}]"
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f} ms"
 
 
 def _summary(s: dict[str, Any]) -> str:
@@ -79,12 +82,17 @@ def _summary(s: dict[str, Any]) -> str:
         f"rollout {s['id']}: {s['status']}, phase {s['phase']}, canary share {s['share']:.1%}",
         f"  stable {s['stable']['tag']}  canary {s['canary']['tag']} {' '.join(s['canary']['urls'])}",
     ]
-    if s.get("store") != "ok":
-        lines.append(f"  store unavailable ({s.get('store_error')}): serving the last known split")
+    if s.get("decided") == "here":
+        lines.append(f"  {s['note']}")
+    elif s.get("store") == "unavailable":
+        doing = "every user on stable" if s.get("everyone_stable") else "serving the last known split"
+        lines.append(f"  store unavailable ({s.get('store_error')}): {doing}")
+    if s.get("stable_from"):
+        lines.append(f"  stable is the canary promoted by rollout {s['stable_from']}")
     for arm, a in s.get("arms", {}).items():
         lines.append(
             f"  {arm:6s} requests {a['requests']:,} errors {a['errors']:,} impressions {a['impressions']:,} "
-            f"clicks {a['clicks']:,} p99 {a['p99_ms']} ms"
+            f"clicks {a['clicks']:,} p99 {_ms(a['p99_ms'])}"
         )
     for g in s.get("gates", {}).values():
         lines.append(f"  gate {g['gate']:11s} {g['verdict']:12s} {gate_figures(g)}")
@@ -178,6 +186,39 @@ for _name, _doc in (
     ("rollback", "Send every user back to stable now."),
 ):
     canary.add_command(_action(_name, _doc))
+
+
+@canary.command("attack")
+@_url
+@_token
+@click.option("--users", type=int, default=400, show_default=True, help="Honest answers to collect first.")
+@click.option("--replays", type=int, default=3000, show_default=True, help="Replays of one canary id.")
+@click.option(
+    "--sign",
+    is_flag=True,
+    help="Also make over-age and other-rollout ids with the key derived from the admin token (a gateway "
+    "without CTR_REQUEST_ID_KEY); without it only what a client can do without the key is tried.",
+)
+def attack(url: str, token: str, users: int, replays: int, sign: bool) -> None:
+    """Try to steer a running rollout through /feedback (replays, unserved ads, forged, over-age and
+    other-rollout ids, lying scores) and show that no gate moved. Loopback only; run it on a
+    gateway with no other traffic (other feedback would move the counters it compares)."""
+    import asyncio
+
+    from ctr.api.request_id import resolve_key
+    from ctr.bench.canary_attack import attack as run
+
+    key = resolve_key("", token, Path(".")) if sign and token else None  # derived: no file is read
+    try:
+        rep = asyncio.run(run(url, token, key, users=users, replays=replays))
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    honest = ", ".join(f"{arm} {n}" for arm, n in rep.honest.items())
+    click.echo(f"honest feedback counted: {honest}")
+    for line in rep.lines():
+        click.echo(line)
+    if rep.moved():
+        raise SystemExit(1)
 
 
 @canary.command("simulate")

@@ -155,6 +155,7 @@ class FallbackBursts:
             )  # fmt: skip
         self._last = now
         self._count += 1
+        reason = str(reason)  # a plain str key, whatever the caller passed (ctr.degraded.Reason)
         self._reasons[reason] = self._reasons.get(reason, 0) + 1
 
     def tick(self, now: float | None = None) -> None:

@@ -248,6 +248,7 @@ class SliRecorder:
         elif result == "fallback":
             a.fallback += 1
             if reason is not None:
+                reason = str(reason)  # a plain str key (a StrEnum key is no JSON object key to orjson)
                 a.reasons[reason] = a.reasons.get(reason, 0) + 1
         else:
             a.errors += 1

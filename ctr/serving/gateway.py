@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -77,7 +77,24 @@ class ShadowTap(Protocol):
     def offer(self, request_id: str, user_id: str, ad_ids: list[str], x: np.ndarray, scores: list[float]) -> None: ...
 
 
-def _random_id(arm: str, model_version: str, unit: int = 0) -> str:
+class IdIssuer(Protocol):
+    """Issues an answer's request id (the edge's `request_id.Signer.issue`): the arm and version that
+    answered, the user's canary unit, the rollout whose split chose the arm ("" outside one), and
+    what was served (kept for /feedback)."""
+
+    def __call__(
+        self,
+        arm: str,
+        model_version: str,
+        unit: int = 0,
+        rollout: str = "",
+        ad_ids: Sequence[str] = (),
+        scores: Sequence[float] = (),
+    ) -> str: ...
+
+
+def _random_id(arm: str, model_version: str, unit: int = 0, rollout: str = "",
+               ad_ids: Sequence[str] = (), scores: Sequence[float] = ()) -> str:  # fmt: skip
     return uuid.uuid4().hex
 
 
@@ -106,7 +123,7 @@ class Gateway:
         model_version: str,
         deadline_s: float,
         arms: ArmRouter | None = None,
-        new_id: Callable[[str, str, int], str] | None = None,
+        new_id: IdIssuer | None = None,
         *,
         telemetry: Telemetry | None = None,
         limiter: AimdLimit | None = None,
@@ -115,8 +132,8 @@ class Gateway:
         shadow: ShadowTap | None = None,
         upstream: Upstream | None = None,
     ) -> None:
-        """`new_id(arm, model_version, unit)` issues each request's one id (the edge's signer;
-        default a random hex id); `unit` is the user's canary sub-bucket. `limiter` (None: no
+        """`new_id` issues each request's one id (the edge's signer; default a random hex id).
+        `limiter` (None: no
         limit) and `overload` are the admission stage; `shadow` is offered each stable answer
         (a sample is scored on the canary in the background)."""
         if deadline_s <= 0:
@@ -201,17 +218,19 @@ class Gateway:
         metrics.FALLBACKS.labels(Reason.SHED).inc()
         scores = self.fallback.local_scores(req.context.model_dump(), len(req.ad_ids))
         version = f"fallback:{self.model_version}"
-        arm, unit = self._arm_of(req.user_id)
-        pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, True, [Reason.SHED])
+        # The user's own arm (a shed answer is labelled as every other answer of that user); its
+        # fallback version keeps its feedback out of the gates. Not counted in the arms' requests:
+        # shedding happens before routing, to both arms' users alike, and says nothing of either model.
+        canary = self.canary
+        arm, unit, rollout = (
+            ("stable", 0, "")
+            if canary is None
+            else (canary.arm(req.user_id), canary.unit(req.user_id), canary.active_id())
+        )
+        rid = self.new_id(arm, version, unit, rollout, req.ad_ids, scores)
+        pred = Prediction(rid, scores, version, arm, True, [Reason.SHED])
         self.observe(pred, Reason.SHED, 0.0, client_id)  # a shed answer is a fallback in the SLIs too
         return pred
-
-    def _arm_of(self, user_id: str) -> tuple[str, int]:
-        """The arm a user is in and its canary unit (a shed answer carries them as a served one does)."""
-        canary = self.canary
-        if self.arms is None or canary is None:
-            return "stable", 0
-        return self.arms.route(user_id)[0], canary.unit(user_id)
 
     async def _serve(self, req: PredictRequest, client_id: str | None) -> tuple[Prediction, str | None]:
         """An admitted request's answer, and why the model failed (None: it scored)."""
@@ -221,6 +240,8 @@ class Gateway:
         with self.upstream:  # on its way to the model: a coalescer may wait for it
             x, degraded = await self.features(req.user_id, req.ad_ids, context, deadline)
         arm, model, version = self.arms.route(req.user_id) if self.arms else ("stable", self.model, self.model_version)
+        canary = self.canary
+        rollout = canary.active_id() if canary is not None else ""  # read with the route: the same view
         failed = None
         try:
             scores = await self._infer(x, deadline, req.user_id, model)
@@ -236,10 +257,10 @@ class Gateway:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.REQUEST_LATENCY.labels(outcome).observe(elapsed)
         if self.arms is not None:
-            self.arms.record(arm, elapsed, failed is not None, req.user_id)
-        canary = self.canary
+            self.arms.record(arm, elapsed, failed is not None, req.user_id)  # a fallback is its arm's error
         unit = canary.unit(req.user_id) if canary is not None else 0
-        pred = Prediction(self.new_id(arm, version, unit), scores, version, arm, failed is not None, degraded)
+        rid = self.new_id(arm, version, unit, rollout, req.ad_ids, scores)
+        pred = Prediction(rid, scores, version, arm, failed is not None, degraded)
         self.observe(pred, failed, elapsed, client_id)
         if self.shadow is not None and failed is None and arm == "stable":
             self.shadow.offer(pred.request_id, req.user_id, req.ad_ids, x, scores)

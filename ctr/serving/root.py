@@ -39,15 +39,20 @@ from ctr.resilience.retry import Retrier, RetryBudget
 from ctr.serving import fleet
 from ctr.serving.canary.arms import Arms
 from ctr.serving.canary.controller import Controller
+from ctr.serving.canary.feedback import FeedbackDesk
+from ctr.serving.canary.hosts import HostPolicy
 from ctr.serving.canary.paired import PairedConfig
 from ctr.serving.canary.runtime import CanaryRuntime
+from ctr.serving.canary.served import ServedLog
 from ctr.serving.canary.shadow import RedisShadowStore, Shadow
 from ctr.serving.canary.state import Arm, RedisStore
 from ctr.serving.canary.stats import GateConfig
+from ctr.serving.canary.tombstones import SUBDIR as TOMBSTONES
+from ctr.serving.canary.tombstones import Tombstones
 from ctr.serving.coalesce import ModelCall, Upstream
 from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
-from ctr.serving.gateway import Gateway, Model
+from ctr.serving.gateway import Gateway, IdIssuer, Model
 from ctr.serving.model_client import InvalidAnswer
 from ctr.serving.pool import (
     CallReplica,
@@ -150,14 +155,16 @@ def build(
     arms = canary_arms(settings, pool, art.tag, width, headers, breakers, upstream)  # None without Redis
     shadow = shadow_tap(settings, arms)  # the canary's shadow phase; None without Redis
     id_key = resolve_key(settings.request_id_key, settings.admin_token, settings.data_dir)
-    gw = gateway(settings, art, pool, stack, features_call, fallback_call, arms, Signer(id_key).issue,
+    receipts = arms.runtime.served if arms else None  # what each answer served, for /feedback
+    signer = Signer(id_key, receipts=receipts)
+    gw = gateway(settings, art, pool, stack, features_call, fallback_call, arms, signer.issue,
                  telemetry, breakers, shadow, upstream)  # fmt: skip
     board = status_board(gw, stack, workers, breakers)
     edge = Edge(
         gateway=gw, max_ads=settings.max_ads, max_body_bytes=settings.max_body_bytes, request_id_key=id_key,
         admin_token=settings.admin_token, writer=stack.writer, canary=arms.runtime if arms else None,
         stable_arm=Arm(art.tag, tuple(u for u in settings.model_urls.split(",") if u)),
-        model_info=model_info(art), status=board, shadow=shadow,
+        model_info=model_info(art), status=board, shadow=shadow, feedback=feedback_desk(settings, arms),
     )  # fmt: skip
     return Root(settings, art, telemetry, breakers, stack, pool, arms, shadow, gw, board, edge, width)
 
@@ -220,7 +227,7 @@ def gateway(
     features_call: Callable[..., Awaitable[Any]] | None = None,
     fallback_call: RemoteFallback | None = None,
     arms: Arms | None = None,
-    new_id: Callable[[str, str, int], str] | None = None,
+    new_id: IdIssuer | None = None,
     telemetry: Telemetry | None = None,
     breakers: Breakers | None = None,
     shadow: Shadow | None = None,
@@ -281,17 +288,21 @@ def canary_arms(
     upstream: Upstream | None = None,
 ) -> Arms | None:
     """The canary's two arms over `stable` and a pool per rollout, with the rollout state in
-    Redis (CTR_CANARY_REDIS_URL, else a plain CTR_REDIS_URL); None without a Redis."""
+    Redis (CTR_CANARY_REDIS_URL, else a plain CTR_REDIS_URL), the served answers' records for
+    /feedback in the same Redis, and ended rollouts remembered in CTR_DATA_DIR; None without a Redis."""
     url = settings.canary_redis_url or (settings.redis_url if settings.redis_url.startswith("redis://") else "")
     if not url:
         return None
-    import redis.asyncio as aioredis
-
-    store = RedisStore(aioredis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2))
+    store = RedisStore(canary_redis(url))
     urls = tuple(u for u in settings.canary_urls.split(",") if u)
     controller = Controller(store, GateConfig(alpha=settings.canary_alpha))
     baseline = tuple(u for u in settings.canary_baseline_urls.split(",") if u)
-    runtime = CanaryRuntime(store, controller, sync_s=settings.canary_sync_s, canary_urls=urls, baseline_urls=baseline)
+    runtime = CanaryRuntime(
+        store, controller, sync_s=settings.canary_sync_s, canary_urls=urls, baseline_urls=baseline,
+        stale_s=settings.canary_stale_s, tombstones=Tombstones(settings.data_dir / TOMBSTONES),
+        served=ServedLog(canary_redis(url, timeout_s=1.0), settings.feedback_max_age_s),
+        hosts=HostPolicy.from_settings(settings),
+    )  # fmt: skip
 
     def make_pool(urls: tuple[str, ...]) -> ModelPool:
         return model_pool(
@@ -305,6 +316,27 @@ def canary_arms(
         )
 
     return Arms(runtime, stable, stable_version, make_pool)
+
+
+def canary_redis(url: str, timeout_s: float = 0.2, max_connections: int = 32) -> Any:
+    """A client of the canary's Redis: the rollout's sync loop takes short timeouts (it retries
+    each second); /feedback and the served records a longer one (a busy event loop delays a
+    connect). The pool is bounded: a flood of /feedback queues for a connection instead of
+    opening thousands that then time out."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s * 5, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )  # fmt: skip
+    return aioredis.Redis(connection_pool=pool)
+
+
+def feedback_desk(settings: Settings, arms: Arms | None) -> FeedbackDesk:
+    """/feedback's checks: with the canary's Redis, against what each answer served (ServedLog)."""
+    runtime = None if arms is None else arms.runtime
+    served = None if runtime is None else runtime.served
+    return FeedbackDesk(runtime, served, settings.feedback_max_age_s)
 
 
 def shadow_tap(settings: Settings, arms: Arms | None) -> Shadow | None:

@@ -7,8 +7,11 @@ out; so a panel appears when its part lands. Two hooks are waiting for parts bei
 - `pool`: the gateway's `pool` attribute (ctr/serving/pool/), when it has a `status()`
   method returning a JSON-able dict (e.g. `{"replicas": [{"name", "url", "healthy",
   "ejected", "ejections", ...}]}`; `status()` may be async);
-- `canary`: the gateway's `canary` attribute (ctr/serving/canary/), same protocol (e.g.
-  `{"phase", "share", "gates": [{"name", "estimate", "bound", "verdict"}]}`).
+- `canary`: the gateway's `canary` attribute (ctr/serving/canary/), its `public_status()`
+  (phase, share, per-arm counts, gates; never the salt, a replica URL or a store error).
+
+The document is public: it names no address (replicas by pool and slot, as in the metrics'
+labels), no secret and no store error text (the logs have them).
 
 `StatusBoard.add(panel_id, title, provider)` adds any other panel. Lists of dicts render
 as tables and scalars as figures, so a new part needs no HTML of its own.
@@ -240,7 +243,7 @@ async def write_behind(src: Sources) -> Panel | None:
         secs, micros = await r.time()
         groups = await r.xinfo_groups(STREAM) if length or oldest else []
     except Exception as exc:  # a status page reports a failed store, it does not fail itself
-        return {"state": "unknown", "error": f"{type(exc).__name__}: {exc}"[:200]}
+        return {"state": "unknown", "error": type(exc).__name__}  # the text names hosts: the logs have it
     now_ms = int(secs) * 1000 + int(micros) // 1000
     lag_s = None
     if oldest:
@@ -252,8 +255,8 @@ async def write_behind(src: Sources) -> Panel | None:
             "stream": STREAM}  # fmt: skip
 
 
-async def _part(part: Any) -> Panel | None:
-    status = getattr(part, "status", None)
+async def _part(part: Any, method: str = "status") -> Panel | None:
+    status = getattr(part, method, None)
     if part is None or not callable(status):
         return None
     out = status()
@@ -268,8 +271,8 @@ async def pool(src: Sources) -> Panel | None:
 
 
 async def canary(src: Sources) -> Panel | None:
-    """The canary's phase, share and gate estimates: its own status(), when it exists."""
-    return await _part(getattr(src.gateway, "canary", None))
+    """The canary's phase, share and gate estimates: its own public_status(), when it exists."""
+    return await _part(getattr(src.gateway, "canary", None), "public_status")
 
 
 async def shadow(src: Sources) -> Panel | None:

@@ -1,10 +1,14 @@
-"""The gateway's two arms: `stable` (the pool of CTR_MODEL_URLS) and `canary` (a pool of
-the rollout's URLs, built when a rollout starts and closed when it ends).
+"""The gateway's two arms: `stable` and `canary` (a pool of the rollout's URLs, built when a
+rollout starts and closed when it ends).
 
-`route(user_id)` picks the arm from the last known rollout (sticky split); `record` adds
-the request to that arm's counters. After a promotion the canary's pool serves everyone
-as `stable` until this gateway itself runs the promoted model tag (its stable pool then
-serves it); a rollback sends everyone back to the stable pool at once.
+`route(user_id)` picks the arm from the runtime's current rollout (sticky split; none when
+the store has been unreachable for CTR_CANARY_STALE_S); `record` adds the request to that
+arm's counters. The stable arm is the gateway's own pool (CTR_MODEL_URLS), or, once a
+rollout was promoted, a pool of the promoted canary's URLs: it serves every user as
+`stable`, and every later rollout is judged against it, until this gateway itself runs the
+promoted model tag (its own pool then serves it). A rollback sends everyone back to stable
+at once. A pool is built only for URLs on an allowed host (CTR_CANARY_ALLOWED_HOSTS): the
+gateway's internal token goes to no other.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ctr.serving.canary.controller import stable_arm
 from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.split import arm_of, in_baseline
-from ctr.serving.canary.state import Rollout
+from ctr.serving.canary.state import Arm, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -45,59 +50,102 @@ class Arms:
         self.stable = stable
         self.stable_version = stable_version
         self.make_pool = make_pool
-        self.canary: Pool | None = None
+        self.pools: dict[tuple[str, ...], Pool] = {}  # by replica URLs: the canary's, a promoted stable's
         self.baseline: Pool | None = None  # stable's model on the canary's capacity (Kayenta's baseline)
-        self._canary_key: tuple[str, tuple[str, ...]] | None = None
+        self._baseline_for: str | None = None  # the rollout it was built for
         self._task: asyncio.Task[None] | None = None
 
     def urls(self, r: Rollout) -> tuple[str, ...]:
         return r.canary.urls or self.runtime.canary_urls
 
+    @property
+    def canary(self) -> Pool | None:
+        """The canary's pool under the current rollout, when built."""
+        r = self.runtime.current()
+        return None if r is None else self.pools.get(self.urls(r))
+
+    @property
+    def shadow_pool(self) -> Pool | None:
+        """The canary's pool while its rollout runs, also at share 0 (the shadow phase scores
+        stable's requests on it; `canary` is only the pool users are routed to)."""
+        r = self.runtime.rollout
+        return None if r is None or not r.active else self.pools.get(self.urls(r))
+
+    def stable_arm(self, r: Rollout | None) -> tuple[Pool, str]:
+        """(pool, model version) of the stable arm: a promoted canary's pool until this gateway runs
+        its tag, else the gateway's own."""
+        promoted = stable_arm(r)
+        if promoted is None or promoted[0].tag == self.stable_version:
+            return self.stable, self.stable_version
+        pool = self.pools.get(promoted[0].urls)
+        return (self.stable, self.stable_version) if pool is None else (pool, promoted[0].tag)
+
     def route(self, user_id: str) -> tuple[str, Pool, str]:
         """(arm, pool, model version) for this user's request."""
-        r, canary = self.runtime.rollout, self.canary
-        if r is None or canary is None or self._canary_key != (r.id, self.urls(r)):
-            return "stable", self.stable, self.stable_version
-        if r.status == "promoted":
-            if r.canary.tag == self.stable_version:
-                return "stable", self.stable, self.stable_version
-            return "stable", canary, r.canary.tag
-        if r.active and r.share > 0 and arm_of(user_id, r.salt, r.share) == "canary":
+        stable, version = self.stable_arm(self.runtime.rollout)
+        r = self.runtime.current()
+        canary = None if r is None else self.pools.get(self.urls(r))
+        if r is None or canary is None:
+            return "stable", stable, version
+        if arm_of(user_id, r.salt, r.share) == "canary":
             return "canary", canary, r.canary.tag
-        if self.baseline is not None and r.active and in_baseline(user_id, r.salt, r.share):
-            return "stable", self.baseline, self.stable_version
-        return "stable", self.stable, self.stable_version
+        if self._baseline_serves(r, user_id):
+            return "stable", self.baseline, self.stable_version  # type: ignore[return-value]
+        return "stable", stable, version
+
+    def _baseline_serves(self, r: Rollout | None, user_id: str) -> bool:
+        """Whether this stable user is the baseline's (stable's own model at the canary's capacity:
+        not while a promoted canary is the stable arm, which the baseline does not run)."""
+        return (
+            self.baseline is not None
+            and r is not None
+            and in_baseline(user_id, r.salt, r.share)
+            and self.stable_arm(r)[0] is self.stable
+        )
 
     def record(self, arm: str, latency_s: float, failed: bool, user_id: str = "") -> None:
         """Count the request for its arm; a stable user served by the baseline counts as `baseline`
         (the latency gate's reference: the same capacity as the canary)."""
-        r = self.runtime.rollout
-        if arm == "stable" and self.baseline is not None and r is not None and in_baseline(user_id, r.salt, r.share):
+        if arm == "stable" and self._baseline_serves(self.runtime.current(), user_id):
             arm = "baseline"
         self.runtime.record_request(arm, latency_s, failed, self.runtime.unit(user_id))
 
+    def _wanted(self, r: Rollout | None) -> set[tuple[str, ...]]:
+        """The replica URL sets this rollout needs a pool for, on allowed hosts only."""
+        wanted: set[tuple[str, ...]] = set()
+        if r is not None and r.active and self.urls(r):
+            wanted.add(self.urls(r))
+        promoted: tuple[Arm, str] | None = stable_arm(r)
+        if promoted is not None and promoted[0].tag != self.stable_version and promoted[0].urls:
+            wanted.add(promoted[0].urls)
+        for urls in list(wanted):
+            refused = self.runtime.hosts.refused(urls)
+            if refused:
+                log.error("no pool for %s: not on an allowed host (CTR_CANARY_ALLOWED_HOSTS)", ", ".join(refused))
+                wanted.discard(urls)
+        return wanted
+
     async def sync(self) -> None:
-        """Sync the rollout, then build or close the canary pool to match it."""
+        """Sync the rollout, then build or close the pools to match it."""
         await self.runtime.sync()
         r = self.runtime.rollout
-        wanted = None
-        if r is not None and (r.active or (r.status == "promoted" and r.canary.tag != self.stable_version)):
-            wanted = (r.id, self.urls(r)) if self.urls(r) else None
-        if wanted == self._canary_key:
-            return
-        old, self.canary, self._canary_key = self.canary, None, None
-        old_baseline, self.baseline = self.baseline, None
-        for p in (old, old_baseline):
-            if p is not None:
-                await p.close()
-        if wanted is not None:
-            pool = self.make_pool(wanted[1])
+        wanted = self._wanted(r)
+        for urls in set(self.pools) - wanted:
+            await self.pools.pop(urls).close()
+        for urls in wanted - set(self.pools):
+            pool = self.make_pool(urls)
             await pool.start()
-            self.canary, self._canary_key = pool, wanted
-            log.info("canary arm: rollout %s, replicas %s", wanted[0], ", ".join(wanted[1]))
-            if self.runtime.baseline_urls and r is not None and r.active:
+            self.pools[urls] = pool
+            log.info("model pool for %s (rollout %s, %s)", ", ".join(urls), r.id if r else "-", r.status if r else "-")
+        baseline_for = r.id if r is not None and r.active and self.runtime.baseline_urls else None
+        if baseline_for != self._baseline_for:
+            if self.baseline is not None:
+                await self.baseline.close()
+            self.baseline, self._baseline_for = None, baseline_for
+            if baseline_for is not None:
                 self.baseline = self.make_pool(self.runtime.baseline_urls)
                 await self.baseline.start()
+                self._baseline_for = baseline_for
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -113,12 +161,15 @@ class Arms:
     def start(self) -> None:
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.run(self._stop))
+        if self.runtime.served is not None:
+            self.runtime.served.start()
 
     async def close(self) -> None:
         if self._task is not None:
             self._stop.set()
             await asyncio.wait({self._task}, timeout=2)
         await self.runtime.close()
-        for p in (self.canary, self.baseline):
+        for p in (*self.pools.values(), self.baseline):
             if p is not None:
                 await p.close()
+        self.pools.clear()

@@ -119,15 +119,18 @@ class Controller:
 
     # ---- manual actions -------------------------------------------------------------
     async def start(self, stable: Arm, canary: Arm, plan: Plan, by: str = "admin") -> Rollout:
+        """Start `canary` against the stable arm: the last promoted canary when there is one (see
+        `stable_arm`), else `stable` (the gateway's own)."""
         now = self.clock()
 
         def fn(cur: Rollout | None) -> Rollout:
             if cur is not None and cur.active:
                 raise CanaryError(f"rollout {cur.id} is {cur.status}; promote or roll it back first")
+            base, source = stable_arm(cur) or (stable, "")
             share = plan.share(0, 0.0, 0.0)
             r = Rollout(
                 self.new_id()[:12],
-                stable,
+                base,
                 canary,
                 plan.to_dict(),
                 self.new_id(),
@@ -136,8 +139,9 @@ class Controller:
                 share,
                 now,
                 now,
+                stable_from=source,
             )
-            return r.with_(history=(_entry(now, "start", r, by, f"canary {canary.tag} against {stable.tag}"),))
+            return r.with_(history=(_entry(now, "start", r, by, f"canary {canary.tag} against {base.tag}"),))
 
         out = await self.store.transition(fn)
         assert out is not None
@@ -232,6 +236,16 @@ class Controller:
 def no_paired_evidence() -> GateResult:
     """A shadow phase in a process that cannot join pairs: never harm, never ok (it holds)."""
     return GateResult("paired", "insufficient", math.nan, -math.inf, math.inf, "no shadow evidence here", 0)
+
+
+def stable_arm(r: Rollout | None) -> tuple[Arm, str] | None:
+    """The stable arm a promotion made, and the id of the rollout that promoted it: the canary of
+    a promoted rollout, or a later rollout's stable that came from one; None: the gateway's own."""
+    if r is None:
+        return None
+    if r.status == "promoted":
+        return r.canary, r.id
+    return (r.stable, r.stable_from) if r.stable_from else None
 
 
 def _promoted(r: Rollout, now: float) -> Rollout:

@@ -155,10 +155,11 @@ class Pool(Protocol):
 
 
 class CanaryArm(Protocol):
-    """What the tap needs of `arms.Arms`: the rollout's runtime and the canary's pool."""
+    """What the tap needs of `arms.Arms`: the rollout's runtime and the canary's pool in the
+    shadow phase (no user routed to it: share 0)."""
 
     runtime: CanaryRuntime
-    canary: Any
+    shadow_pool: Any
 
 
 def shadowing(runtime: CanaryRuntime) -> str | None:
@@ -207,7 +208,7 @@ class Shadow:
     # ---- hot path: no I/O, no waiting --------------------------------------------------------
     def offer(self, request_id: str, user_id: str, ad_ids: Sequence[str], x: np.ndarray, scores: list[float]) -> None:
         """A stable answer that was just computed: maybe score it on the canary in the background."""
-        rid, pool = self.rollout_id, self.arms.canary
+        rid, pool = self.rollout_id, self.arms.shadow_pool
         if rid is None or pool is None or self.draw() >= self.sample:
             return
         delta = self.deltas.setdefault(rid, PairedCounts())

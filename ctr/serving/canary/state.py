@@ -1,6 +1,7 @@
 """Rollout state and per-arm counters, shared by every gateway process through Redis.
 
-Keys (prefix `ctr:canary:`): `state` (the rollout, JSON, with a version number),
+Keys (prefix `ctr:canary:`): `state` (the rollout, JSON, with a version number), `ended`
+(a set of the ids of rollouts that ended: tombstones, so that none is ever restored),
 `strata:<rollout id>` (a set of the strata seen, `counts.stratum_key`),
 `arm:<rollout id>:<arm>:<stratum>` (a hash of counters: `<field>.<unit>` for requests,
 errors, impressions, clicks, scored, scored_clicks, pred_sum per user unit, `l<i>` per
@@ -64,6 +65,7 @@ class Rollout:
     history: tuple[dict[str, Any], ...] = ()
     version: int = 0
     harm_since: dict[str, float] = field(default_factory=dict)  # gate -> when its harm verdict began
+    stable_from: str = ""  # the rollout whose promotion made `stable` the stable arm; "": the gateway's own
 
     @property
     def active(self) -> bool:
@@ -111,6 +113,7 @@ class MemoryStore:
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.rollout: Rollout | None = None
         self.arms: dict[str, Counts] = {}
+        self.ended: set[str] = set()
         self._lease: tuple[str, float] | None = None
         self._clock = clock
 
@@ -121,6 +124,8 @@ class MemoryStore:
         new = fn(self.rollout)
         if new is not None:
             self.rollout = new.with_(version=(self.rollout.version if self.rollout else 0) + 1)
+            if not new.active:
+                self.ended.add(new.id)
         return self.rollout if new is not None else None
 
     async def counters(self, rollout_id: str) -> Counts:
@@ -131,9 +136,11 @@ class MemoryStore:
         self.arms.setdefault(rollout_id, Counts()).add(delta)
 
     async def restore(self, rollout: Rollout, counters: Counts) -> bool:
-        if self.rollout is not None:
+        if self.rollout is not None or (rollout.active and rollout.id in self.ended):
             return False
         self.rollout = rollout
+        if not rollout.active:
+            self.ended.add(rollout.id)
         self.arms[rollout.id] = Counts()
         self.arms[rollout.id].add(counters)
         return True
@@ -145,6 +152,16 @@ class MemoryStore:
             return True
         return False
 
+
+# Put back a rollout that Redis lost: only when no state is there, and never an active rollout
+# that ended (its id is in the tombstones). KEYS: state, ended; ARGV: the JSON, its id, 1 if active.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[3] == '1' and redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] ~= '1' then redis.call('SADD', KEYS[2], ARGV[2]) end
+return 1
+"""
 
 # Renew the lease when this owner holds it, take it when nobody does: one atomic step.
 _LEASE = """
@@ -163,9 +180,11 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = PREFIX) -> None:
         self.r = client
         self.key = prefix + "state"
+        self.ended_key = prefix + "ended"
         self.lease_key = prefix + "lease"
         self.prefix = prefix
         self._lease = client.register_script(_LEASE)
+        self._restore = client.register_script(_RESTORE)
 
     def _arm_key(self, rollout_id: str, arm: str, stratum: str) -> str:
         return f"{self.prefix}arm:{rollout_id}:{arm}:{stratum}"
@@ -192,6 +211,8 @@ class RedisStore:
                     new = new.with_(version=(current.version if current else 0) + 1)
                     pipe.multi()
                     pipe.set(self.key, new.to_json())
+                    if not new.active:
+                        pipe.sadd(self.ended_key, new.id)
                     await pipe.execute()
                     return new
                 except WatchError:
@@ -218,9 +239,13 @@ class RedisStore:
             await pipe.execute()
 
     async def restore(self, rollout: Rollout, counters: Counts) -> bool:
-        """Put back a rollout (and its counters) that Redis lost, unless one is there (SET NX)."""
-        if not await self.r.set(self.key, rollout.to_json(), nx=True):
+        """Put back a rollout (and its counters) that Redis lost, unless one is there, or it is an
+        active rollout whose end is recorded (a tombstone)."""
+        args = [rollout.to_json(), rollout.id, "1" if rollout.active else "0"]
+        if not await self._restore(keys=[self.key, self.ended_key], args=args):
             return False
+        if not rollout.active:
+            return True
         async with self.r.pipeline(transaction=True) as pipe:
             for (a, st), c in counters.cells.items():
                 key = self._arm_key(rollout.id, a, st)

@@ -278,8 +278,10 @@ class ModelPool:
         return y
 
     def status(self) -> dict[str, Any]:
-        """For the status page's "Model replicas" panel: the pool and each replica's snapshot."""
-        rows = [{**r, "reason": r["reason"] or "-"} for r in self.snapshot()]
+        """For the status page's "Model replicas" panel: the pool and each replica's snapshot, each
+        named by its slot as in the metrics (`index`), not its address: the page is public."""
+        rows = [{**{k: v for k, v in r.items() if k != "replica"}, "reason": r["reason"] or "-"}
+                for r in self.snapshot()]  # fmt: skip
         return {"pool": self.name, "policy": self.config.policy, "healthy": sum(m.available for m in self.members),
                 "replicas": rows}  # fmt: skip
 
