@@ -53,6 +53,7 @@ class Arms:
         self.pools: dict[tuple[str, ...], Pool] = {}  # by replica URLs: the canary's, a promoted stable's
         self.baseline: Pool | None = None  # stable's model on the canary's capacity (Kayenta's baseline)
         self._baseline_for: str | None = None  # the rollout it was built for
+        self._refused: set[tuple[str, ...]] = set()  # URL sets refused a pool (logged once)
         self._task: asyncio.Task[None] | None = None
 
     def urls(self, r: Rollout) -> tuple[str, ...]:
@@ -121,8 +122,10 @@ class Arms:
         for urls in list(wanted):
             refused = self.runtime.hosts.refused(urls)
             if refused:
-                log.error("no pool for %s: not on an allowed host (CTR_CANARY_ALLOWED_HOSTS)", ", ".join(refused))
                 wanted.discard(urls)
+                if urls not in self._refused:  # once, not every sync
+                    self._refused.add(urls)
+                    log.error("no pool for %s: not on an allowed host (CTR_CANARY_ALLOWED_HOSTS)", ", ".join(refused))
         return wanted
 
     async def sync(self) -> None:
