@@ -200,3 +200,4 @@ async def served_writes(url: str, records: int = 12_000, batches: tuple[int, ...
     finally:
         await client.delete(*[k async for k in client.scan_iter("ctr:bench:*")] or ["ctr:bench:none"])
         await client.aclose()
+    return "\n".join(lines)
