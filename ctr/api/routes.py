@@ -90,7 +90,7 @@ async def feedback(edge: Edge, request: Request) -> Response:
     """POST {"request_id", "ad_id", "clicked"}: checked and counted by the FeedbackDesk
     (ctr.serving.canary.feedback): once per (id, ad), for a served ad, within the maximum age,
     in the online CTR of the id's arm and, for an id of the running rollout, its gates; then
-    joined to its shadow pair when the rollout is in its shadow phase."""
+    joined to its shadow pair when the rollout is in its shadow phase (a refused feedback joins nothing)."""
     try:
         fb = parse_feedback(await read_body(request, edge.max_body_bytes))
     except BadRequest as exc:

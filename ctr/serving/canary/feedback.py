@@ -20,8 +20,8 @@ no canary either) only 1-2 apply and the feedback counts in `ctr_feedback_total`
 What it counts in: `ctr_feedback_total{arm, event}` always; the arm's gate counters only for
 an id of the running rollout whose answer came from a model: a fallback answer (its model
 version `fallback:…`, overload sheds included) is already its arm's error and says nothing
-of that arm's CTR or calibration. Then every listener hears it (`listeners`: the shadow
-phase joins its own scores to the same feedback there).
+of that arm's CTR or calibration. Only an accepted feedback goes on to the shadow phase's
+join (`Shadow.join`, which the route calls after `take`): a refused one joins nothing either.
 """
 
 from __future__ import annotations
@@ -48,16 +48,13 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """One counted feedback, as the listeners hear it."""
+    """One counted feedback."""
 
     claims: Claims  # the signed id's: arm, model version, issue time, unit, rollout, record key
     ad_id: str
     clicked: bool
     score: float | None  # the score served for this ad (None without a served log)
     gates: bool  # whether it reached the running rollout's gate counters
-
-
-Listener = Callable[[Accepted], None]
 
 
 class FeedbackDesk:
@@ -71,7 +68,6 @@ class FeedbackDesk:
         if max_age_s <= 0:
             raise ValueError(f"max_age_s must be > 0, got {max_age_s}")
         self.runtime, self.served, self.max_age_s, self.clock = runtime, served, max_age_s, clock
-        self.listeners: list[Listener] = []
 
     async def take(self, claims: Claims, ad_id: str, clicked: bool) -> Accepted:
         """Count one verified id's feedback, or raise Refused. Store failures propagate (a 503)."""
@@ -87,10 +83,7 @@ class FeedbackDesk:
         gates = rt is not None and bool(claims.rollout) and not claims.fallback
         if gates:
             rt.record_feedback(claims.arm, clicked, score, claims.unit)  # type: ignore[union-attr]
-        accepted = Accepted(claims, ad_id, clicked, score, gates)
-        for listener in self.listeners:
-            listener(accepted)
-        return accepted
+        return Accepted(claims, ad_id, clicked, score, gates)
 
     async def _check(self, claims: Claims, ad_id: str) -> float | None:
         age_s = self.clock() - claims.issued_at
