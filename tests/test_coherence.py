@@ -375,7 +375,7 @@ def test_an_l1_copy_of_an_l2_entry_keeps_its_remaining_ttl(redis_url: str, tmp_p
         await l2.set_many([(key, (1, 1), 5, 1000.0)])
         wall.now += 900
         l1_clock = Clock()
-        store = TieredStore(MemoryTier(clock=l1_clock), SqliteStore(tmp_path / "f.db"), l2)
+        store = TieredStore(MemoryTier(clock=l1_clock), SqliteStore(tmp_path / "f.db"), l2, l2_timeout_s=2.0)
         assert await read(store, G, "a-ttl") == (1, 1)
         l1_clock.now = 99
         assert store.l1.get_many_now([l1_key(G, "a-ttl")]) == [(1, 1)]
