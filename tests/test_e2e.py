@@ -11,6 +11,8 @@ import pytest
 from conftest import Server
 from helpers import CTX
 
+from ctr import buffered_metrics
+
 T = TypeVar("T")
 
 
@@ -87,12 +89,18 @@ def test_predict_takes_the_fast_path_and_metrics_still_count_it(gateway: Server)
     for _ in range(3):
         assert predict(gateway, {"user_id": "u3", "ad_ids": ["a3"], "context": CTX}).status_code == 200
     assert httpx.get(gateway.url + "/model_info").status_code == 200
-    text = httpx.get(gateway.url + "/metrics").text
+
+    def bento(text: str) -> list[str]:
+        head = "bentoml_service_request_total{"
+        return [line for line in text.splitlines() if line.startswith(head) and 'runner_name="ctr_gateway"' in line]
+
+    def counted(t: str) -> bool:
+        return _ok_requests(t) >= before + 3 and any('endpoint="/model_info"' in line for line in bento(t))
+
+    text = scrape_until(gateway.url, counted)
     assert _ok_requests(text) >= before + 3
-    bento = [line for line in text.splitlines()
-             if line.startswith("bentoml_service_request_total{") and 'runner_name="ctr_gateway"' in line]  # fmt: skip
-    assert any('endpoint="/model_info"' in line for line in bento), bento
-    assert not any('endpoint="/predict"' in line for line in bento), bento
+    assert any('endpoint="/model_info"' in line for line in bento(text)), bento(text)
+    assert not any('endpoint="/predict"' in line for line in bento(text)), bento(text)
 
 
 def test_health_and_metrics(gateway: Server) -> None:
@@ -157,6 +165,15 @@ def test_remote_features_give_the_same_scores(small_setup: dict[str, str], gatew
     assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)
     # (an L2 read past its 20 ms budget on a loaded machine adds cache:l2:bypassed to either)
     assert "features:ad:default" in got["degraded"] and "features:ad:default" in want["degraded"]
+
+
+def scrape_until(url: str, cond: Callable[[str], bool], timeout_s: float = 5.0) -> str:
+    """/metrics once `cond` holds of it (or the last scrape): each process writes its updates
+    to the multiprocess files every FLUSH_S (ctr/buffered_metrics.py), not at once."""
+    deadline = time.monotonic() + timeout_s
+    while not cond(text := httpx.get(url + "/metrics").text) and time.monotonic() < deadline:
+        time.sleep(buffered_metrics.FLUSH_S / 2)
+    return text
 
 
 def _metric(text: str, name: str) -> float:
@@ -245,5 +262,5 @@ def test_feedback_is_counted_and_validated(gateway: Server) -> None:
     assert forged.status_code == 403
     bad = httpx.post(gateway.url + "/feedback", json={**ok, "clicked": "maybe"}, timeout=10)
     assert bad.status_code == 422 and "clicked" in bad.json()["error"]
-    text = httpx.get(gateway.url + "/metrics").text
+    text = scrape_until(gateway.url, lambda t: _metric(t, 'ctr_feedback_total{arm="stable",event="click"}') >= 1)
     assert _metric(text, 'ctr_feedback_total{arm="stable",event="click"}') >= 1

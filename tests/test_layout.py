@@ -17,7 +17,7 @@ CTR = ROOT / "ctr"
 
 # Lower layers never import higher ones. A module may import its own layer and below.
 LAYERS: list[tuple[str, ...]] = [
-    ("ctr.settings", "ctr.metrics", "ctr.degraded"),
+    ("ctr.settings", "ctr.buffered_metrics", "ctr.metrics", "ctr.degraded"),
     ("ctr.observe",),
     ("ctr.resilience",),
     ("ctr.features",),

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from test_faults import Load, wait_for
 
+from ctr import buffered_metrics
 from ctr.bench.cluster import Cluster, Proc
 from ctr.bench.local_server import free_port
 
@@ -78,8 +79,11 @@ def test_slow_kill_restart_and_freeze(rig: tuple[Cluster, list[int], str], small
         t_kill = time.monotonic()
         c.stop_one(proc(1), signal.SIGKILL)
         wait_for(lambda: health(url, 1) == 1, WINDOW_S + 2, "replica 1 ejected")
-        served = metric(url, "ctr_replica_requests_total", 1)
         wait_for(lambda: len(load.since(t_kill + WINDOW_S)) >= 50, 15, "traffic after the window")
+        time.sleep(3 * buffered_metrics.FLUSH_S)  # every process's last counts reach the files
+        served, t_served = metric(url, "ctr_replica_requests_total", 1), time.monotonic()
+        wait_for(lambda: len(load.since(t_served)) >= 50, 15, "more traffic")
+        time.sleep(3 * buffered_metrics.FLUSH_S)
         assert metric(url, "ctr_replica_requests_total", 1) == served
         late = [(round(r[0] - t_kill, 2), r[2]["degraded"]) for r in load.since(t_kill + WINDOW_S) if r[2]["fallback"]]
         assert late == [], late[:10]

@@ -1,0 +1,103 @@
+"""Prometheus values written to the multiprocess files in batches, not on every update.
+
+Under `bentoml serve` prometheus_client runs in multiprocess mode: each inc, set or
+observe of a metric takes a lock, calls getpid (a system call, its fork check) and writes
+the value into the process's mmap'd file. A gateway request made 29 such writes (ten
+histogram observations of two values each, six counters, two gauges, ...): 6 % of each
+gateway process's CPU at saturation (`ctr bench profile`), a fifth of the gateway's own
+bookkeeping in process (`ctr bench stages`, "gateway predict").
+
+`install()` (called by ctr/metrics.py before it makes any metric) turns every value made
+afterwards in this process into a `BufferedValue`: an update changes the value in memory
+and marks it dirty, and a daemon thread writes the dirty values to the file every
+`FLUSH_S` (and at exit). So a scrape reads figures at most `FLUSH_S` old; reads in the
+process (`get`) are exact. Outside multiprocess mode (tests, `ctr` commands) values are
+plain memory already and nothing changes. A process killed with SIGKILL loses at most its
+last `FLUSH_S` of updates. What this relies on beyond prometheus_client's public API
+(`values.ValueClass`, the multiprocess value class's `_value`, `_timestamp` and its `set`
+writing the file) is checked on the pinned version by tests/test_buffered_metrics.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from typing import Any
+
+from prometheus_client import values
+
+FLUSH_S = 0.1
+
+_lock = threading.Lock()
+_dirty: set[Any] = set()
+_flusher: threading.Thread | None = None
+_write: Any = None  # the multiprocess class's own `set`: writes one value to the file
+
+
+def install() -> bool:
+    """Buffer the values made from now on in this process (True), or nothing to do (False:
+    not in multiprocess mode)."""
+    global _write
+    base = values.ValueClass
+    if _write is not None:
+        return True
+    if not getattr(base, "_multiprocess", False):
+        return False
+    _write = base.set
+
+    class BufferedValue(base):  # type: ignore[misc,valid-type]
+        """A multiprocess value whose updates reach the file on the next flush."""
+
+        def inc(self, amount: float) -> None:
+            with _lock:
+                self._value += amount
+                self._timestamp = 0.0
+                _dirty.add(self)
+                if _flusher is None:
+                    _start()
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            with _lock:
+                self._value = value
+                self._timestamp = timestamp or 0.0
+                _dirty.add(self)
+                if _flusher is None:
+                    _start()
+
+    values.ValueClass = BufferedValue
+    atexit.register(flush)
+    os.register_at_fork(after_in_child=_forget)
+    return True
+
+
+def flush() -> int:
+    """Write every dirty value to the file now; returns how many."""
+    with _lock:
+        pending = list(_dirty)
+        _dirty.clear()
+        for v in pending:
+            _write(v, v._value, v._timestamp)
+    return len(pending)
+
+
+def _start() -> None:
+    """The flusher thread (under _lock, on the first update of this process)."""
+    global _flusher
+
+    def run() -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            flush()
+
+    _flusher = threading.Thread(target=run, name="ctr-metrics-flush", daemon=True)
+    _flusher.start()
+
+
+def _forget() -> None:
+    """In a forked child: its parent's thread did not come along (nor may its lock be free);
+    the next update starts one. The parent's unwritten updates are the parent's."""
+    global _flusher, _lock
+    _flusher, _lock = None, threading.Lock()
+    _dirty.clear()
