@@ -5,6 +5,7 @@ at most once (in memory here; in a real Redis in test_canary_shadow_redis.py).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from typing import Any
 
@@ -46,15 +47,15 @@ def test_identical_scores_are_ok_and_a_miscalibrated_canary_is_harm() -> None:
     assert bad.verdict == "harm" and bad.lo > CFG.margin
 
 
-def test_a_small_difference_is_seen_paired_that_an_unpaired_variance_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_small_difference_is_seen_paired_that_an_unpaired_variance_misses() -> None:
     """Scores x 1.5 (3 % more log loss) on 30 k pairs: the paired interval excludes the margin,
     the same data read as two independent samples does not (the mutation check's principle)."""
     from ctr.serving.canary import paired
 
     pc = pairs(30_000, scale=1.5, seed=1)
     assert paired_gate(pc, CFG).verdict == "harm"
-    monkeypatch.setitem(paired.VARIANCE, "fn", paired.unpaired_variance)
-    assert paired_gate(pc, CFG).verdict == "inconclusive"
+    unpaired = dataclasses.replace(CFG, variance=paired.unpaired_variance)
+    assert paired_gate(pc, unpaired).verdict == "inconclusive"
 
 
 def test_summary_reports_calibration_and_auc() -> None:

@@ -13,7 +13,7 @@ units' activity (heavy users: a unit's click propensity offset, the users' activ
 one, stays with it for the whole rollout), its click logit moved by the unit's offset and the
 hour's.
 
-Mutation. `paired.VARIANCE["fn"] = paired.unpaired_variance` reads the same pairs as two
+Mutation. `PairedConfig(variance=paired.unpaired_variance)` reads the same pairs as two
 independent samples (the covariance the pairing brings dropped): the bounded check
 (tests/test_canary_shadow_sim.py) must then fail to reject the bad canaries in time.
 """
@@ -175,8 +175,10 @@ async def shadow_rollout(
                          ever_ok, ever_harm, float(exp_ll[1] / exp_ll[0] - 1) if exp_ll[0] else math.nan)  # fmt: skip
 
 
-def run(arm: PairedArm, seed: int, plan: Plan, traffic: Traffic, sample: float) -> ShadowOutcome:
-    return asyncio.run(shadow_rollout(arm, seed, plan, traffic, sample))
+def run(
+    arm: PairedArm, seed: int, plan: Plan, traffic: Traffic, sample: float, cfg: PairedConfig = paired.DEFAULT_PAIRED
+) -> ShadowOutcome:
+    return asyncio.run(shadow_rollout(arm, seed, plan, traffic, sample, cfg))
 
 
 def split_bad(arms: dict[str, Any], rps: float, interval_s: float, workers: int = 1, seed: int = 0) -> list[Any]:
@@ -265,12 +267,9 @@ def rates_line(label: str, outs: list[ShadowOutcome], margin: float = paired.DEF
 
 def mutation(arms: dict[str, PairedArm], plan: Plan, cfg: ShadowConfig, outcomes: dict) -> Iterator[str]:
     """The same bad canaries judged by a gate that ignores the pairing."""
-    old = paired.VARIANCE["fn"]
-    paired.VARIANCE["fn"] = paired.unpaired_variance
-    try:
-        outs = [run(arms[n], cfg.seed + i, plan, Traffic(rps=cfg.rps[0]), cfg.sample) for i, n in enumerate(MODEL_BAD)]
-    finally:
-        paired.VARIANCE["fn"] = old
+    unpaired = dataclasses.replace(paired.DEFAULT_PAIRED, variance=paired.unpaired_variance)
+    outs = [run(arms[n], cfg.seed + i, plan, Traffic(rps=cfg.rps[0]), cfg.sample, unpaired)
+            for i, n in enumerate(MODEL_BAD)]  # fmt: skip
     outcomes["shadow-mutation-unpaired"] = [o.to_dict() for o in outs]
     yield f"mutation (pairing ignored) at {cfg.rps[0]:,.0f} req/s:"
     for o in outs:

@@ -28,6 +28,7 @@ joined impressions are reported beside it, not gated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,32 +97,6 @@ class PairedCounts:
         return float(self.counts[FIELD[name]].sum())
 
 
-@dataclass(frozen=True, slots=True)
-class PairedConfig:
-    alpha: float = 0.05  # harm at alpha / 4 (one more harm test beside the split's four), ok at alpha
-    margin: float = 0.01  # relative log-loss increase the canary may have (1 %)
-    min_pairs: int = 2000
-    min_clicks: int = 50
-    # The mixture's scale (the normal prior on R): the sequence is tightest for effects near it.
-    # At tau = the margin (the split gates' choice) a gross regression, whose per-pair variance
-    # is large, waited for thousands of pairs more; ten times the margin costs a near-margin
-    # effect a log factor only (halfwidth ~ sqrt(V (log(tau^2 / V) + 2 log(1 / alpha)))).
-    tau: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.margin <= 0:
-            raise ValueError(f"margin must be > 0 (a relative log-loss increase), got {self.margin}")
-        if self.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-        if self.min_pairs < 2:
-            raise ValueError(f"min_pairs must be >= 2, got {self.min_pairs}")
-
-
-DEFAULT_PAIRED = PairedConfig()
-
-
 def ratio_variance(c: np.ndarray, r: float) -> float:
     """Var of sum d - r sum LL(stable): between the units' sums (the bucket method), floored by
     the impression-level variance (pairs independent)."""
@@ -139,7 +114,32 @@ def unpaired_variance(c: np.ndarray, r: float) -> float:
     return max(var_s, 0.0) + max(var_c, 0.0)
 
 
-VARIANCE = {"fn": ratio_variance}  # swapped by the mutation check (tests/test_canary_shadow_sim.py)
+@dataclass(frozen=True, slots=True)
+class PairedConfig:
+    alpha: float = 0.05  # harm at alpha / 4 (one more harm test beside the split's four), ok at alpha
+    margin: float = 0.01  # relative log-loss increase the canary may have (1 %)
+    min_pairs: int = 2000
+    min_clicks: int = 50
+    # The mixture's scale (the normal prior on R): the sequence is tightest for effects near it.
+    # At tau = the margin (the split gates' choice) a gross regression, whose per-pair variance
+    # is large, waited for thousands of pairs more; ten times the margin costs a near-margin
+    # effect a log factor only (halfwidth ~ sqrt(V (log(tau^2 / V) + 2 log(1 / alpha)))).
+    tau: float = 0.1
+    # Var of the paired sum; the mutation check swaps in `unpaired_variance` (tests, ctr canary simulate)
+    variance: Callable[[np.ndarray, float], float] = ratio_variance
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.margin <= 0:
+            raise ValueError(f"margin must be > 0 (a relative log-loss increase), got {self.margin}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.min_pairs < 2:
+            raise ValueError(f"min_pairs must be >= 2, got {self.min_pairs}")
+
+
+DEFAULT_PAIRED = PairedConfig()
 
 
 def paired_gate(pc: PairedCounts, cfg: PairedConfig = DEFAULT_PAIRED) -> GateResult:
@@ -149,7 +149,7 @@ def paired_gate(pc: PairedCounts, cfg: PairedConfig = DEFAULT_PAIRED) -> GateRes
     if n < cfg.min_pairs or clicks < cfg.min_clicks or ls <= 0:
         return GateResult("paired", "insufficient", math.nan, -math.inf, math.inf, what, int(n))
     r = pc.total("d") / ls
-    var = VARIANCE["fn"](pc.counts, r) / ls**2
+    var = cfg.variance(pc.counts, r) / ls**2
     m = cfg.margin
     h_harm = stats.halfwidth(var, cfg.tau, cfg.alpha / 4)
     h_ok = stats.halfwidth(var, cfg.tau, cfg.alpha)
