@@ -225,3 +225,20 @@ def test_an_l1_tombstone_outlives_eviction_and_flush() -> None:
     clock.advance(31)
     l1.set_many_now([(k, (1,), 5, 60.0)])
     assert l1.get_many_now([k]) == [(1,)] and not l1.newer_than(k, 5)
+
+
+def test_repeated_writes_of_one_key_do_not_push_out_another_keys_tombstone() -> None:
+    """The tombstone bound counts tombstones, not records: ten writes of one hot key leave two
+    live tombstones (under the bound of 4), so the other key's still refuses an older fill (the
+    old code counted the hot key's superseded records and dropped it)."""
+    clock = FakeClock(0.0)
+    l1 = MemoryTier(max_entries=4, clock=clock, tombstone_s=30.0)
+    other, hot = l1_key(schema.AD_STATS, "a1"), l1_key(schema.AD_STATS, "hot")
+    l1.invalidate_now([(other, 9)])
+    for v in range(1, 11):
+        l1.invalidate_now([(hot, v)])
+    l1.set_many_now([(other, (1,), 5, 60.0)])  # a read that started before the write of version 9
+    assert l1.get_many_now([other]) == [None] and l1.newer_than(other, 5)
+    for n in range(10):  # past the bound in tombstones, the oldest go first
+        l1.invalidate_now([(l1_key(schema.AD_STATS, f"k{n}"), 1)])
+    assert not l1.newer_than(other, 5) and l1.newer_than(l1_key(schema.AD_STATS, "k9"), 0)

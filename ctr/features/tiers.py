@@ -103,7 +103,8 @@ class MemoryTier:
         self._old: dict[Hashable, dict[Hashable, Entry]] = {}
         self._young_n = 0
         self._tombs: dict[Hashable, dict[Hashable, tuple[int, float]]] = {}  # (version, until)
-        self._tomb_order: deque[tuple[float, Hashable, Hashable]] = deque()
+        self._tomb_order: deque[tuple[float, Hashable, Hashable]] = deque()  # one record per tombstone set
+        self._tomb_n = 0  # tombstones held (a key's newer tombstone replaces its older one)
 
     def __len__(self) -> int:
         return sum(map(len, self._young.values())) + sum(map(len, self._old.values()))
@@ -206,18 +207,21 @@ class MemoryTier:
             tombs = self._tombs.setdefault(space, {})
             t = tombs.get(i)
             if t is None or t[1] <= now or t[0] < version:
+                self._tomb_n += t is None
                 tombs[i] = (version, until)
                 self._tomb_order.append((until, space, i))
         self._prune(now)
 
     def _prune(self, now: float) -> None:
-        """Tombstones leave when they expire, the oldest first also past `max_entries` of them."""
+        """Tombstones leave when they expire, the oldest first also past `max_entries` of them
+        (records of a replaced tombstone leave without removing anything)."""
         order = self._tomb_order
-        while order and (order[0][0] <= now or len(order) > self.max_entries):
+        while order and (order[0][0] <= now or self._tomb_n > self.max_entries):
             until, space, i = order.popleft()
             tombs = self._tombs.get(space)
             if tombs is not None and (t := tombs.get(i)) is not None and t[1] == until:
                 del tombs[i]
+                self._tomb_n -= 1
 
     def clear(self) -> None:
         """Drop every entry (a flush); tombstones stay: the writes they record did happen."""
@@ -236,6 +240,7 @@ class MemoryTier:
         self.clear()
         self._tombs.clear()
         self._tomb_order.clear()
+        self._tomb_n = 0
 
 
 Entry = tuple[Any, float, int]  # (value, expires_at, version)
