@@ -17,7 +17,7 @@ from ctr.serving.canary.controller import Controller
 from ctr.serving.canary.paired import PairedConfig, PairedCounts, auc, paired_gate, summary
 from ctr.serving.canary.plan import Phase, Plan, default_plan
 from ctr.serving.canary.runtime import CanaryRuntime
-from ctr.serving.canary.shadow import MemoryShadowStore, Shadow
+from ctr.serving.canary.shadow import MemoryShadowStore, Shadow, keyed_draw
 from ctr.serving.canary.state import Arm, MemoryStore
 
 CFG = PairedConfig(min_pairs=2000, min_clicks=50)
@@ -261,5 +261,43 @@ def test_a_failed_flush_across_a_new_rollout_keeps_each_rollouts_pairs_apart() -
             await asyncio.sleep(0.001)
         stop.set()
         await loop
+
+    asyncio.run(go())
+
+
+class CountingStore(MemoryShadowStore):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.takes = 0
+
+    async def take(self, rollout_id: str, request_id: str, ad_id: str) -> Any:
+        self.takes += 1
+        return await super().take(rollout_id, request_id, ad_id)
+
+
+def test_feedback_on_an_id_not_sampled_costs_the_store_nothing_in_any_process() -> None:
+    """The sample is drawn from the request id, keyed: two taps with the request-id key (two
+    gateway processes) draw alike, so feedback reaching either process joins the pairs of the
+    sampled ids and looks up no other (the old code's random draw made every feedback of a shadow
+    phase a store round trip: 400 of 400 here, now only the sampled share's)."""
+
+    async def go() -> None:
+        _, first, pool, clock = await _rig()
+        store = CountingStore(clock)
+        draw = keyed_draw(b"k" * 32)
+        taps = [Shadow(first.arms, store, sample=0.25, max_inflight=1000, cfg=CFG, draw=draw) for _ in range(2)]
+        for tap in taps:
+            tap.refresh()
+        x = np.zeros((1, 3), np.int64)
+        ids = [f"id{i}" for i in range(400)]
+        for i, rid in enumerate(ids):
+            taps[i % 2].offer(rid, "u1", ["a1"], x, [0.05])
+        pool.gate.set()
+        await asyncio.gather(*taps[0].tasks, *taps[1].tasks)
+        sampled = [rid for rid in ids if draw(rid) < 0.25]
+        assert 60 < len(sampled) < 140 and len(store.pairs) == len(sampled)
+        joined = [await taps[(i + 1) % 2].join(rid, "a1", True) for i, rid in enumerate(ids)]  # the other process
+        assert sum(joined) == len(sampled) and store.takes == len(sampled)
+        assert keyed_draw(b"j" * 32)("id1") != draw("id1")  # another key, another draw
 
     asyncio.run(go())

@@ -44,7 +44,7 @@ from ctr.serving.canary.hosts import HostPolicy
 from ctr.serving.canary.paired import PairedConfig
 from ctr.serving.canary.runtime import CanaryRuntime
 from ctr.serving.canary.served import ServedLog
-from ctr.serving.canary.shadow import RedisShadowStore, Shadow
+from ctr.serving.canary.shadow import RedisShadowStore, Shadow, keyed_draw
 from ctr.serving.canary.state import Arm, RedisStore
 from ctr.serving.canary.stats import GateConfig
 from ctr.serving.canary.tombstones import SUBDIR as TOMBSTONES
@@ -153,8 +153,8 @@ def build(
     pool = model_pool(settings, in_graph, width, headers=headers, local=local, breakers=breakers, upstream=upstream)
     stack = feature_stack.features(settings, shared=True, breakers=breakers)
     arms = canary_arms(settings, pool, art.tag, width, headers, breakers, upstream)  # None without Redis
-    shadow = shadow_tap(settings, arms)  # the canary's shadow phase; None without Redis
     id_key = resolve_key(settings.request_id_key, settings.admin_token, settings.data_dir)
+    shadow = shadow_tap(settings, arms, id_key)  # the canary's shadow phase; None without Redis
     receipts = arms.runtime.served if arms else None  # what each answer served, for /feedback
     signer = Signer(id_key, receipts=receipts)
     gw = gateway(settings, art, pool, stack, features_call, fallback_call, arms, signer.issue,
@@ -339,16 +339,19 @@ def feedback_desk(settings: Settings, arms: Arms | None) -> FeedbackDesk:
     return FeedbackDesk(runtime, served, settings.feedback_max_age_s)
 
 
-def shadow_tap(settings: Settings, arms: Arms | None) -> Shadow | None:
+def shadow_tap(settings: Settings, arms: Arms | None, id_key: bytes) -> Shadow | None:
     """The rollout's shadow phase in this process (ctr/serving/canary/shadow.py), in the canary's
-    Redis; its paired gate is the controller's evidence in a shadow phase. None without a canary."""
+    Redis; its paired gate is the controller's evidence in a shadow phase. None without a canary.
+    The sample is drawn from the request id keyed by the request-id key, which every gateway
+    process (and replica) shares: the process that takes an id's feedback draws what the one
+    that served it drew."""
     store = None if arms is None else arms.runtime.store
     if arms is None or not isinstance(store, RedisStore):
         return None
     cfg = PairedConfig(settings.canary_alpha, settings.canary_shadow_margin, settings.canary_shadow_min_pairs)
     tap = Shadow(arms, RedisShadowStore(store.r, store.prefix), settings.canary_shadow_sample,
                  settings.canary_shadow_max_inflight, settings.deadline_ms / 1000.0 * 4, settings.canary_shadow_ttl_s,
-                 cfg)  # fmt: skip
+                 cfg, keyed_draw(id_key))  # fmt: skip
     arms.runtime.controller.paired = tap.gate
     return tap
 

@@ -3,7 +3,9 @@ off the response path, each (request id, ad) pair is kept with an expiry, and th
 that id joins it (`paired.py` judges the joined pairs).
 
 Off the response path. `offer()` runs after the stable answer is computed and does no I/O: it
-draws the sample, and when fewer than `max_inflight` shadow calls are running it starts one
+draws the sample (from the request id, keyed: every process draws the same for an id, so a
+feedback on an id that was not sampled costs the store nothing, and no client can tell
+which of its ids were), and when fewer than `max_inflight` shadow calls are running it starts one
 as a background task (else the request is dropped and counted). The task calls the canary's
 pool with the request's own feature matrix and writes the pair to the store.
 
@@ -25,8 +27,9 @@ import asyncio
 import contextlib
 import contextvars
 import hashlib
+import hmac
 import logging
-import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -59,6 +62,17 @@ class ShadowStore(Protocol):
 
 def _digest(request_id: str) -> str:
     return hashlib.blake2b(request_id.encode(), digest_size=16).hexdigest()
+
+
+def keyed_draw(key: bytes) -> Callable[[str], float]:
+    """The shadow sample's draw: a request id's keyed hash as a number in [0, 1)."""
+    k = hmac.new(key, b"ctr-serve shadow sample v1", hashlib.sha256).digest()
+
+    def draw(request_id: str) -> float:
+        h = hashlib.blake2b(request_id.encode(), key=k, digest_size=8).digest()
+        return int.from_bytes(h, "big") / 2**64
+
+    return draw
 
 
 class MemoryShadowStore:
@@ -182,14 +196,16 @@ class Shadow:
         timeout_s: float = 0.5,
         ttl_s: float = 3600.0,
         cfg: PairedConfig | None = None,
-        draw: Callable[[], float] = random.random,
+        draw: Callable[[str], float] | None = None,
     ) -> None:
+        """`draw(request_id)`: where an id falls in [0, 1), the same in every process (root gives
+        `keyed_draw` of the request-id key; by default a key of this instance's own)."""
         if not 0 <= sample <= 1 or max_inflight < 1 or timeout_s <= 0 or ttl_s <= 0:
             raise ValueError("sample must be in [0, 1], max_inflight >= 1, timeout_s > 0 and ttl_s > 0")
         self.arms, self.store, self.sample = arms, store, sample
         self.max_inflight, self.timeout_s, self.ttl_s = max_inflight, timeout_s, ttl_s
         self.cfg = cfg or PairedConfig()
-        self.draw = draw
+        self.draw = draw or keyed_draw(secrets.token_bytes(32))
         self.rollout_id: str | None = None  # set by `refresh` (the sync loop), read by the hot path
         # This process's sums not yet in the store, per rollout: a flush that failed across a
         # change of rollout never adds one rollout's pairs to another's.
@@ -209,7 +225,7 @@ class Shadow:
     def offer(self, request_id: str, user_id: str, ad_ids: Sequence[str], x: np.ndarray, scores: list[float]) -> None:
         """A stable answer that was just computed: maybe score it on the canary in the background."""
         rid, pool = self.rollout_id, self.arms.shadow_pool
-        if rid is None or pool is None or self.draw() >= self.sample:
+        if rid is None or pool is None or self.draw(request_id) >= self.sample:
             return
         delta = self.deltas.setdefault(rid, PairedCounts())
         delta.ops["offered"] += 1
@@ -243,7 +259,7 @@ class Shadow:
     async def join(self, request_id: str, ad_id: str, clicked: bool) -> bool:
         """The feedback on a served id: joined to its shadow pair when there is one (at most once)."""
         rid = self.rollout_id
-        if rid is None:
+        if rid is None or self.draw(request_id) >= self.sample:  # not sampled: no pair to look for
             return False
         delta = self.deltas.setdefault(rid, PairedCounts())
         try:
