@@ -242,3 +242,94 @@ def test_repeated_writes_of_one_key_do_not_push_out_another_keys_tombstone() -> 
     for n in range(10):  # past the bound in tombstones, the oldest go first
         l1.invalidate_now([(l1_key(schema.AD_STATS, f"k{n}"), 1)])
     assert not l1.newer_than(other, 5) and l1.newer_than(l1_key(schema.AD_STATS, "k9"), 0)
+
+
+def test_a_write_behind_read_around_l2_never_serves_older_than_l2(tmp_path: Path) -> None:
+    """The consistency checker (CI, 40 s run): one write-behind read 6.78 s stale, 6.9 s after
+    the writer's SIGKILL. A write-behind write is announced before its L2 update: a process
+    reading in between has a tombstone newer than L2's entry and reads around it, to L3; but L3
+    has only what the writer committed, with the writer dead the row from before the kill. The
+    read served that, older than the L2 entry it had passed over (the previous write,
+    acknowledged 6 s before). Now it serves the newer of the two. No Redis, no sleeps: L2 is an
+    in-memory tier, the channel delivers in the test's hands, the clocks are injected."""
+    from collections.abc import Awaitable, Callable
+
+    from ctr.features.coherence import Coherence, read_message
+    from ctr.features.versions import VersionClock
+    from ctr.features.writes import FeatureWriter
+
+    g = schema.AD_STATS
+
+    class Stream:  # the write-behind stream: Redis takes every entry; no writer reads them (killed)
+        def __init__(self) -> None:
+            self.entries: list[dict[str, Any]] = []
+
+        async def xadd(self, name: str, fields: dict[str, Any]) -> bytes:
+            self.entries.append(fields)
+            return b"%d-0" % len(self.entries)
+
+    class Bus:  # the channel: delivers each message to the listeners, then lets the test act
+        def __init__(self) -> None:
+            self.listeners: list[Coherence] = []
+            self.between: Callable[[], Awaitable[None]] | None = None
+
+        async def publish(self, channel: str, data: bytes) -> int:
+            for c in self.listeners:
+                c.apply(*read_message(data))
+            if self.between is not None:  # the writing process has not updated L2 yet
+                await self.between()
+            return len(self.listeners)
+
+    async def read(store: TieredStore) -> Any:
+        (values,), _ = await store.get([(g, ["a-behind"])])
+        return values[0]
+
+    async def go() -> None:
+        clock, wall = FakeClock(), FakeClock(1_700_000_000.0)
+        versions = VersionClock(lambda: int(wall() * 1e9))
+        db = SqliteStore(tmp_path / "f.db")
+        l2 = MemoryTier(clock=clock)  # shared by both processes, compare-newer like Redis's script
+        bus = Bus()
+
+        def process(publisher: Bus | None) -> tuple[TieredStore, Coherence]:
+            store = TieredStore(MemoryTier(clock=clock), db, l2, l2_timeout_s=5.0, l3_timeout_s=5.0)
+            coherence = Coherence(store, publisher, None, clock=clock, versions=versions)
+            store.l1_ttl_cap_s = None  # subscribed: hears every write (through `bus`)
+            return store, coherence
+
+        a, a_coherence = process(bus)  # the gateway process that takes the writes
+        b, b_coherence = process(None)  # another gateway process
+        bus.listeners.append(b_coherence)
+        writer = FeatureWriter(a, {g.name: "behind"}, Stream(), coherence=a_coherence, clock=versions)  # type: ignore[arg-type]
+
+        # seq 1 was committed by the writer (L3 and L2 have it); then the writer is SIGKILLed
+        v1 = versions.next()
+        db.write(g, [("a-behind", [1, 1], v1)])
+        await l2.set_many([(feature_key(g, "a-behind"), (1, 1), v1, g.ttl_s)])
+        assert await read(b) == (1, 1)
+
+        wall.advance(0.5)
+        clock.advance(0.5)
+        assert (await writer.put(g, [("a-behind", [2, 1])])).mode == "behind"  # acknowledged at 0.5 s
+        assert db.read(g, ["a-behind"])["a-behind"][0] == (1, 1)  # not in L3: no writer
+        assert await read(b) == (2, 1)  # B heard of it and reads it from L2
+
+        wall.advance(6.0)
+        clock.advance(6.0)  # the writer is still not back
+        seen: list[Any] = []
+
+        async def b_reads() -> None:
+            seen.append(await read(b))
+
+        bus.between = b_reads  # B reads after the announcement of seq 3, before its L2 update
+        await writer.put(g, [("a-behind", [3, 1])])
+        bus.between = None
+        # seq 2 was acknowledged 6 s before this read began: the read must not miss it (the
+        # old code gave it seq 1, L3's row)
+        assert seen == [(2, 1)]
+        assert await read(b) == (3, 1)  # after the L2 update: the newest
+        await a.drain()
+        await b.drain()
+        await db.close()
+
+    run(go())

@@ -128,7 +128,7 @@ class TieredStore:
         self.l2_timeout_s, self.l3_timeout_s = l2_timeout_s, l3_timeout_s
         self.l2_breaker = l2_breaker or CircuitBreaker("l2", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
         self.l3_breaker = l3_breaker or CircuitBreaker("l3", min_calls=5, cooldown_s=2.0, trial_timeout_s=0.5)
-        self._inflight: dict[Key, asyncio.Future[Row | Absent]] = {}
+        self._inflight: dict[Key, asyncio.Future[tuple[Row | Absent, int]]] = {}  # (value, L3's version)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts = {"lookups": 0, "l1": 0, "l2": 0}
 
@@ -175,18 +175,19 @@ class TieredStore:
         self._count(len(want), len(found))
         self._observe("l1", len(want), len(found), t0)
         l2_ok = self.l2 is not None and self.l2_mode != "off"
+        passed: dict[Key, tuple[Any, int]] = {}  # L2 entries older than a write this process heard of
         if missing and self.l2 is not None and self.l2_mode != "use":
             degraded.append(Reason.L2_BYPASSED)
         elif missing and self.l2 is not None:
             try:
-                missing = await self._from_l2(missing, want, found)
+                missing = await self._from_l2(missing, want, found, passed)
             except (*L2_ERRORS, BreakerOpen) as exc:
                 l2_ok = False
                 degraded.append(Reason.L2_BYPASSED)
                 if not isinstance(exc, BreakerOpen):
                     metrics.CACHE_ERRORS.labels("l2").inc()
         if missing:
-            await self._from_origin(missing, want, found, l2_ok, degraded, l3_timeout_s or self.l3_timeout_s)
+            await self._from_origin(missing, want, found, l2_ok, degraded, l3_timeout_s or self.l3_timeout_s, passed)
         return [[self._value(found.get(k)) for k in keys] for keys in req_keys], degraded
 
     @staticmethod
@@ -212,8 +213,14 @@ class TieredStore:
             _HIT_RATE_L2.set((c["l1"] + c["l2"]) / c["lookups"])
 
     async def _from_l2(
-        self, keys: list[Key], want: dict[Key, tuple[FeatureGroup, str]], found: dict[Key, Any]
+        self,
+        keys: list[Key],
+        want: dict[Key, tuple[FeatureGroup, str]],
+        found: dict[Key, Any],
+        passed: dict[Key, tuple[Any, int]],
     ) -> list[Key]:
+        """The keys L2 did not answer; `passed` takes the entries read around (older than a
+        write this process heard of): L3 may be older still (`_from_origin`)."""
         assert self.l2 is not None
         l2 = self.l2
         t0 = time.perf_counter()
@@ -230,6 +237,8 @@ class TieredStore:
         for k, e in zip(keys, entries, strict=True):
             if e is None or l1.newer_than(k, e[1]):  # a miss, or older than a write this process saw
                 still.append(k)
+                if e is not None:
+                    passed[k] = (e[0], e[1])
             else:
                 found[k] = e[0]
                 hits.append((k, e[0], e[1], self.l1_ttl(e[2])))  # L2's remaining TTL
@@ -247,13 +256,23 @@ class TieredStore:
         l2_ok: bool,
         degraded: list[str],
         timeout_s: float,
+        passed: dict[Key, tuple[Any, int]] | None = None,
     ) -> None:
         """Values of `keys` from L3: joins the reads already in flight, starts one for the rest.
         Each caller waits on its own shield, so a caller whose deadline cancels it never
-        cancels a read that other callers (or the one that started it) still wait on."""
+        cancels a read that other callers (or the one that started it) still wait on.
+
+        `passed`: L2 entries read around because this process heard of a newer write. L3 is
+        not always newer: a write-behind write is in L3 only once the writer committed it (its
+        announcement goes out before its L2 update, and a killed writer commits nothing until
+        it is back), so the newer version of the two is served."""
         flights = self._flights(keys, want, l2_ok, timeout_s)
-        values = await asyncio.shield(asyncio.gather(*flights.values()))
-        found.update(zip(flights, values, strict=True))
+        results = await asyncio.shield(asyncio.gather(*flights.values()))
+        for k, (value, version) in zip(flights, results, strict=True):
+            held = passed.get(k) if passed else None
+            if held is not None and value is not Absent.FAILED and held[1] > version:
+                value = held[0]  # L3 lags L2 (write-behind not committed yet)
+            found[k] = value
         for name in sorted({want[k][0].name for k in keys if found[k] is Absent.FAILED}):
             reason = group_default(name)
             metrics.DEGRADED.labels(reason).inc()
@@ -261,7 +280,7 @@ class TieredStore:
 
     def _flights(
         self, keys: list[Key], want: dict[Key, tuple[FeatureGroup, str]], l2_ok: bool, timeout_s: float
-    ) -> dict[Key, asyncio.Future[Row | Absent]]:
+    ) -> dict[Key, asyncio.Future[tuple[Row | Absent, int]]]:
         """Single flight: the shared future of every key, starting one read for the keys
         nobody is reading yet."""
         new = [k for k in keys if k not in self._inflight]
@@ -275,13 +294,13 @@ class TieredStore:
     async def _read_origin(
         self,
         want: dict[Key, tuple[FeatureGroup, str]],
-        futures: dict[Key, asyncio.Future[Row | Absent]],
+        futures: dict[Key, asyncio.Future[tuple[Row | Absent, int]]],
         l2_ok: bool,
         timeout_s: float,
     ) -> None:
-        """One read per group, all groups at once; resolves every future (Absent.FAILED where
-        a read failed), then backfills L1 and L2 with what was found, each entry only over an
-        older version. Runs as its own task."""
+        """One read per group, all groups at once; resolves every future with (value, L3's
+        version) (Absent.FAILED where a read failed), then backfills L1 and L2 with what was
+        found, each entry only over an older version. Runs as its own task."""
         t0 = time.perf_counter()
         epoch = self.l1.epoch
         by_group: dict[FeatureGroup, list[Key]] = {}
@@ -301,13 +320,14 @@ class TieredStore:
                     if got is not None:
                         versions[k] = got[1]
                     failed = isinstance(res, BaseException)
-                    futures[k].set_result(Absent.FAILED if failed else Absent.UNKNOWN if got is None else got[0])
+                    value = Absent.FAILED if failed else Absent.UNKNOWN if got is None else got[0]
+                    futures[k].set_result((value, versions.get(k, NONE)))
         finally:
             for k, fut in futures.items():
                 if not fut.done():
-                    fut.set_result(Absent.FAILED)
+                    fut.set_result((Absent.FAILED, NONE))
                 self._inflight.pop(k, None)
-        got = {k: fut.result() for k, fut in futures.items()}
+        got = {k: fut.result()[0] for k, fut in futures.items()}
         self._observe("l3", len(got), sum(not isinstance(v, Absent) for v in got.values()), t0)
         fresh = [(k, cached(v), versions.get(k, NONE), self.ttl(want[k][0], cached(v)))
                  for k, v in got.items() if v is not Absent.FAILED]  # fmt: skip
