@@ -220,3 +220,69 @@ def test_latency_gate_compares_with_the_baseline_of_equal_capacity_when_there_is
     assert latency_gate(c, CFG).verdict == "harm"  # against the big pool: capacity, not the model
     c.put("baseline", "0:0", 13.0, requests=20_000)
     assert latency_gate(c, CFG).verdict == "ok"
+
+
+def test_errors_gate_reads_the_canary_rate_not_its_units_sizes_when_stable_has_no_errors() -> None:
+    """Finding of the live run: with no stable error, stable's rate is 0, the expected errors are 0,
+    and the old canary residual (cn - theta e, the ratio's linearisation) was the raw error count
+    per unit: its spread was that of the units' sizes (one heavy user's unit), about 7,500 against
+    a binomial 270, and the normal mixture (scale 0.1 pp) widens as variance / scale: a canary
+    with 3 % errors read +3 pp [-23, +29] pp, inconclusive. The difference's own linearisation
+    (cn - e - d cd) has no spread here (every unit fails 3 %): the binomial floor, harm."""
+    c = Counts()
+    canary = c.cell("canary", "0:1")
+    canary.counts[FIELD["requests"]] = [3_000.0] + [100.0] * (N_UNITS - 1)  # a heavy user's unit
+    canary.counts[FIELD["errors"]] = [90.0] + [3.0] * (N_UNITS - 1)  # 3 % in every unit
+    c.put("stable", "0:1", requests=20_000, errors=0)
+    g = errors_gate(c, CFG)
+    assert g.verdict == "harm", g
+    assert 0.015 < g.lo < g.estimate < g.hi < 0.045 and abs(g.estimate - 0.03) < 1e-9
+
+
+def _zipf_split(
+    seed: int, n: int, share: float, arms_latency: dict[str, np.ndarray], arms_errors: dict[str, np.ndarray]
+) -> Counts:
+    """Locust's traffic (loadtest/locustfile.py): `n` requests of Zipf(1.1) users out of 30,000, split
+    and assigned to units by the real `split`; each arm's requests take the given latencies and
+    errors in order."""
+    from ctr.serving.canary.split import arm_of, unit_of
+
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, 30_001) ** 1.1
+    users = rng.choice(w.size, n, p=w / w.sum())
+    ids = np.unique(users)
+    salt = f"zipf-{seed}"
+    arm = {int(u): arm_of(f"u{u}", salt, share) for u in ids}
+    unit = {int(u): unit_of(f"u{u}", salt, N_UNITS) for u in ids}
+    c, seen = Counts(), {"canary": 0, "stable": 0}
+    for u in users:
+        a = arm[int(u)]
+        i = seen[a]
+        seen[a] += 1
+        c.record_request(a, "0:1", unit[int(u)], float(arms_latency[a][i]), bool(arms_errors[a][i]))
+    return c
+
+
+def test_a_canary_15_ms_slower_past_the_deadline_is_rolled_back_by_the_errors_gate() -> None:
+    """The live run's +15 ms replica, in process. Stable's requests all inside the 50 ms deadline
+    (no fallback, p99 ~ 40 ms); the canary's are 15 ms later, and the 3 % that pass the deadline
+    are answered from the fallback at ~50 ms: counted as errors, their latency capped. So the
+    canary's p99 is ~51 ms and the latency gate reads ~+10 ms, not +15 (by design: it measures
+    what users got; with stable's p99 nearer the deadline the difference shrinks towards the
+    5 ms margin, as the live run's +7.4 [2.4, 11.7]); the errors gate reads the fallbacks,
+    +3.1 pp [+1.8, +4.4], harm. The old errors gate read the same counts as inconclusive,
+    [-8, +14] pp (Zipf users: one unit holds 17 % of the canary's requests)."""
+    rng = np.random.default_rng(11)
+    n = 36_000
+    stable = rng.lognormal(math.log(15.0), 0.45, 2 * n)
+    stable = stable[stable < 50.0][:n]  # stable's tail ends inside the deadline: no stable error
+    slow = rng.lognormal(math.log(15.0), 0.45, n) + 15.0
+    late = slow > 50.0
+    latency = {"stable": stable, "canary": np.where(late, 50.5, slow)}
+    errors = {"stable": np.zeros(n, bool), "canary": late}
+    c = _zipf_split(3, n, 0.3, latency, errors)
+    assert c["stable"].errors == 0 and 0.02 < c["canary"].errors / c["canary"].requests < 0.045
+    lat = latency_gate(c, CFG, 0, 2)
+    assert 5.0 < lat.estimate < 11.0 and lat.verdict != "ok", lat  # capped by the deadline, not +15
+    err = errors_gate(c, CFG)
+    assert err.verdict == "harm" and err.hi - err.lo < 0.04, err

@@ -137,10 +137,21 @@ class Standardized:
 
 
 def standardize(
-    cn: np.ndarray, cd: np.ndarray, sn: np.ndarray, sd: np.ndarray, ct: np.ndarray, st: np.ndarray
+    cn: np.ndarray,
+    cd: np.ndarray,
+    sn: np.ndarray,
+    sd: np.ndarray,
+    ct: np.ndarray,
+    st: np.ndarray,
+    difference: bool = False,
 ) -> Standardized:
     """cn/cd, sn/sd: numerator and denominator per (stratum, unit); ct/st the Bernoulli trials
-    behind the numerator (impressions for clicks, requests for errors) for the binomial floor."""
+    behind the numerator (impressions for clicks, requests for errors) for the binomial floor.
+    `var_c` is the between-unit spread of the estimate's linearisation: of the ratio
+    observed / expected (cn - theta e), or with `difference` of (observed - expected) / exposure
+    (cn - e - d cd), the errors gate's estimate. The two agree while stable's rate is positive
+    in every stratum; where it is 0, e is 0 there and the ratio's residual is the canary's raw
+    count per unit, whose spread is that of the units' sizes (heavy users), not of the rate."""
     sd_k, sn_k = sd.sum(1), sn.sum(1)
     keep = sd_k > 0  # a stratum stable has no data in cannot be matched
     if not keep.all():
@@ -152,7 +163,11 @@ def standardize(
     observed, expected = float(cn.sum()), float(e.sum())
     theta = observed / expected if expected > 0 else 1.0
     w = cd_k / sd_k
-    v_c = _units_var((cn - theta * e).sum(0))
+    if difference:
+        d = (observed - expected) / float(cd.sum())
+        v_c = _units_var((cn - e - d * cd).sum(0))
+    else:
+        v_c = _units_var((cn - theta * e).sum(0))
     v_s = _units_var((w[:, None] * (sn - r[:, None] * sd)).sum(0))
     cn_k, ct_k, st_k = cn.sum(1), (cd_k if ct is cd else ct.sum(1)), (sd_k if st is sd else st.sum(1))
     floor_c = float(np.sum(cn_k * (1 - cn_k / np.maximum(ct_k, 1))))
@@ -175,7 +190,7 @@ def errors_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int =
     nc, ns = cr.sum(), sr.sum()
     if nc < cfg.min_requests or ns < cfg.min_requests:
         return _insufficient("errors", what, nc)
-    z = standardize(ce, cr, se, sr, cr, sr)
+    z = standardize(ce, cr, se, sr, cr, sr, difference=True)
     est = (z.observed - z.expected) / z.exposure
     # The canary's variance at the boundary (stable's rate + margin), never below the observed spread.
     pb = min(1.0, (z.expected + 0.5) / (z.exposure + 1) + cfg.error_margin)
