@@ -21,7 +21,9 @@ What makes it hold under real traffic (notes/canary-statistics.md):
   noisy between-unit estimate never makes the interval narrower than independence would.
 - Small counts. The errors gate evaluates the canary's binomial variance at the margin's
   boundary (stable's rate + margin: a score-type variance), never at a handful of observed
-  errors, which made the interval too narrow when only 3-9 errors were counted.
+  errors, which made the interval too narrow when only 3-9 errors were counted. Its unit
+  residual is its difference's own linearisation (`standardize(difference=True)`): the
+  ratio's, with stable at 0 errors, was the raw count per unit (the units' sizes, not the rate).
 - The latency gate tests the p99 difference itself: a confidence sequence for each arm's
   p99 from the order statistics at ranks n q -+ g_n (g_n from the same mixture for the
   Binomial(n, q) count below the quantile; Howard and Ramdas 2022 build quantile sequences
