@@ -151,9 +151,9 @@ def standardize(
     behind the numerator (impressions for clicks, requests for errors) for the binomial floor.
     `var_c` is the between-unit spread of the estimate's linearisation: of the ratio
     observed / expected (cn - theta e), or with `difference` of (observed - expected) / exposure
-    (cn - e - d cd), the errors gate's estimate. The two agree while stable's rate is positive
-    in every stratum; where it is 0, e is 0 there and the ratio's residual is the canary's raw
-    count per unit, whose spread is that of the units' sizes (heavy users), not of the rate."""
+    (cn - e - d cd), the errors gate's estimate. The two agree in one stratum where stable's
+    rate is positive (nearly, over several); where it is 0, e is 0 and the ratio's residual is
+    the canary's raw count per unit, whose spread is that of the units' sizes (heavy users)."""
     sd_k, sn_k = sd.sum(1), sn.sum(1)
     keep = sd_k > 0  # a stratum stable has no data in cannot be matched
     if not keep.all():
@@ -166,7 +166,8 @@ def standardize(
     theta = observed / expected if expected > 0 else 1.0
     w = cd_k / sd_k
     if difference:
-        d = (observed - expected) / float(cd.sum())
+        exposure = float(cd.sum())
+        d = (observed - expected) / exposure if exposure > 0 else 0.0
         v_c = _units_var((cn - e - d * cd).sum(0))
     else:
         v_c = _units_var((cn - theta * e).sum(0))
