@@ -286,3 +286,24 @@ def test_a_canary_15_ms_slower_past_the_deadline_is_rolled_back_by_the_errors_ga
     assert 5.0 < lat.estimate < 11.0 and lat.verdict != "ok", lat  # capped by the deadline, not +15
     err = errors_gate(c, CFG)
     assert err.verdict == "harm" and err.hi - err.lo < 0.04, err
+
+
+def test_a_canary_15_ms_slower_per_request_can_be_only_7_ms_slower_at_p99_and_is_held_not_harm() -> None:
+    """The README's held +15 ms replica: designed, not a defect. Its every request sleeps 15 ms, but
+    the p99 of both arms is made of the shared machine's stalls (3 % of requests, 20-40 ms), which
+    the canary's sleep partly overlaps: the mean is +14.8 ms, the p99 only +7.8 ms. The gate tests
+    the p99 itself (exact histogram edges: 0.5 ms buckets at 50 ms) and rolls back only when the
+    whole interval is above 5 ms (for 3 min); at 11,000 canary requests it is [+3.0, +13.2], like
+    the live run's +7.4 [2.4, 11.7]: neither harm nor ok, so the plan's timeout holds it."""
+    rng = np.random.default_rng(1)
+
+    def draw(n: int, extra: float) -> np.ndarray:
+        base = rng.lognormal(math.log(6.0), 0.35, n)
+        stalled, stall, overlap = rng.random(n) < 0.03, rng.uniform(20.0, 40.0, n), rng.random(n)
+        return np.where(stalled, base + extra + np.maximum(0.0, stall - extra * overlap), base + extra)
+
+    stable, canary = draw(25_000, 0.0), draw(11_000, 15.0)
+    c = latencies(latencies(Counts(), "stable", stable, "0:1"), "canary", canary, "0:1")
+    assert 14 < canary.mean() - stable.mean() < 15.5
+    g = latency_gate(c, CFG, 0, 2)
+    assert g.verdict == "inconclusive" and 6 < g.estimate < 9.5 and g.lo < CFG.latency_margin_ms < g.hi, g
