@@ -264,14 +264,13 @@ def _zipf_split(
 
 
 def test_a_canary_15_ms_slower_past_the_deadline_is_rolled_back_by_the_errors_gate() -> None:
-    """The live run's +15 ms replica, in process. Stable's requests all inside the 50 ms deadline
-    (no fallback, p99 ~ 40 ms); the canary's are 15 ms later, and the 3 % that pass the deadline
-    are answered from the fallback at ~50 ms: counted as errors, their latency capped. So the
-    canary's p99 is ~51 ms and the latency gate reads ~+10 ms, not +15 (by design: it measures
-    what users got; with stable's p99 nearer the deadline the difference shrinks towards the
-    5 ms margin, as the live run's +7.4 [2.4, 11.7]); the errors gate reads the fallbacks,
-    +3.1 pp [+1.8, +4.4], harm. The old errors gate read the same counts as inconclusive,
-    [-8, +14] pp (Zipf users: one unit holds 17 % of the canary's requests)."""
+    """A +15 ms replica whose tail crosses the deadline, with Locust's users. Stable's requests all
+    inside the 50 ms deadline (no fallback, p99 ~ 40 ms); the canary's are 15 ms later, and the
+    3 % that pass the deadline are answered from the fallback at ~50 ms: counted as errors, their
+    latency capped. So the canary's p99 is ~51 ms and the latency gate reads ~+10 ms, not +15
+    (it measures what users got); the errors gate reads the fallbacks, +3.1 pp [+1.8, +4.4],
+    harm. The old errors gate read the same counts as inconclusive, [-8, +14] pp (Zipf users:
+    one unit holds 17 % of the canary's requests)."""
     rng = np.random.default_rng(11)
     n = 36_000
     stable = rng.lognormal(math.log(15.0), 0.45, 2 * n)
