@@ -13,14 +13,16 @@ and marks it dirty, and a daemon thread writes the dirty values to the file ever
 `FLUSH_S` (and at exit). So a scrape reads figures at most `FLUSH_S` old; reads in the
 process (`get`) are exact. Outside multiprocess mode (tests, `ctr` commands) values are
 plain memory already and nothing changes. A process killed with SIGKILL loses at most its
-last `FLUSH_S` of updates. What this relies on beyond prometheus_client's public API
-(`values.ValueClass`, the multiprocess value class's `_value`, `_timestamp` and its `set`
-writing the file) is checked on the pinned version by tests/test_buffered_metrics.py.
+last `FLUSH_S` of updates; a child forked without exec writes at once. What this relies on
+beyond prometheus_client's public API (`values.ValueClass`, the multiprocess value class's
+`_value`, `_timestamp`, and its `inc` and `set` writing the file) is checked on
+the pinned version by tests/test_buffered_metrics.py.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import time
@@ -34,6 +36,8 @@ _lock = threading.Lock()
 _dirty: set[Any] = set()
 _flusher: threading.Thread | None = None
 _write: Any = None  # the multiprocess class's own `set`: writes one value to the file
+_forked = False  # in a forked child: no buffering
+log = logging.getLogger(__name__)
 
 
 def install() -> bool:
@@ -48,9 +52,12 @@ def install() -> bool:
     _write = base.set
 
     class BufferedValue(base):  # type: ignore[misc,valid-type]
-        """A multiprocess value whose updates reach the file on the next flush."""
+        """A multiprocess value whose updates reach the file on the next flush (in a forked
+        child: at once, as prometheus_client's own, which resets the parent's totals)."""
 
         def inc(self, amount: float) -> None:
+            if _forked:
+                return base.inc(self, amount)
             with _lock:
                 self._value += amount
                 self._timestamp = 0.0
@@ -59,6 +66,8 @@ def install() -> bool:
                     _start()
 
         def set(self, value: float, timestamp: float | None = None) -> None:
+            if _forked:
+                return base.set(self, value, timestamp)
             with _lock:
                 self._value = value
                 self._timestamp = timestamp or 0.0
@@ -68,18 +77,28 @@ def install() -> bool:
 
     values.ValueClass = BufferedValue
     atexit.register(flush)
-    os.register_at_fork(after_in_child=_forget)
+    # No fork while a flush holds prometheus_client's lock (the child would find it held).
+    os.register_at_fork(before=lambda: _lock.acquire(), after_in_parent=lambda: _lock.release(),
+                        after_in_child=_forked_child)  # fmt: skip
     return True
 
 
 def flush() -> int:
-    """Write every dirty value to the file now; returns how many."""
+    """Write every dirty value to the file now; returns how many. A value that cannot be
+    written stays dirty for the next flush (logged), and the others are written."""
+    failed: list[Any] = []
     with _lock:
         pending = list(_dirty)
         _dirty.clear()
         for v in pending:
-            _write(v, v._value, v._timestamp)
-    return len(pending)
+            try:
+                _write(v, v._value, v._timestamp)
+            except Exception:  # a closed file, a bad value: never the flusher's end
+                failed.append(v)
+        _dirty.update(failed)
+    if failed:
+        log.warning("%d metric value(s) not written to the multiprocess files; retrying", len(failed), exc_info=True)
+    return len(pending) - len(failed)
 
 
 def _start() -> None:
@@ -95,9 +114,11 @@ def _start() -> None:
     _flusher.start()
 
 
-def _forget() -> None:
-    """In a forked child: its parent's thread did not come along (nor may its lock be free);
-    the next update starts one. The parent's unwritten updates are the parent's."""
-    global _flusher, _lock
-    _flusher, _lock = None, threading.Lock()
+def _forked_child() -> None:
+    """In a child of os.fork() (BentoML starts its workers with fork + exec, so only a fork
+    without exec gets here): values are written at once from now on, as prometheus_client's
+    own, whose pid check resets them from the child's own file; the parent's unwritten
+    updates are the parent's, and its thread did not come along."""
+    global _forked, _flusher, _lock
+    _forked, _flusher, _lock = True, None, threading.Lock()
     _dirty.clear()

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -54,6 +55,57 @@ def test_updates_reach_the_files_on_flush_and_at_exit(tmp_path: Path) -> None:
     reg = CollectorRegistry()
     MultiProcessCollector(reg, path=str(tmp_path))
     assert reg.get_sample_value("ctr_requests_total", {"outcome": "ok"}) == 5.0  # the exit flush
+
+
+FORK = textwrap.dedent(
+    """
+    import os
+    from ctr import buffered_metrics as B
+    B.FLUSH_S = 3600.0
+    import ctr.metrics as M
+
+    ok = M.REQUESTS.labels("ok")
+    ok.inc(100)
+    B.flush()
+    pid = os.fork()
+    if pid == 0:  # the child counts its own, written at once to its own file
+        ok.inc(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_a_forked_child_counts_its_own_updates_not_its_parents(tmp_path: Path) -> None:
+    """A child of os.fork() (no exec) writes its updates at once into its own file, from zero:
+    100 + 1, not the parent's 100 counted again (201), and no lock left held by the fork."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FORK], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=str(tmp_path))
+    assert reg.get_sample_value("ctr_requests_total", {"outcome": "ok"}) == 101.0
+
+
+def test_a_value_that_cannot_be_written_stays_for_the_next_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing write neither drops the value nor stops the flusher: it is retried next time."""
+    from ctr import buffered_metrics as B
+
+    calls: list[float] = []
+
+    def write(v: object, value: float, ts: float) -> None:
+        calls.append(value)
+        if len(calls) == 1:
+            raise OSError("the file is gone")
+
+    class V:
+        _value, _timestamp = 3.0, 0.0
+
+    v = V()
+    monkeypatch.setattr(B, "_write", write)
+    monkeypatch.setattr(B, "_dirty", {v})
+    assert B.flush() == 0 and B._dirty == {v}
+    assert B.flush() == 1 and B._dirty == set() and calls == [3.0, 3.0]
 
 
 def test_outside_multiprocess_mode_nothing_changes() -> None:

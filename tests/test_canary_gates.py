@@ -239,6 +239,15 @@ def test_errors_gate_reads_the_canary_rate_not_its_units_sizes_when_stable_has_n
     assert 0.015 < g.lo < g.estimate < g.hi < 0.045 and abs(g.estimate - 0.03) < 1e-9
 
 
+def test_errors_gate_without_a_stratum_in_common_is_insufficient_not_a_crash() -> None:
+    """Canary requests only in an hour stable has none in: nothing can be matched (the ctr and
+    calibration gates already said insufficient); the errors gate divided by a zero exposure."""
+    c = Counts()
+    c.put("canary", "0:2", requests=20_000, errors=10)
+    c.put("stable", "0:1", requests=20_000, errors=10)
+    assert errors_gate(c, CFG).verdict == "insufficient"
+
+
 def _zipf_split(
     seed: int, n: int, share: float, arms_latency: dict[str, np.ndarray], arms_errors: dict[str, np.ndarray]
 ) -> Counts:

@@ -333,3 +333,14 @@ def test_a_write_behind_read_around_l2_never_serves_older_than_l2(tmp_path: Path
         await db.close()
 
     run(go())
+
+
+def test_tombstone_records_stay_bounded_under_a_hot_key() -> None:
+    """Each write of a key appends a record; a hot key's replaced ones are compacted away, so
+    the records stay within twice the tombstones (plus a constant), whatever the write rate."""
+    clock = FakeClock(0.0)
+    l1 = MemoryTier(max_entries=4, clock=clock, tombstone_s=30.0)
+    hot = l1_key(schema.AD_STATS, "hot")
+    for v in range(1, 5001):
+        l1.invalidate_now([(hot, v)])
+    assert len(l1._tomb_order) <= 2 + 1024 and l1.newer_than(hot, 4999) and not l1.newer_than(hot, 5000)

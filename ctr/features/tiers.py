@@ -222,6 +222,9 @@ class MemoryTier:
             if tombs is not None and (t := tombs.get(i)) is not None and t[1] == until:
                 del tombs[i]
                 self._tomb_n -= 1
+        if len(order) > 2 * self._tomb_n + 1024:  # mostly records of replaced tombstones (a hot key): one each
+            live = sorted((t[1], space, i) for space, m in self._tombs.items() for i, t in m.items())
+            self._tomb_order = deque(live)
 
     def clear(self) -> None:
         """Drop every entry (a flush); tombstones stay: the writes they record did happen."""

@@ -194,6 +194,8 @@ def errors_gate(counts: Counts, cfg: GateConfig, phase: int = 0, n_phases: int =
     if nc < cfg.min_requests or ns < cfg.min_requests:
         return _insufficient("errors", what, nc)
     z = standardize(ce, cr, se, sr, cr, sr, difference=True)
+    if z.exposure <= 0:  # no canary request in a stratum stable has data in: nothing to compare
+        return _insufficient("errors", what, nc)
     est = (z.observed - z.expected) / z.exposure
     # The canary's variance at the boundary (stable's rate + margin), never below the observed spread.
     pb = min(1.0, (z.expected + 0.5) / (z.exposure + 1) + cfg.error_margin)
