@@ -32,7 +32,9 @@ from prometheus_client import values
 
 FLUSH_S = 0.1
 
-_lock = threading.Lock()
+# Reentrant: a finalizer run by a collection that starts inside a flush (at any allocation)
+# may update a metric in the same thread.
+_lock = threading.RLock()
 _dirty: set[Any] = set()
 _flusher: threading.Thread | None = None
 _write: Any = None  # the multiprocess class's own `set`: writes one value to the file
@@ -77,19 +79,17 @@ def install() -> bool:
 
     values.ValueClass = BufferedValue
     atexit.register(flush)
-    # No fork while a flush holds prometheus_client's lock (the child would find it held).
-    os.register_at_fork(before=lambda: _lock.acquire(), after_in_parent=lambda: _lock.release(),
-                        after_in_child=_forked_child)  # fmt: skip
+    os.register_at_fork(after_in_child=_forked_child)
     return True
 
 
 def flush() -> int:
     """Write every dirty value to the file now; returns how many. A value that cannot be
     written stays dirty for the next flush (logged), and the others are written."""
+    global _dirty
     failed: list[Any] = []
     with _lock:
-        pending = list(_dirty)
-        _dirty.clear()
+        pending, _dirty = _dirty, set()  # updates made meanwhile (a GC callback) go to the new set
         for v in pending:
             try:
                 _write(v, v._value, v._timestamp)
@@ -118,7 +118,9 @@ def _forked_child() -> None:
     """In a child of os.fork() (BentoML starts its workers with fork + exec, so only a fork
     without exec gets here): values are written at once from now on, as prometheus_client's
     own, whose pid check resets them from the child's own file; the parent's unwritten
-    updates are the parent's, and its thread did not come along."""
+    updates are the parent's, and its thread did not come along. (A fork while the parent's
+    flusher held prometheus_client's lock would leave it held in the child, as with
+    prometheus_client alone and any thread that updates a metric.)"""
     global _forked, _flusher, _lock
-    _forked, _flusher, _lock = True, None, threading.Lock()
+    _forked, _flusher, _lock = True, None, threading.RLock()
     _dirty.clear()
