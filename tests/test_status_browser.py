@@ -70,10 +70,25 @@ def _get(url: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def two_processes(small_setup: dict[str, str]) -> Iterator[Server]:
-    """A gateway of two worker processes: the page speaks for both, whichever answers it."""
+    """A gateway of two worker processes: the page speaks for both, whichever answers it. Ready
+    once both publish (the server answers as soon as one is up: on a loaded machine the second
+    was still starting while every request went to the first, and the page showed one)."""
     server = Server("service:CTRGateway", {**small_setup, "CTR_GATEWAY_WORKERS": str(WORKERS)})
-    yield server
-    server.stop()
+    try:
+        end = time.monotonic() + 120
+        while _alive(server.url) < WORKERS and time.monotonic() < end:
+            time.sleep(0.2)
+        yield server
+    finally:
+        server.stop()
+
+
+def _alive(url: str) -> int:
+    """Gateway processes the page counts as alive (0 while it has no processes panel)."""
+    try:
+        return int(lookup(_get(url), "processes")["processes"])
+    except (KeyError, TypeError, StopIteration):
+        return 0
 
 
 def _settled(url: str, want: int, timeout_s: float = 10.0) -> dict[str, Any]:
