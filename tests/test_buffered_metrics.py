@@ -78,7 +78,7 @@ FORK = textwrap.dedent(
 
 def test_a_forked_child_counts_its_own_updates_not_its_parents(tmp_path: Path) -> None:
     """A child of os.fork() (no exec) writes its updates at once into its own file, from zero:
-    100 + 1, not the parent's 100 counted again (201), and no lock left held by the fork."""
+    100 + 1, not the parent's 100 counted again (201)."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", FORK], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
