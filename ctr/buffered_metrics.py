@@ -63,9 +63,7 @@ def install() -> bool:
             with _lock:
                 self._value += amount
                 self._timestamp = 0.0
-                _dirty.add(self)
-                if _flusher is None:
-                    _start()
+                _dirtied(self)
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             if _forked:
@@ -73,9 +71,7 @@ def install() -> bool:
             with _lock:
                 self._value = value
                 self._timestamp = timestamp or 0.0
-                _dirty.add(self)
-                if _flusher is None:
-                    _start()
+                _dirtied(self)
 
     values.ValueClass = BufferedValue
     atexit.register(flush)
@@ -89,7 +85,7 @@ def flush() -> int:
     global _dirty
     failed: list[Any] = []
     with _lock:
-        pending, _dirty = _dirty, set()  # updates made meanwhile (a GC callback) go to the new set
+        pending, _dirty = _dirty, set()  # updates made meanwhile (a finalizer) go to the new set
         for v in pending:
             try:
                 _write(v, v._value, v._timestamp)
@@ -99,6 +95,13 @@ def flush() -> int:
     if failed:
         log.warning("%d metric value(s) not written to the multiprocess files; retrying", len(failed), exc_info=True)
     return len(pending) - len(failed)
+
+
+def _dirtied(value: Any) -> None:
+    """`value` changed (under _lock): written by the next flush; the first one starts the flusher."""
+    _dirty.add(value)
+    if _flusher is None:
+        _start()
 
 
 def _start() -> None:

@@ -256,7 +256,7 @@ class TieredStore:
         l2_ok: bool,
         degraded: list[str],
         timeout_s: float,
-        passed: dict[Key, tuple[Any, int]] | None = None,
+        passed: dict[Key, tuple[Any, int]],
     ) -> None:
         """Values of `keys` from L3: joins the reads already in flight, starts one for the rest.
         Each caller waits on its own shield, so a caller whose deadline cancels it never
@@ -269,7 +269,7 @@ class TieredStore:
         flights = self._flights(keys, want, l2_ok, timeout_s)
         results = await asyncio.shield(asyncio.gather(*flights.values()))
         for k, (value, version) in zip(flights, results, strict=True):
-            held = passed.get(k) if passed else None
+            held = passed.get(k)
             if held is not None and value is not Absent.FAILED and held[1] > version:
                 value = held[0]  # L3 lags L2 (write-behind not committed yet)
             found[k] = value
