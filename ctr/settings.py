@@ -148,7 +148,12 @@ class Settings(BaseSettings):
         "aimd", description="The gateway's concurrency limit on /predict: adaptive (AIMD), or off (unbounded)."
     )
     limit_initial: int = Field(32, ge=1, description="The adaptive limit's start (requests in flight).")
-    limit_min: int = Field(4, ge=1, description="The adaptive limit never falls below this.")
+    limit_min: int = Field(
+        4,
+        ge=1,
+        description="The adaptive limit never falls below this, nor below what the process works off "
+        "within the latency target (the target over the measured seconds of work a request).",
+    )
     limit_max: int = Field(512, ge=1, description="The adaptive limit never rises above this.")
     limit_latency_ms: float = Field(
         25.0, gt=0, description="A request slower than this (or past its deadline) cuts the limit by 10 %."

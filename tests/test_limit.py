@@ -15,8 +15,10 @@ from test_gateway import CTX, REQ, TABLE, gateway
 from ctr.api.edge import Edge
 from ctr.api.routes import make_app
 from ctr.degraded import Reason
+from ctr.observe.pauses import thread_busy_s
 from ctr.resilience.limit import AimdLimit
 from ctr.serving.gateway import Overloaded
+from ctr.settings import Settings
 
 
 def limiter(clock: FakeClock, **kw: Any) -> AimdLimit:
@@ -82,6 +84,67 @@ def test_a_lease_reports_once() -> None:
     lease.success()  # type: ignore[union-attr]
     lease.dropped()  # type: ignore[union-attr]
     assert lim.inflight == 0 and lim.limit == 10
+
+
+class FakeWork:
+    """The loop thread's busy seconds: `per_request` more for each completed request."""
+
+    def __init__(self, per_request: float) -> None:
+        self.per_request, self.s = per_request, 0.0
+
+    def __call__(self) -> float:
+        return self.s
+
+
+def serve(lim: AimdLimit, clock: FakeClock, work: FakeWork, n: int, every_s: float = 0.005) -> None:
+    """`n` requests one after another, each `every_s` long and costing `work.per_request`."""
+    for _ in range(n):
+        lease = lim.try_acquire()
+        clock.t += every_s
+        work.s += work.per_request
+        lease.success()  # type: ignore[union-attr]
+
+
+def test_the_limit_never_falls_below_what_the_process_works_off_within_the_target() -> None:
+    """At 1 ms of work a request and a 25 ms target, 25 requests in flight finish in time: a
+    burst of late answers (a stall of the machine) cuts the limit to 25, not to min_limit, and
+    a burst of 20 that follows is admitted whole. (Before: cut to min_limit 2, 18 of the 20
+    shed, at a load the process works off in 20 ms.)"""
+    clock, work = FakeClock(), FakeWork(0.001)
+    lim = limiter(clock, initial=4, max_limit=64, work=work)
+    serve(lim, clock, work, 200)  # a second at 200/s: the cost is measured
+    assert lim.cost_s == pytest.approx(0.001) and lim.floor == 25 and lim.limit >= 25
+    for _ in range(40):  # a long stall: every answer late
+        clock.t += 0.030
+        work.s += work.per_request
+        lim.try_acquire().dropped()  # type: ignore[union-attr]
+    assert lim.limit == 25
+    burst = [lim.try_acquire() for _ in range(20)]
+    assert all(burst)
+
+
+def test_the_floor_follows_the_cost_and_stays_within_the_bounds() -> None:
+    """Dearer requests lower the floor (never below min_limit); cheaper ones raise it (never
+    above max_limit); with no work reading the floor is min_limit, as plain AIMD."""
+    clock, work = FakeClock(), FakeWork(0.05)
+    lim = limiter(clock, work=work)
+    serve(lim, clock, work, 200)
+    assert lim.floor == 2
+    work.per_request = 0.0001
+    serve(lim, clock, work, 2000)
+    assert lim.floor == 20 and lim.limit == 20
+    plain = limiter(clock)
+    serve(plain, clock, work, 200)
+    assert plain.floor == 2 and plain.cost_s is None
+
+
+def test_the_service_reads_its_loop_threads_work() -> None:
+    """The limit built from settings measures the thread's busy time, which grows with work."""
+    lim = AimdLimit.from_settings(Settings())
+    assert lim.work is thread_busy_s
+    t0 = thread_busy_s()
+    sum(i * i for i in range(200_000))
+    assert thread_busy_s() > t0 > 0
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,15 @@ How many requests the gateway works on at once is bounded by `limit`, which adap
   concurrency-limits checks, so an idle service does not grow its limit without bound)
   raises it additively by one;
 - a sample that says nothing about load (the model failed fast: unreachable, breaker
-  open) is `ignore`d.
+  open) is `ignore`d;
+- with `work` (a reading of the loop thread's busy seconds: on a CPU or waiting for one),
+  the limit never falls below what the process can work off within `latency_target_s`: the
+  target over the measured seconds of work per request (an EWMA, read every `cost_every_s`).
+  Fewer requests in flight than that cannot be what made a request late (a stall of the
+  machine's scheduler did), and shedding them only turns answers the model would have scored
+  in time into fallbacks. Without it, a limit cut by one saturating burst regrew only while
+  half of it was in use: at half load it hovered near the usual in-flight count, and the next
+  10-20 ms stall shed the requests that queued behind it (`ctr bench steady`).
 
 Written here because no maintained asyncio library implements an adaptive limit
 (concurrency-limits is Java; aiolimiter is a rate limiter). It is a pure object: time
@@ -26,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ctr import metrics
+from ctr.observe.pauses import thread_busy_s
 
 if TYPE_CHECKING:
     from ctr.settings import Settings
@@ -43,6 +52,8 @@ class AimdLimit:
         latency_target_s: float = 0.025,
         decrease_interval_s: float | None = None,
         clock: Clock = time.monotonic,
+        work: Clock | None = None,
+        cost_every_s: float = 0.25,
     ) -> None:
         if not 1 <= min_limit <= initial <= max_limit:
             raise ValueError(f"need 1 <= min_limit <= initial <= max_limit, got {min_limit}, {initial}, {max_limit}")
@@ -58,11 +69,17 @@ class AimdLimit:
         self._limit = float(initial)
         self.inflight = 0
         self._last_decrease = -math.inf
+        self.work, self.cost_every_s = work, cost_every_s
+        self.cost_s: float | None = None  # EWMA of the work per request (seconds)
+        self.floor = min_limit
+        self._done = 0
+        self._cost_mark = (-math.inf, 0.0, 0)  # (clock, work, done) at the last reading
         metrics.CONCURRENCY_LIMIT.set(initial)
 
     @classmethod
     def from_settings(cls, s: Settings) -> AimdLimit:
-        return cls(s.limit_initial, s.limit_min, s.limit_max, latency_target_s=s.limit_latency_ms / 1000.0)
+        return cls(s.limit_initial, s.limit_min, s.limit_max, latency_target_s=s.limit_latency_ms / 1000.0,
+                   work=thread_busy_s)  # fmt: skip
 
     @property
     def limit(self) -> int:
@@ -75,12 +92,28 @@ class AimdLimit:
         self.inflight += 1
         return Lease(self, self.clock(), self.inflight)
 
+    def _measure(self, now: float) -> None:
+        """Every `cost_every_s`: the work per request since the last reading, into the floor."""
+        self._done += 1
+        at, was, done = self._cost_mark
+        if now - at < self.cost_every_s or self.work is None:
+            return
+        busy = self.work()
+        if at > -math.inf and self._done > done:
+            cost = (busy - was) / (self._done - done)
+            self.cost_s = cost if self.cost_s is None else self.cost_s + 0.3 * (cost - self.cost_s)
+            if self.cost_s > 0:
+                self.floor = int(min(self.max_limit, max(self.min_limit, self.latency_target_s / self.cost_s + 1e-6)))
+                self._limit = max(self._limit, float(self.floor))
+        self._cost_mark = (now, busy, self._done)
+
     def _sample(self, rtt_s: float, inflight: int, dropped: bool) -> None:
+        now = self.clock()
+        self._measure(now)
         if dropped or rtt_s > self.latency_target_s:
-            now = self.clock()
             if now - self._last_decrease >= self.decrease_interval_s:
                 self._last_decrease = now
-                self._limit = max(float(self.min_limit), math.floor(self._limit * self.backoff_ratio))
+                self._limit = max(float(self.floor), math.floor(self._limit * self.backoff_ratio))
         elif inflight * 2 >= self._limit:
             self._limit = min(float(self.max_limit), self._limit + 1)
         metrics.CONCURRENCY_LIMIT.set(self.limit)
