@@ -5,6 +5,9 @@ Real Redis, PostgreSQL and SQLite; the writer runs in the test's event loop."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from ctr.features.writes import (
     STREAM_TIMEOUT_S,
     Consumer,
     FeatureWriter,
+    consumer_name,
+    dead_writer,
     run_writer,
 )
 from ctr.settings import Settings
@@ -143,6 +148,26 @@ class Killed(Exception):
     """Stands for the process dying at a chosen step of a commit."""
 
 
+async def killed_holding_30(redis_url: str, db: SqliteStore, name: str, step: str) -> Redis:
+    """30 write-behind writes, and consumer `name` killed at `step` of committing them: all
+    30 read by it, pending, unacknowledged. Returns the stream's client."""
+    writer, r = stream_writer(redis_url, db)
+    await r.delete(STREAM)
+    for i in range(30):
+        await writer.put(G, [(f"k{i}", [i, 0])])
+
+    def die(at: str) -> None:
+        if at == step:
+            raise Killed(at)
+
+    a = Consumer(r, db, name, on_step=die, block_ms=10)
+    await a.recover()  # makes the group
+    with pytest.raises(Killed):
+        await a.step()
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 30
+    return r
+
+
 @pytest.mark.parametrize("step", ["read", "upserted"])
 def test_a_consumer_killed_mid_batch_leaves_its_entries_to_another(redis_url: str, tmp_path: Path, step: str) -> None:
     """Consumer A dies after reading a batch (before or after the upsert, before the XACK):
@@ -150,25 +175,53 @@ def test_a_consumer_killed_mid_batch_leaves_its_entries_to_another(redis_url: st
 
     async def go() -> None:
         db = SqliteStore(tmp_path / "f.db")
-        writer, r = stream_writer(redis_url, db)
-        await r.delete(STREAM)
-        for i in range(30):
-            await writer.put(G, [(f"k{i}", [i, 0])])
-
-        def die(at: str) -> None:
-            if at == step:
-                raise Killed(at)
-
-        a = Consumer(r, db, "a", on_step=die, block_ms=10)
-        await a.recover()  # makes the group
-        with pytest.raises(Killed):
-            await a.step()
-        assert (await r.xpending(STREAM, GROUP))["pending"] == 30
+        r = await killed_holding_30(redis_url, db, "a", step)
         assert db.count(G) == (30 if step == "upserted" else 0)
         b = Consumer(r, db, "b", claim_idle_s=0.0, block_ms=10)
         assert await b.step() == (0 if step == "upserted" else 30)  # a replay of what A upserted writes nothing
         assert rows(db.read(G, [f"k{i}" for i in range(30)])) == {f"k{i}": (i, 0) for i in range(30)}
         assert (await r.xpending(STREAM, GROUP))["pending"] == 0 and await r.xlen(STREAM) == 0
+        await r.aclose()
+
+    asyncio.run(go())
+
+
+def _reaped() -> int:
+    """The pid of a process that ran and was reaped (gone)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_dead_writer_is_known_by_its_host_and_pid() -> None:
+    """Only a name of this host whose process is gone is dead; a live pid, another host or
+    a name of another form waits `claim_idle_s`."""
+    host = socket.gethostname()
+    assert dead_writer(f"writer-{host}-{_reaped()}-abc123")
+    assert not dead_writer(f"writer-{host}-{os.getpid()}-abc123")
+    assert not dead_writer(f"writer-elsewhere-{_reaped()}-abc123")
+    assert not dead_writer("a") and not dead_writer(f"writer-{host}-x-1")
+    assert not dead_writer(consumer_name())  # this process: alive
+
+
+def test_a_restarted_writer_commits_a_dead_ones_entries_at_once(redis_url: str, tmp_path: Path) -> None:
+    """A writer of this host dies holding 30 read, unacknowledged entries; the writer that
+    replaces it (a new name, as BentoML restarts one) commits them on its first round,
+    not after `claim_idle_s` (30 s: before, they waited that long), and forgets the dead one."""
+
+    async def go() -> None:
+        db = SqliteStore(tmp_path / "f.db")
+        gone = f"writer-{socket.gethostname()}-{_reaped()}-dead00"
+        r = await killed_holding_30(redis_url, db, gone, "read")
+        b = Consumer(r, db, consumer_name(), claim_idle_s=30.0, block_ms=10)
+        assert await b.recover() == 0  # its own name holds nothing
+        assert await b.step() == 30
+        assert rows(db.read(G, [f"k{i}" for i in range(30)])) == {f"k{i}": (i, 0) for i in range(30)}
+        assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+        await b.step()
+        names = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                 for c in await r.xinfo_consumers(STREAM, GROUP)}  # fmt: skip
+        assert gone not in names and b.name in names
         await r.aclose()
 
     asyncio.run(go())

@@ -16,7 +16,8 @@ back, and a read that was in flight during a write never puts the older row back
   lost. A writer in a consumer group commits them to L3 and acknowledges each entry only
   after the commit, then refreshes the caches from what L3 holds. A writer killed with
   SIGKILL mid-stream loses nothing: its unacknowledged entries stay pending and another
-  writer commits them (after `claim_idle_s`, by XAUTOCLAIM); being versioned, a late
+  writer commits them (after `claim_idle_s`, by XAUTOCLAIM; at once when the dead writer was
+  a process of the same host, as BentoML's restarted writer is); being versioned, a late
   commit of an older entry changes nothing. Each writer process has a name of its own.
   The stream must live on a Redis that never evicts it (`check_stream_redis`).
 
@@ -296,6 +297,23 @@ def consumer_name() -> str:
     return f"writer-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def dead_writer(name: str, host: str | None = None) -> bool:
+    """Whether `name` (a `consumer_name`) was a writer process of this host that no longer
+    runs: its pending entries need no `claim_idle_s` wait. A name from another host, or a pid
+    that runs (perhaps reused), is not known dead: those wait."""
+    prefix = f"writer-{host or socket.gethostname()}-"
+    pid = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive under another user (EPERM)
+        return False
+    return False
+
+
 async def ensure_group(redis: Redis) -> None:
     """The writers' consumer group (and the stream), made when missing; from the stream's
     start, so entries added before it existed (after a Redis restart) are committed too."""
@@ -426,10 +444,28 @@ class Consumer:
         return gone
 
     async def claim(self) -> int:
-        """Commit entries another consumer left pending for longer than `claim_idle_s`."""
+        """Commit entries another consumer left pending for longer than `claim_idle_s`, and at
+        once those of a writer of this host that died."""
         idle_ms = int(self.claim_idle_s * 1000)
         resp = await self.redis.xautoclaim(STREAM, GROUP, self.name, idle_ms, "0-0", count=self.batch)
-        return await self.commit(resp[1])
+        return await self.commit(resp[1]) + await self.claim_dead()
+
+    async def claim_dead(self) -> int:
+        """Commit the entries pending at writers of this host whose process is gone (BentoML
+        restarts a killed writer under a new name: they waited `claim_idle_s` for it), and
+        forget those writers once they hold nothing."""
+        total = 0
+        for c in await self.redis.xinfo_consumers(STREAM, GROUP):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name == self.name or not dead_writer(name):
+                continue
+            if int(c["pending"]) == 0:
+                await self.redis.xgroup_delconsumer(STREAM, GROUP, name)
+                continue
+            pending = await self.redis.xpending_range(STREAM, GROUP, "-", "+", self.batch, consumername=name)
+            if ids := [p["message_id"] for p in pending]:
+                total += await self.commit(await self.redis.xclaim(STREAM, GROUP, self.name, 0, ids))
+        return total
 
     async def step(self) -> int:
         """One round: claim the abandoned, then read (blocking) and commit new entries."""
