@@ -74,15 +74,18 @@ def test_steady_reads_the_gateways_own_account_of_a_window() -> None:
     assert gen0[0] == 2 and abs(gen0[1] - 15.0) < 1e-6
 
 
-def test_steal_is_the_hypervisors_share_of_the_window(tmp_path: Path) -> None:
-    from ctr.bench.steady import cpu_times, steal_share
+def test_steal_and_busy_are_shares_of_the_window(tmp_path: Path) -> None:
+    """Steal is the hypervisor's share; busy is what ran (neither idle, iowait nor stolen)."""
+    from ctr.bench.steady import busy_share, cpu_times, steal_share
 
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n")
-    assert cpu_times(str(stat)) == (1000.0, 35.0)
-    assert steal_share((1000.0, 35.0), (2000.0, 85.0)) == 0.05
-    assert steal_share((0.0, 0.0), (0.0, 0.0)) is None
-    assert cpu_times(str(tmp_path / "absent")) == (0.0, 0.0)
+    assert cpu_times(str(stat)) == (1000.0, 35.0, 810.0)
+    assert steal_share((1000.0, 35.0, 810.0), (2000.0, 85.0, 1110.0)) == 0.05
+    assert busy_share((1000.0, 35.0, 810.0), (2000.0, 85.0, 1110.0)) == 0.65
+    assert steal_share((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)) is None
+    assert busy_share((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)) is None
+    assert cpu_times(str(tmp_path / "absent")) == (0.0, 0.0, 0.0)
 
 
 def test_the_pool_table_reads_the_load_generators_result() -> None:

@@ -8,9 +8,10 @@ fallbacks), the client's p99 / p99.9 / max and how far behind schedule the gener
 window its own p99.9 (ctr_request_latency_seconds), the event loop's lag
 (ctr_event_loop_lag_seconds), how long its thread waited for a CPU (run-queue wait,
 ctr_event_loop_cpu_wait_seconds) and the garbage collector's pauses (ctr_gc_pause_seconds);
-and the machine's steal time (/proc/stat: CPU the hypervisor gave to other guests). Each
-names one suspect of a slow request: the client, the gateway's own work, another process
-on its cores, the collector, the host.
+the machine's busy share (everything that ran, generator included) and its steal time
+(/proc/stat: CPU the hypervisor gave to other guests). Each names one suspect of a slow
+request: the client, the gateway's own work, another process on its cores, the collector,
+the host.
 """
 
 from __future__ import annotations
@@ -80,21 +81,32 @@ def _or_na(value: object, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def cpu_times(path: str = "/proc/stat") -> tuple[float, float]:
-    """(all, steal) jiffies of the machine so far; (0, 0) where /proc/stat is not there."""
+def cpu_times(path: str = "/proc/stat") -> tuple[float, float, float]:
+    """(all, steal, idle) jiffies of the machine so far (idle counts iowait); zeros where
+    /proc/stat is not there."""
     try:
         with open(path) as f:
             fields = [float(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
-        return 0.0, 0.0
-    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0.0
+        return 0.0, 0.0, 0.0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0.0, sum(fields[3:5])
 
 
-def steal_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+def steal_share(before: tuple[float, ...], after: tuple[float, ...]) -> float | None:
     """The share of the machine's CPU time the hypervisor took between two cpu_times(); None
     when they say nothing (no /proc/stat)."""
     total = after[0] - before[0]
     return (after[1] - before[1]) / total if total > 0 else None
+
+
+def busy_share(before: tuple[float, ...], after: tuple[float, ...]) -> float | None:
+    """The share of the machine's CPU time spent running something (all processes: gateways,
+    generator, Redis), neither idle nor stolen; None when /proc/stat says nothing. Open loop at
+    half the closed-loop saturation is not half the machine: alone, requests share fewer model
+    calls than at c=32."""
+    total = after[0] - before[0]
+    idle = (after[2] - before[2]) + (after[1] - before[1])
+    return (total - idle) / total if total > 0 else None
 
 
 def run(settings: Settings, url: str, share: float, duration: float, runs: int, saturation: float | None) -> str:
@@ -109,13 +121,14 @@ def run(settings: Settings, url: str, share: float, duration: float, runs: int, 
                      f"at {share:.0%} = {rate}/s")  # fmt: skip
         head = ("| run | requests | model-scored | past deadline | shed | other fallbacks "
                 "| client p99 / p99.9 / max ms | sent late, max ms | gateway p99.9 ms | loop lag p99 / max ms "
-                "| loop waited for a CPU (all gateway processes), total / worst tick ms | steal "
+                "| loop waited for a CPU (all gateway processes), total / worst tick ms | machine busy | steal "
                 "| GC collections (mean ms) by generation |")  # fmt: skip
-        lines += [head, "|---" * 13 + "|"]
+        lines += [head, "|---" * 14 + "|"]
         for i in range(runs):
             before, cpu0 = scrape(url), cpu_times()
             r = loadgen.run_rates(url, [rate], duration, 100, settings.data_dir)[0]
-            steal = steal_share(cpu0, cpu_times())
+            cpu1 = cpu_times()
+            steal, busy = steal_share(cpu0, cpu1), busy_share(cpu0, cpu1)
             w = window_stats(before, scrape(url))
             fb: dict[str, int] = w["fallbacks"]  # type: ignore[assignment]
             other = sum(v for k, v in fb.items() if k not in PAST_DEADLINE and k != Reason.SHED)
@@ -125,7 +138,7 @@ def run(settings: Settings, url: str, share: float, duration: float, runs: int, 
                          f"| {r.p99_ms:.1f} / {r.p999_ms:.1f} / {r.max_ms:.1f} | {r.late_ms:.1f} "
                          f"| {w['gateway_p999_ms']:.1f} | {w['lag_p99_ms']:.1f} / {w['lag_max_ms']:.1f} "
                          f"| {_or_na(w['cpu_wait_ms'], '.0f')} / {_or_na(w['cpu_wait_max_ms'], '.1f')} "
-                         f"| {_or_na(steal, '.1%')} | {gcs} |")  # fmt: skip
+                         f"| {_or_na(busy, '.0%')} | {_or_na(steal, '.1%')} | {gcs} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -110,7 +110,7 @@ def bench_l1(against: str | None, rounds: int, n: int) -> None:
 def bench_steady(url: str, share: float, duration: float, runs: int, saturation: float | None, out: Path) -> None:
     """Open-loop runs at a share of saturation: deadline fallbacks, sheds, the client's tail and
     lateness, the gateway's own p99.9, event-loop lag, run-queue wait and GC pauses, and the
-    machine's steal time over each run."""
+    machine's busy and steal shares over each run."""
     from ctr.bench import steady
 
     click.echo(steady.main(url, share, duration, runs, saturation, out))
