@@ -151,8 +151,9 @@ class Settings(BaseSettings):
     limit_min: int = Field(
         4,
         ge=1,
-        description="The adaptive limit never falls below this, nor below what the process works off "
-        "within the latency target (the target over the measured seconds of work a request).",
+        description="The adaptive limit never falls below this, nor, when the gateway runs the model on its "
+        "event loop (the CPU default), below what the loop works off within the latency target (the target "
+        "over the measured seconds of loop work a request).",
     )
     limit_max: int = Field(512, ge=1, description="The adaptive limit never rises above this.")
     limit_latency_ms: float = Field(

@@ -18,6 +18,7 @@ from ctr.degraded import Reason
 from ctr.observe.pauses import thread_busy_s
 from ctr.resilience.limit import AimdLimit
 from ctr.serving.gateway import Overloaded
+from ctr.serving.placement import loop_bound
 from ctr.settings import Settings
 
 
@@ -87,7 +88,7 @@ def test_a_lease_reports_once() -> None:
 
 
 class FakeWork:
-    """The loop thread's busy seconds: `per_request` more for each completed request."""
+    """The loop thread's busy seconds (`serve` adds `per_request` for each request it serves)."""
 
     def __init__(self, per_request: float) -> None:
         self.per_request, self.s = per_request, 0.0
@@ -138,10 +139,23 @@ def test_the_floor_follows_the_cost_and_stays_within_the_bounds() -> None:
     assert plain.floor == 2 and plain.cost_s is None
 
 
-def test_the_service_reads_its_loop_threads_work() -> None:
-    """The limit built from settings measures the thread's busy time, which grows with work."""
-    lim = AimdLimit.from_settings(Settings())
-    assert lim.work is thread_busy_s
+@pytest.mark.parametrize(
+    ("env", "floored"),
+    [({}, True), ({"CTR_LOCAL_FORWARD": "thread"}, False), ({"CTR_MODEL_URLS": "http://127.0.0.1:1"}, False),
+     ({"CTR_MODEL_REPLICA": "in-graph"}, False), ({"CTR_FEATURES_REMOTE": "true"}, False)],
+)  # fmt: skip
+def test_the_floor_reads_the_loop_threads_work_only_where_all_work_runs_there(
+    env: dict[str, str], floored: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU default (model and features in process, forward on the loop) measures the loop
+    thread's busy time, which grows with work; where the model or the features run elsewhere
+    their time is not the loop's, and the limit is plain AIMD."""
+    monkeypatch.setenv("CTR_MODEL_REPLICA", "local")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    lim = AimdLimit.from_settings(settings, loop_bound(settings))
+    assert (lim.work is thread_busy_s) is floored and (lim.work is None) is not floored
     t0 = thread_busy_s()
     sum(i * i for i in range(200_000))
     assert thread_busy_s() > t0 > 0

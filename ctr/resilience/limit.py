@@ -12,8 +12,9 @@ How many requests the gateway works on at once is bounded by `limit`, which adap
 - a sample that says nothing about load (the model failed fast: unreachable, breaker
   open) is `ignore`d;
 - with `work` (a reading of the loop thread's busy seconds: on a CPU or waiting for one),
-  the limit never falls below what the process can work off within `latency_target_s`: the
-  target over the measured seconds of work per request (an EWMA, read every `cost_every_s`).
+  given when all of a request's work runs on that thread, the limit never falls below what
+  the loop can work off within `latency_target_s`: the target over the measured seconds of
+  work per request (an EWMA, read every `cost_every_s`).
   Fewer requests in flight than that cannot be what made a request late (a stall of the
   machine's scheduler did), and shedding them only turns answers the model would have scored
   in time into fallbacks. Without it, a limit cut by one saturating burst regrew only while
@@ -77,9 +78,13 @@ class AimdLimit:
         metrics.CONCURRENCY_LIMIT.set(initial)
 
     @classmethod
-    def from_settings(cls, s: Settings) -> AimdLimit:
+    def from_settings(cls, s: Settings, loop_bound: bool = False) -> AimdLimit:
+        """`loop_bound`: all of a request's work runs on the calling event loop's thread (the
+        forward pass and the features in the gateway process), so its busy time is the cost
+        the floor needs; otherwise plain AIMD (work elsewhere, a remote model's say, would read
+        as cheap requests and hold the limit high while the model saturates)."""
         return cls(s.limit_initial, s.limit_min, s.limit_max, latency_target_s=s.limit_latency_ms / 1000.0,
-                   work=thread_busy_s)  # fmt: skip
+                   work=thread_busy_s if loop_bound else None)  # fmt: skip
 
     @property
     def limit(self) -> int:
