@@ -32,6 +32,7 @@ from ctr.features.writes import (
     STREAM_TIMEOUT_S,
     Consumer,
     FeatureWriter,
+    _pid_namespace,
     consumer_name,
     dead_writer,
     run_writer,
@@ -148,6 +149,16 @@ class Killed(Exception):
     """Stands for the process dying at a chosen step of a commit."""
 
 
+def dying_at(step: str) -> Callable[[str], None]:
+    """A commit step hook that stands for the process dying at `step`."""
+
+    def die(at: str) -> None:
+        if at == step:
+            raise Killed(at)
+
+    return die
+
+
 async def killed_holding_30(redis_url: str, db: SqliteStore, name: str, step: str) -> Redis:
     """30 write-behind writes, and consumer `name` killed at `step` of committing them: all
     30 read by it, pending, unacknowledged. Returns the stream's client."""
@@ -156,11 +167,7 @@ async def killed_holding_30(redis_url: str, db: SqliteStore, name: str, step: st
     for i in range(30):
         await writer.put(G, [(f"k{i}", [i, 0])])
 
-    def die(at: str) -> None:
-        if at == step:
-            raise Killed(at)
-
-    a = Consumer(r, db, name, on_step=die, block_ms=10)
+    a = Consumer(r, db, name, on_step=dying_at(step), block_ms=10)
     await a.recover()  # makes the group
     with pytest.raises(Killed):
         await a.step()
@@ -193,35 +200,47 @@ def _reaped() -> int:
     return p.pid
 
 
-def test_a_dead_writer_is_known_by_its_host_and_pid() -> None:
-    """Only a name of this host whose process is gone is dead; a live pid, another host or
-    a name of another form waits `claim_idle_s`."""
+def test_a_dead_writer_is_known_by_its_host_namespace_and_pid() -> None:
+    """Only a name of this host and pid namespace whose process is gone is dead; a live pid,
+    another host (one whose name this host's prefixes), another namespace (two containers of
+    a pod share a hostname) or a name of another form waits `claim_idle_s`, and none raises."""
     host = socket.gethostname()
-    assert dead_writer(f"writer-{host}-{_reaped()}-abc123")
-    assert not dead_writer(f"writer-{host}-{os.getpid()}-abc123")
-    assert not dead_writer(f"writer-elsewhere-{_reaped()}-abc123")
-    assert not dead_writer("a") and not dead_writer(f"writer-{host}-x-1")
+    ns = _pid_namespace()
+    assert dead_writer(f"writer-{host}-{ns}-{_reaped()}-abc123")
+    assert not dead_writer(f"writer-{host}-{ns}-{os.getpid()}-abc123")
+    assert not dead_writer(f"writer-{host}-12-{_reaped()}-abc123", host=host)  # another namespace
+    assert not dead_writer(f"writer-{host}x-{ns}-{_reaped()}-abc123")
+    assert not dead_writer(f"writer-web-12-{ns}-{_reaped()}-abc", host="web")  # host web-12, not web
+    for odd in ("a", f"writer-{host}-{ns}-x-1", f"writer-{host}-{ns}-\u00b2-1", f"writer-{host}-{ns}-{10**30}-1"):
+        assert not dead_writer(odd)
     assert not dead_writer(consumer_name())  # this process: alive
 
 
 def test_a_restarted_writer_commits_a_dead_ones_entries_at_once(redis_url: str, tmp_path: Path) -> None:
     """A writer of this host dies holding 30 read, unacknowledged entries; the writer that
-    replaces it (a new name, as BentoML restarts one) commits them on its first round,
-    not after `claim_idle_s` (30 s: before, they waited that long), and forgets the dead one."""
+    replaces it (a new name, as BentoML restarts one) commits them on its first round once
+    the dead one is idle for `dead_idle_s`, not after `claim_idle_s` (30 s: before, they
+    waited that long). A writer whose process runs is never claimed from."""
 
     async def go() -> None:
         db = SqliteStore(tmp_path / "f.db")
-        gone = f"writer-{socket.gethostname()}-{_reaped()}-dead00"
+        gone = f"writer-{socket.gethostname()}-{_pid_namespace()}-{_reaped()}-dead00"
         r = await killed_holding_30(redis_url, db, gone, "read")
         b = Consumer(r, db, consumer_name(), claim_idle_s=30.0, block_ms=10)
         assert await b.recover() == 0  # its own name holds nothing
+        assert await b.step() == 0  # the dead one read them just now (a live one might still)
+        b.dead_idle_s = 0.0
         assert await b.step() == 30
         assert rows(db.read(G, [f"k{i}" for i in range(30)])) == {f"k{i}": (i, 0) for i in range(30)}
         assert (await r.xpending(STREAM, GROUP))["pending"] == 0
-        await b.step()
-        names = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-                 for c in await r.xinfo_consumers(STREAM, GROUP)}  # fmt: skip
-        assert gone not in names and b.name in names
+        writer, stream = stream_writer(redis_url, db)
+        for i in range(30, 40):  # a live writer's batch stays its own
+            await writer.put(G, [(f"k{i}", [i, 0])])
+        live = Consumer(r, db, consumer_name(), block_ms=10, on_step=dying_at("read"))
+        with pytest.raises(Killed):
+            await live.step()
+        assert await b.step() == 0 and (await r.xpending(STREAM, GROUP))["pending"] == 10
+        await stream.aclose()
         await r.aclose()
 
     asyncio.run(go())

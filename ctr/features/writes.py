@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,6 +62,7 @@ DEAD_STREAM = "ctr:feature-writes:dead"
 DEAD_MAXLEN = 100_000  # the dead-letter stream keeps about the last this many entries
 GROUP = "ctr-writers"
 BLOCK_MS = 200  # the writer's blocking read; the stream's client must time out later
+DEAD_IDLE_S = 1.0  # a consumer of a gone process is claimed from once idle this long (a live one reads every BLOCK_MS)
 STREAM_TIMEOUT_S = 2.0
 ANNOUNCE_CHUNK = 500  # rows per announcement message and per L2 pipeline
 MAX_INT = 2**53  # values stay exact in JSON and in the model's int64 input
@@ -291,22 +293,33 @@ async def check_stream_redis(redis: Redis) -> str | None:
     return None
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (the inode of /proc/self/ns/pid; "0" where there is none):
+    two containers of one pod share a hostname, not their pids."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
 def consumer_name() -> str:
     """A writer's name in the consumer group, unique per process (two writers sharing a name
-    would take each other's pending entries)."""
-    return f"writer-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    would take each other's pending entries): its host, pid namespace and pid, and a nonce."""
+    return f"writer-{socket.gethostname()}-{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def dead_writer(name: str, host: str | None = None) -> bool:
-    """Whether `name` (a `consumer_name`) was a writer process of this host that no longer
-    runs: its pending entries need no `claim_idle_s` wait. A name from another host, or a pid
-    that runs (perhaps reused), is not known dead: those wait."""
-    prefix = f"writer-{host or socket.gethostname()}-"
-    pid = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
-    if not pid.isdigit():
+    """Whether `name` (a `consumer_name`) was a writer process of this host and pid namespace
+    that no longer runs: its pending entries need no `claim_idle_s` wait. Any other name (of
+    another host or namespace, a pid that runs, perhaps reused, another form) is not known
+    dead: those wait."""
+    parts = name.rsplit("-", 3)
+    if len(parts) != 4 or parts[0] != f"writer-{host or socket.gethostname()}" or parts[1] != _pid_namespace():
+        return False
+    if not re.fullmatch(r"[0-9]{1,9}", parts[2]):
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(parts[2]), 0)
     except ProcessLookupError:
         return True
     except OSError:  # alive under another user (EPERM)
@@ -414,6 +427,7 @@ class Consumer:
     claim_idle_s: float = 30.0
     on_step: StepHook | None = None
     on_commit: CommitHook | None = None
+    dead_idle_s: float = DEAD_IDLE_S
 
     async def commit(self, entries: Sequence[Entry]) -> int:
         if not entries:
@@ -452,19 +466,19 @@ class Consumer:
 
     async def claim_dead(self) -> int:
         """Commit the entries pending at writers of this host whose process is gone (BentoML
-        restarts a killed writer under a new name: they waited `claim_idle_s` for it), and
-        forget those writers once they hold nothing."""
-        total = 0
+        restarts a killed writer under a new name: they waited `claim_idle_s` for it). Only
+        from a consumer idle for `dead_idle_s` (a live writer reads every `block_ms`), and with
+        that as XCLAIM's minimum idle, so two writers claiming at once do not take each
+        other's batch; the dead writer's name is left to `prune` (deleting a consumer deletes
+        what it holds)."""
+        total, idle_ms = 0, int(self.dead_idle_s * 1000)
         for c in await self.redis.xinfo_consumers(STREAM, GROUP):
             name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-            if name == self.name or not dead_writer(name):
-                continue
-            if int(c["pending"]) == 0:
-                await self.redis.xgroup_delconsumer(STREAM, GROUP, name)
+            if name == self.name or int(c["pending"]) == 0 or int(c["idle"]) < idle_ms or not dead_writer(name):
                 continue
             pending = await self.redis.xpending_range(STREAM, GROUP, "-", "+", self.batch, consumername=name)
             if ids := [p["message_id"] for p in pending]:
-                total += await self.commit(await self.redis.xclaim(STREAM, GROUP, self.name, 0, ids))
+                total += await self.commit(await self.redis.xclaim(STREAM, GROUP, self.name, idle_ms, ids))
         return total
 
     async def step(self) -> int:
