@@ -151,9 +151,8 @@ class Settings(BaseSettings):
     limit_min: int = Field(
         4,
         ge=1,
-        description="The adaptive limit never falls below this, nor, when the gateway runs the model on its "
-        "event loop (the CPU default), below what the loop works off within the latency target (the target "
-        "over the measured seconds of loop work a request).",
+        description="The adaptive limit never falls below this, nor below what the gateway completes within "
+        "the latency target at its measured rate (completions a second x the target).",
     )
     limit_max: int = Field(512, ge=1, description="The adaptive limit never rises above this.")
     limit_latency_ms: float = Field(

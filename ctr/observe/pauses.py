@@ -25,29 +25,16 @@ from ctr import metrics
 SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
-def schedstat(path: str = SCHEDSTAT) -> tuple[float, float] | None:
-    """Seconds the calling thread has run on a CPU and spent ready to run but waiting for
-    one (schedstat's first two fields, in ns); None where the kernel does not say (not Linux,
-    or a kernel without schedstats or delay accounting, whose file reads all zeros)."""
+def cpu_wait_s(path: str = SCHEDSTAT) -> float | None:
+    """Seconds the calling thread has spent ready to run but waiting for a CPU (the second
+    field of schedstat, in ns); None where the kernel does not say (not Linux, or a kernel
+    without schedstats or delay accounting, whose file reads all zeros)."""
     try:
         with open(path, "rb") as f:
             ran, waited = (int(x) for x in f.read().split()[:2])
     except (OSError, ValueError):
         return None
-    return (ran / 1e9, waited / 1e9) if ran > 0 else None
-
-
-def cpu_wait_s(path: str = SCHEDSTAT) -> float | None:
-    """Seconds the calling thread has waited for a CPU (None: the kernel does not say)."""
-    stat = schedstat(path)
-    return None if stat is None else stat[1]
-
-
-def thread_busy_s() -> float:
-    """Seconds the calling thread has run or waited for a CPU; its CPU time where the kernel
-    does not say."""
-    stat = schedstat()
-    return time.thread_time() if stat is None else stat[0] + stat[1]
+    return waited / 1e9 if ran > 0 else None
 
 
 # The sizes (objects) at which a tick collects the young and the middle generation (bound_young).

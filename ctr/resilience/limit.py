@@ -11,15 +11,14 @@ How many requests the gateway works on at once is bounded by `limit`, which adap
   raises it additively by one;
 - a sample that says nothing about load (the model failed fast: unreachable, breaker
   open) is `ignore`d;
-- with `work` (a reading of the loop thread's busy seconds: on a CPU or waiting for one),
-  given when all of a request's work runs on that thread, the limit never falls below what
-  the loop can work off within `latency_target_s`: the target over the measured seconds of
-  work per request (an EWMA, read every `cost_every_s`).
-  Fewer requests in flight than that cannot be what made a request late (a stall of the
-  machine's scheduler did), and shedding them only turns answers the model would have scored
-  in time into fallbacks. Without it, a limit cut by one saturating burst regrew only while
-  half of it was in use: at half load it hovered near the usual in-flight count, and the next
-  10-20 ms stall shed the requests that queued behind it (`ctr bench steady`).
+- the limit never falls below what the service completes within `latency_target_s` at its
+  measured rate (Little's law: completions a second, an EWMA read every `rate_every_s`,
+  times the target). That many in flight wait about the target, wherever the work runs
+  (the loop, a model replica, a feature tier), and it is what arrives during a stall as long
+  as the target: a stall shorter than that sheds nothing, while under overload the rate is the
+  capacity and the floor the in-flight count that keeps latency at the target. Without it,
+  one stall of the shared machine cut the limit of a process serving 550 requests a second to
+  9-12, which regrew only while half of it was in use (`ctr bench steady`, stop 29).
 
 Written here because no maintained asyncio library implements an adaptive limit
 (concurrency-limits is Java; aiolimiter is a rate limiter). It is a pure object: time
@@ -35,7 +34,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ctr import metrics
-from ctr.observe.pauses import thread_busy_s
 
 if TYPE_CHECKING:
     from ctr.settings import Settings
@@ -53,8 +51,7 @@ class AimdLimit:
         latency_target_s: float = 0.025,
         decrease_interval_s: float | None = None,
         clock: Clock = time.monotonic,
-        work: Clock | None = None,
-        cost_every_s: float = 0.25,
+        rate_every_s: float = 0.25,
     ) -> None:
         if not 1 <= min_limit <= initial <= max_limit:
             raise ValueError(f"need 1 <= min_limit <= initial <= max_limit, got {min_limit}, {initial}, {max_limit}")
@@ -70,21 +67,16 @@ class AimdLimit:
         self._limit = float(initial)
         self.inflight = 0
         self._last_decrease = -math.inf
-        self.work, self.cost_every_s = work, cost_every_s
-        self.cost_s: float | None = None  # EWMA of the work per request (seconds)
+        self.rate_every_s = rate_every_s
+        self.rate: float | None = None  # EWMA of completions a second
         self.floor = min_limit
         self._done = 0
-        self._cost_mark = (-math.inf, 0.0, 0)  # (clock, work, done) at the last reading
+        self._rate_mark = (-math.inf, 0)  # (clock, completions) at the last reading
         metrics.CONCURRENCY_LIMIT.set(initial)
 
     @classmethod
-    def from_settings(cls, s: Settings, loop_bound: bool = False) -> AimdLimit:
-        """`loop_bound`: all of a request's work runs on the calling event loop's thread (the
-        forward pass and the features in the gateway process), so its busy time is the cost
-        the floor needs; otherwise plain AIMD (work elsewhere, a remote model's say, would read
-        as cheap requests and hold the limit high while the model saturates)."""
-        return cls(s.limit_initial, s.limit_min, s.limit_max, latency_target_s=s.limit_latency_ms / 1000.0,
-                   work=thread_busy_s if loop_bound else None)  # fmt: skip
+    def from_settings(cls, s: Settings) -> AimdLimit:
+        return cls(s.limit_initial, s.limit_min, s.limit_max, latency_target_s=s.limit_latency_ms / 1000.0)
 
     @property
     def limit(self) -> int:
@@ -98,19 +90,17 @@ class AimdLimit:
         return Lease(self, self.clock(), self.inflight)
 
     def _measure(self, now: float) -> None:
-        """Every `cost_every_s`: the work per request since the last reading, into the floor."""
+        """Every `rate_every_s`: the completion rate since the last reading, into the floor."""
         self._done += 1
-        at, was, done = self._cost_mark
-        if now - at < self.cost_every_s or self.work is None:
+        at, done = self._rate_mark
+        if now - at < self.rate_every_s:
             return
-        busy = self.work()
-        if at > -math.inf and self._done > done:
-            cost = (busy - was) / (self._done - done)
-            self.cost_s = cost if self.cost_s is None else self.cost_s + 0.3 * (cost - self.cost_s)
-            if self.cost_s > 0:
-                self.floor = int(min(self.max_limit, max(self.min_limit, self.latency_target_s / self.cost_s + 1e-6)))
-                self._limit = max(self._limit, float(self.floor))
-        self._cost_mark = (now, busy, self._done)
+        if at > -math.inf:
+            rate = (self._done - done) / (now - at)
+            self.rate = rate if self.rate is None else self.rate + 0.3 * (rate - self.rate)
+            self.floor = int(min(self.max_limit, max(self.min_limit, self.rate * self.latency_target_s + 1e-6)))
+            self._limit = max(self._limit, float(self.floor))
+        self._rate_mark = (now, self._done)
 
     def _sample(self, rtt_s: float, inflight: int, dropped: bool) -> None:
         now = self.clock()

@@ -18,13 +18,6 @@ def runs_local(settings: Settings) -> bool:
     return settings.model_replica == "local" or settings.device == "cpu" or not _gpu_visible()
 
 
-def loop_bound(settings: Settings) -> bool:
-    """Whether all of a request's work runs on the gateway process's event loop: the model
-    in process, its forward pass on the loop (CTR_LOCAL_FORWARD=loop), the features read in
-    process (so the loop's busy time is what a request costs; the adaptive limit's floor)."""
-    return runs_local(settings) and settings.local_forward == "loop" and not settings.features_remote
-
-
 def _gpu_visible() -> bool:
     """Whether an NVIDIA device node exists. Every process of `bentoml serve` imports
     service.py, so torch is not asked (its import costs each process ~180 MB): with a device

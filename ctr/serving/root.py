@@ -54,7 +54,6 @@ from ctr.serving.fallback import Fallback, RemoteFallback
 from ctr.serving.features import FeatureProvider, local_features, remote_features
 from ctr.serving.gateway import Gateway, IdIssuer, Model
 from ctr.serving.model_client import InvalidAnswer
-from ctr.serving.placement import loop_bound
 from ctr.serving.pool import (
     CallReplica,
     FixedSource,
@@ -249,7 +248,7 @@ def gateway(
     if settings.fallback_remote and fallback_call is not None:
         remote_fallback = guarded(fallback_call, breakers.make("fallback"), settings.fallback_timeout_ms / 1000.0)
     deadline_s = settings.deadline_ms / 1000.0
-    limiter = AimdLimit.from_settings(settings, loop_bound(settings)) if settings.limit == "aimd" else None
+    limiter = AimdLimit.from_settings(settings) if settings.limit == "aimd" else None
     return Gateway(
         provider, model, Fallback(art.segments, remote_fallback), art.tag, deadline_s, arms, new_id,
         telemetry=telemetry, limiter=limiter, overload=settings.overload, shadow=shadow,
