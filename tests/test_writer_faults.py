@@ -246,6 +246,25 @@ def test_a_restarted_writer_commits_a_dead_ones_entries_at_once(redis_url: str, 
     asyncio.run(go())
 
 
+def test_a_consumer_named_in_bytes_that_are_not_utf8_stops_no_writer(redis_url: str, tmp_path: Path) -> None:
+    """Any client can add a consumer with any name to the group (XGROUP CREATECONSUMER); one
+    that is not UTF-8 made every writer's round raise (its name decoded strictly), so nothing
+    was committed. Now the writer reads past it."""
+
+    async def go() -> None:
+        db = SqliteStore(tmp_path / "f.db")
+        writer, r = stream_writer(redis_url, db)
+        await r.delete(STREAM)
+        b = Consumer(r, db, consumer_name(), block_ms=10)
+        await b.recover()
+        await r.execute_command("XGROUP", "CREATECONSUMER", STREAM, GROUP, b"\xff\xfe-writer")
+        await writer.put(G, [("k1", [1, 0])])
+        assert await b.recover() == 0 and await b.step() == 1 and await b.prune(idle_s=0.0) >= 1
+        await r.aclose()
+
+    asyncio.run(go())
+
+
 def test_every_acknowledged_write_reaches_l3_after_it_was_down(redis_url: str) -> None:
     """PostgreSQL stops for a while under a steady stream of write-behind writes, then comes
     back: the writer logs and counts the failures, keeps going, and L3 ends with every

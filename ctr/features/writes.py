@@ -451,9 +451,8 @@ class Consumer:
         """Delete the group's other consumers idle for `idle_s` with no pending entry."""
         gone = 0
         for c in await self.redis.xinfo_consumers(STREAM, GROUP):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-            if name != self.name and int(c["pending"]) == 0 and int(c["idle"]) > idle_s * 1000:
-                await self.redis.xgroup_delconsumer(STREAM, GROUP, name)
+            if _name(c) != self.name and int(c["pending"]) == 0 and int(c["idle"]) > idle_s * 1000:
+                await self.redis.xgroup_delconsumer(STREAM, GROUP, c["name"])
                 gone += 1
         return gone
 
@@ -473,12 +472,13 @@ class Consumer:
         what it holds)."""
         total, idle_ms = 0, int(self.dead_idle_s * 1000)
         for c in await self.redis.xinfo_consumers(STREAM, GROUP):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            name = _name(c)
             if name == self.name or int(c["pending"]) == 0 or int(c["idle"]) < idle_ms or not dead_writer(name):
                 continue
-            pending = await self.redis.xpending_range(STREAM, GROUP, "-", "+", self.batch, consumername=name)
+            pending = await self.redis.xpending_range(STREAM, GROUP, "-", "+", self.batch, consumername=c["name"])
             if ids := [p["message_id"] for p in pending]:
-                total += await self.commit(await self.redis.xclaim(STREAM, GROUP, self.name, idle_ms, ids))
+                claimed = await self.redis.xclaim(STREAM, GROUP, self.name, idle_ms, ids)
+                total += await self.commit([e for e in claimed if e[0] is not None])  # nil: deleted (Redis < 7)
         return total
 
     async def step(self) -> int:
@@ -486,6 +486,13 @@ class Consumer:
         total = await self.claim()
         resp = await self.redis.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=self.batch, block=self.block_ms)
         return total + (await self.commit(resp[0][1]) if resp else 0)
+
+
+def _name(consumer: dict[str, Any]) -> str:
+    """A consumer's name from XINFO CONSUMERS, readable whatever bytes another client gave it
+    (only writers' own names are ever compared; the raw name goes back to Redis)."""
+    raw = consumer["name"]
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
 
 
 def _failure_kind(exc: Exception) -> str:
