@@ -123,6 +123,19 @@ def test_a_slow_dependency_does_not_hold_the_limit_up() -> None:
     assert lim.floor == 2 and lim.limit == 2
 
 
+def test_the_floor_falls_at_once_with_the_rate_and_rises_slowly() -> None:
+    """Capacity that falls (the machine slows, a dependency saturates) lowers the floor on the
+    next reading, so the cuts it would block go through; a rise is followed by an EWMA."""
+    clock = FakeClock()
+    lim = limiter(clock, max_limit=64)
+    serve(lim, clock, 1000, 0.001)
+    assert lim.floor == 25
+    serve(lim, clock, 30, 0.01)  # a third of a second at 100 a second
+    assert lim.floor == 2
+    serve(lim, clock, 260, 0.001)  # back at 1,000 a second: about 30 % of the way up a reading
+    assert 2 < lim.floor < 25
+
+
 def test_the_floor_follows_the_rate_within_the_bounds() -> None:
     """Few completions: the floor is min_limit; many: max_limit at most."""
     clock = FakeClock()
@@ -136,7 +149,7 @@ def test_the_floor_follows_the_rate_within_the_bounds() -> None:
 @pytest.mark.parametrize(
     ("kw", "message"),
     [({"initial": 1, "min_limit": 2}, "min_limit <= initial"), ({"backoff_ratio": 1.0}, "backoff_ratio"),
-     ({"latency_target_s": 0}, "latency_target_s")],
+     ({"latency_target_s": 0}, "latency_target_s"), ({"rate_every_s": 0}, "rate_every_s")],
 )  # fmt: skip
 def test_bad_config_is_refused(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -12,11 +12,12 @@ How many requests the gateway works on at once is bounded by `limit`, which adap
 - a sample that says nothing about load (the model failed fast: unreachable, breaker
   open) is `ignore`d;
 - the limit never falls below what the service completes within `latency_target_s` at its
-  measured rate (Little's law: completions a second, an EWMA read every `rate_every_s`,
-  times the target). That many in flight wait about the target, wherever the work runs
-  (the loop, a model replica, a feature tier), and it is what arrives during a stall as long
-  as the target: a stall shorter than that sheds nothing, while under overload the rate is the
-  capacity and the floor the in-flight count that keeps latency at the target. Without it,
+  measured rate (Little's law: completions a second, read every `rate_every_s`, following a
+  fall at once and a rise by an EWMA, times the target). That many in flight wait about the
+  target on average, wherever the work runs (the loop, a model replica, a feature tier), and
+  it is what arrives during a stall as long as the target: such a stall sheds little, while
+  under overload the rate is the capacity and the floor the in-flight count that keeps mean
+  latency near the target. Without it,
   one stall of the shared machine cut the limit of a process serving 550 requests a second to
   9-12, which regrew only while half of it was in use (`ctr bench steady`, stop 29).
 
@@ -57,8 +58,8 @@ class AimdLimit:
             raise ValueError(f"need 1 <= min_limit <= initial <= max_limit, got {min_limit}, {initial}, {max_limit}")
         if not 0.5 <= backoff_ratio < 1:
             raise ValueError(f"backoff_ratio must be in [0.5, 1), got {backoff_ratio}")
-        if latency_target_s <= 0:
-            raise ValueError(f"latency_target_s must be > 0, got {latency_target_s}")
+        if latency_target_s <= 0 or rate_every_s <= 0:
+            raise ValueError(f"latency_target_s and rate_every_s must be > 0, got {latency_target_s}, {rate_every_s}")
         self.min_limit, self.max_limit = min_limit, max_limit
         self.backoff_ratio = backoff_ratio
         self.latency_target_s = latency_target_s
@@ -97,7 +98,9 @@ class AimdLimit:
             return
         if at > -math.inf:
             rate = (self._done - done) / (now - at)
-            self.rate = rate if self.rate is None else self.rate + 0.3 * (rate - self.rate)
+            # down at once (capacity fell: the machine slowed, a dependency saturated, an idle
+            # gap), up slowly (a stall's backlog completing in a burst is not capacity)
+            self.rate = rate if self.rate is None or rate < self.rate else self.rate + 0.3 * (rate - self.rate)
             self.floor = int(min(self.max_limit, max(self.min_limit, self.rate * self.latency_target_s + 1e-6)))
             self._limit = max(self._limit, float(self.floor))
         self._rate_mark = (now, self._done)
