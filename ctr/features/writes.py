@@ -294,17 +294,26 @@ async def check_stream_redis(redis: Redis) -> str | None:
 
 
 def _pid_namespace() -> str:
-    """This process's pid namespace (the inode of /proc/self/ns/pid; "0" where there is none):
-    two containers of one pod share a hostname, not their pids."""
+    """Where this process's pid means something: its pid namespace (the inode of
+    /proc/self/ns/pid; two containers of one pod share a hostname, not their pids) and the
+    kernel's boot id (every host's first pid namespace has the same inode); "0" where
+    neither is there."""
     try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
-        return "0"
+        ns = "0"
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip().replace("-", "")[:12]
+    except OSError:
+        boot = ""
+    return f"{ns}.{boot}" if boot else ns
 
 
 def consumer_name() -> str:
     """A writer's name in the consumer group, unique per process (two writers sharing a name
-    would take each other's pending entries): its host, pid namespace and pid, and a nonce."""
+    would take each other's pending entries): its host, pid namespace (and boot) and pid, and a
+    nonce."""
     return f"writer-{socket.gethostname()}-{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
