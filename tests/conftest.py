@@ -11,7 +11,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import servers
 from servers import free_port
@@ -96,6 +98,18 @@ def small_setup(served_redis_url: str) -> dict[str, str]:
            "CTR_REDIS_URL": redis_url, "CTR_ADMIN_TOKEN": "test-token"}  # fmt: skip
     subprocess.run([str(BIN / "ctr"), "setup", *SMALL], check=True, env=env, cwd=ROOT, capture_output=True)
     return env
+
+
+def feedback_when_written(url: str, body: dict[str, Any], timeout_s: float = 5.0) -> httpx.Response:
+    """POST /feedback, sent again while the answer is 503 `not_written_yet`: the documented
+    answer when another gateway process takes the feedback before the serving one wrote the
+    answer's record (within NOT_WRITTEN_YET_S); a client sends it again, as this does."""
+    end = time.monotonic() + timeout_s
+    while True:
+        r = httpx.post(url + "/feedback", json=body, timeout=10)
+        if r.status_code != 503 or "not_written_yet" not in r.text or time.monotonic() > end:
+            return r
+        time.sleep(0.1)
 
 
 class Server:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from conftest import Server
+from conftest import Server, feedback_when_written
 from servers import free_port
 
 AUTH = {"Authorization": "Bearer test-token"}
@@ -48,7 +48,7 @@ def test_rollout_through_the_served_gateway(gateway: Server) -> None:
         assert all(p["fallback"] and p["model_version"].startswith("fallback:") for p in canary)
         assert not any(p["fallback"] for p in out if p["arm"] == "stable")
         fb = {"request_id": canary[0]["request_id"], "ad_id": "a1", "clicked": True, "arm": "stable"}
-        answer = httpx.post(gateway.url + "/feedback", json=fb, timeout=10).json()
+        answer = feedback_when_written(gateway.url, fb).json()
         assert answer == {"accepted": True, "arm": "canary", "gates": False}  # a fallback answer: no CTR evidence
         deadline = time.monotonic() + 15  # the counters reach Redis on the next sync (CTR_CANARY_SYNC_S)
         while True:
