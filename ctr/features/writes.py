@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -293,6 +294,7 @@ async def check_stream_redis(redis: Redis) -> str | None:
     return None
 
 
+@functools.cache
 def _pid_namespace() -> str:
     """Where this process's pid means something: its pid namespace (the inode of
     /proc/self/ns/pid; two containers of one pod share a hostname, not their pids) and the

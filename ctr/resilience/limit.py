@@ -17,9 +17,9 @@ How many requests the gateway works on at once is bounded by `limit`, which adap
   target on average, wherever the work runs (the loop, a model replica, a feature tier), and
   it is what arrives during a stall as long as the target: such a stall sheds little, while
   under overload the rate is the capacity and the floor the in-flight count that keeps mean
-  latency near the target. Without it,
-  one stall of the shared machine cut the limit of a process serving 550 requests a second to
-  9-12, which regrew only while half of it was in use (`ctr bench steady`, stop 29).
+  latency near the target. Without it, one stall of the shared machine cut the limit of a
+  process serving 550 requests a second to 9-12, which regrew only while half of it was in
+  use (`ctr bench steady`, stop 29).
 
 Written here because no maintained asyncio library implements an adaptive limit
 (concurrency-limits is Java; aiolimiter is a rate limiter). It is a pure object: time
