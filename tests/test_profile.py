@@ -196,3 +196,34 @@ def test_the_monolith_peer_reads_the_row_of_an_l2_entry() -> None:
 
     assert _row(None) is None and _row(((), 3, 10.0)) is None
     assert _row(decode(b"3:99999999999999:[1,2]", 0.0)) == (1, 2)
+
+
+def test_the_http_floor_validates_and_answers_constant_scores() -> None:
+    """`ctr bench e2e`'s HTTP floor parses and validates as /predict does (a bad body is a 4xx)
+    and answers one constant score an ad: what HTTP alone costs, no features and no model."""
+    import orjson
+    from starlette.testclient import TestClient
+
+    from ctr.bench.loadgen import Traffic
+    from ctr.bench.peer import make_floor_app
+    from ctr.settings import Settings
+
+    body = orjson.loads(Traffic(Settings().data_dir, 2).bodies(1)[0])
+    with TestClient(make_floor_app(Settings())) as client:
+        ok = client.post("/predict", content=orjson.dumps(body))
+        assert ok.status_code == 200 and ok.json()["scores"] == [0.5, 0.5] and ok.json()["model_version"] == "floor"
+        assert client.post("/predict", content=b"{not json").status_code == 400
+        assert client.post("/predict", content=orjson.dumps({**body, "ad_ids": []})).status_code == 422
+
+
+def test_the_http_floor_bounds_the_share_of_the_in_process_limit() -> None:
+    """A floor of 250 us a request (2,000 rps on the 0.5 core its generator left) behind 250 us
+    of the service's own work allows at most half the in-process limit; a service at 40 % of the
+    limit served 80 % of that. No floor run: no line."""
+    from ctr.bench.e2e import _floor
+
+    floor = [[_level(32, 2000, 20.0, client_cores=1.5)]]
+    lines, out = _floor(250.0, 0.4, floor, 2, 2)
+    assert out == pytest.approx({"floor_rps": 2000.0, "floor_us": 250.0, "ceiling_share": 0.5})
+    assert "250 us a request" in lines[0] and "50% of the in-process limit at most; served 80% of it" in lines[0]
+    assert _floor(250.0, 0.4, [[_level(32, 2000, 80.0)]], 2, 2) == ([], {})  # p99 past 50 ms: no best level

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from dataclasses import asdict
@@ -37,6 +38,9 @@ PEERS = (
     ("FastAPI", "ctr.bench.peer:make_app"),
     ("Starlette", "ctr.bench.peer:make_starlette_app"),
 )
+# What HTTP alone costs here: the same uvicorn + Starlette route, parsing and validating the body,
+# answering constant scores (no features, no model). Not a peer: its answers are no model's work.
+FLOOR = ("HTTP floor", "ctr.bench.peer:make_floor_app")
 
 
 def _peer_levels(
@@ -126,12 +130,42 @@ def _yardsticks(runs: dict[str, list[list[loadgen.LevelResult]]], workers: int) 
 SERVICE = "ctr-serve"
 
 
+def _per_core(best: list[loadgen.LevelResult], cores: int, workers: int) -> tuple[float, float, float]:
+    """(median best rps, the load generator's cores, the server's cores: those the generator
+    left, at most one per server process)."""
+    client = _median([b.client_cores for b in best])
+    return _median([b.model_rps for b in best]), client, max(min(float(workers), cores - client), 0.1)
+
+
+def _floor(
+    per_us: float, share: float, floor_runs: list[list[loadgen.LevelResult]], cores: int, workers: int
+) -> tuple[list[str], dict[str, float]]:
+    """The HTTP floor's cost a request (on the cores its load generator left), and the most of
+    the in-process limit a service can serve behind it: its own work `per_us` plus the floor's."""
+    floor_best = [b for p in floor_runs if (b := best_level(p)) is not None]
+    if not floor_best:
+        return [], {}
+    f_rps, _, f_cores = _per_core(floor_best, cores, workers)
+    floor_us = 1e6 * f_cores / f_rps if f_rps else math.inf
+    ceiling = per_us / (per_us + floor_us)
+    line = (f"HTTP floor (uvicorn + Starlette, body parsed and validated, constant scores; {workers} worker(s)): "
+            f"{f_rps:.0f} rps on {f_cores:.2f} cores = {floor_us:.0f} us a request; the service's own work behind "
+            f"that floor: {1e6 / (per_us + floor_us):,.0f} requests/s per core = {ceiling:.0%} of the in-process "
+            f"limit at most; served {share / ceiling:.0%} of it")  # fmt: skip
+    return [line], {"floor_rps": f_rps, "floor_us": floor_us, "ceiling_share": ceiling}
+
+
 def _limit_lines(
-    settings: Settings, service_runs: list[list[loadgen.LevelResult]], cores: int, workers: int
+    settings: Settings,
+    service_runs: list[list[loadgen.LevelResult]],
+    cores: int,
+    workers: int,
+    floor_runs: list[list[loadgen.LevelResult]] | None = None,
 ) -> tuple[list[str], dict[str, float]]:
     """The in-process limit per core at the coalescer's batch, and the share of it served per core:
     the service's cores are the cores the load generator left, at most one per gateway process
-    (each runs one event loop with one torch thread)."""
+    (each runs one event loop with one torch thread). With the HTTP floor's runs, also the share
+    the limit allows behind that floor (its cost a request added to the service's own work)."""
     from ctr.bench import stages
 
     bests = [b for p in service_runs if (b := best_level(p)) is not None]
@@ -142,9 +176,7 @@ def _limit_lines(
     rows = asyncio.run(stages.measure(settings, 1000, k))
     per_us = stages.limit_us(rows)
     limit = 1e6 / per_us
-    client = _median([b.client_cores for b in bests])
-    served = _median([b.model_rps for b in bests])
-    service_cores = max(min(float(workers), cores - client), 0.1)
+    served, client, service_cores = _per_core(bests, cores, workers)
     share = served / service_cores / limit
     lines = ["in-process limit per core (the service's own work for one request, no HTTP; "
              "`ctr bench stages --batch K`):", stages.format_rows(rows), "",
@@ -154,8 +186,10 @@ def _limit_lines(
              f"{client:.2f}; {workers} gateway process(es) on {service_cores:.2f} cores: "
              f"{served / service_cores:.0f} rps per core = "
              f"{share:.0%} of the in-process limit per core"]  # fmt: skip
-    return lines, {"limit_rps_per_core": limit, "limit_us": per_us, "batch_requests": batch,
-                   "client_cores": client, "served_per_core": served / service_cores, "share": share}  # fmt: skip
+    out = {"limit_rps_per_core": limit, "limit_us": per_us, "batch_requests": batch, "client_cores": client,
+           "served_per_core": served / service_cores, "share": share}  # fmt: skip
+    floor_lines, floor = _floor(per_us, share, floor_runs or [], cores, workers)
+    return [*lines, *floor_lines], out | floor
 
 
 def run(
@@ -181,6 +215,7 @@ def run(
         _fill_l2(settings)
     have_fastapi = importlib.util.find_spec("fastapi") is not None
     peer_list = [(lb, f) for lb, f in PEERS if lb != "FastAPI" or have_fastapi] if with_peers else []
+    peer_list += [FLOOR] if with_peers else []
     runs: dict[str, list[list[loadgen.LevelResult]]] = {SERVICE: [], **{label: [] for label, _ in peer_list}}
     open_rows: list[loadgen.LevelResult] = []
     peak: int | None = None
@@ -210,14 +245,16 @@ def run(
                   loadgen.format_table(open_rows, stages=False), ""]  # fmt: skip
     for label, _ in peer_list:
         for p, rows in enumerate(runs[label]):
-            lines += [f"monolith peer ({label} + uvicorn, {workers} worker(s), one MGET, model per request), "
-                      f"closed loop, pass {p + 1}:", loadgen.format_table(rows, stages=False), ""]  # fmt: skip
+            what = (f"{label} (uvicorn + Starlette, {workers} worker(s), constant scores: no features, no model)"
+                    if label == FLOOR[0] else
+                    f"monolith peer ({label} + uvicorn, {workers} worker(s), one MGET, model per request)")  # fmt: skip
+            lines += [f"{what}, closed loop, pass {p + 1}:", loadgen.format_table(rows, stages=False), ""]
     if peak is not None:
         lines.append(f"peak RSS of the whole service graph: {peak / 2**20:.0f} MiB\n")
     lines += ["yardsticks (each pass's figure, and their median):", *_yardsticks(runs, workers), ""]
     limit: dict[str, float] = {}
     if with_peers:
-        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers)
+        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers, runs.get(FLOOR[0], []))
         lines += limit_lines
     best = _median([best_rps([asdict(r) for r in rows]) for rows in runs[SERVICE]])
     result: dict[str, object] = {

@@ -48,7 +48,7 @@ class Monolith:
         from ctr.model.runner import ModelRunner
 
         art = modelstore.artifacts(settings.model_tag)
-        self.runner = ModelRunner(art, "cpu", settings.torch_threads)
+        self.runner = ModelRunner(art, "cpu", settings.torch_threads, engine=settings.model_engine)  # as the service
         self.transformer = Transformer(art.spec, memo=0)  # the afternoon's version: no pre-encoded rows
         self.redis = connect(settings.redis_url, timeout_s=1.0)
         self.tag = art.tag
@@ -94,6 +94,27 @@ def make_starlette_app(settings: Settings | None = None) -> Starlette:
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/readyz", readyz)]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def make_floor_app(settings: Settings | None = None) -> Starlette:
+    """The HTTP floor: the same uvicorn + Starlette route that parses and validates the body and
+    answers as many constant scores, with no features and no model. No service served this way
+    here can be faster; its answers are not model-scored work (`ctr bench e2e` reports it apart)."""
+    s = settings or Settings()
+
+    async def predict(request: Request) -> Response:
+        try:
+            req = parse_predict(await request.body(), s.max_ads)
+        except BadRequest as exc:
+            return Response(exc.body(), exc.status, media_type="application/json")
+        answer = {"request_id": "", "scores": [0.5] * len(req.ad_ids), "model_version": "floor", "arm": "stable",
+                  "fallback": False, "degraded": []}  # fmt: skip
+        return Response(orjson.dumps(answer), media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        return Response(b"ok")
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/readyz", readyz)])
 
 
 def make_app(settings: Settings | None = None) -> FastAPI:
