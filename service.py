@@ -69,7 +69,8 @@ class CTRModel:
 
         obslog.configure(SETTINGS.log_format, SETTINGS.log_level)
         art = modelstore.artifacts(str(self.stored.tag))
-        self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads, SETTINGS.model_precision)
+        self.runner = ModelRunner(art, SETTINGS.device, SETTINGS.torch_threads, SETTINGS.model_precision,
+                                  SETTINGS.model_engine)  # fmt: skip
         model_app.serve(make_model_app(self.runner, SETTINGS.model_delay_ms / 1000.0, SETTINGS.model_score_scale))
         settle_gc()
 

@@ -52,7 +52,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         'limit', 'limit_initial', 'limit_min', 'limit_max', 'limit_latency_ms',
     )),
     ('The model', (
-        'model_tag', 'model_replica', 'local_forward', 'device', 'model_precision', 'torch_threads',
+        'model_tag', 'model_replica', 'local_forward', 'device', 'model_precision', 'model_engine', 'torch_threads',
         'model_workers', 'model_hop', 'model_max_batch_rows', 'model_max_latency_ms', 'warm_model_round_s',
         'model_delay_ms', 'model_score_scale',
     )),
@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         "auto",
         description="The model's numeric precision: int8 = dynamic quantization (CPU), float16/bfloat16 for a GPU; "
         "auto = float32, the fastest measured here (`ctr bench precision`).",
+    )
+    model_engine: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="What runs the forward pass: onnxruntime (the network exported when the model was saved) or "
+        "torch; auto = onnxruntime on the CPU at float32 when the model has its export, torch otherwise "
+        "(ctr/model/engine.py; `ctr bench stages` with each).",
     )
     torch_threads: int = Field(
         1, ge=1, description="Torch intra-op threads of a forward pass (1 is fastest on 2 cores)."

@@ -197,3 +197,58 @@ def test_each_training_epoch_is_logged_once(log_dir: Path, caplog: pytest.LogCap
     train(log_dir, TrainConfig(max_epochs=2))
     lines = [r.getMessage() for r in caplog.records if "epoch 0:" in r.getMessage()]
     assert len(lines) == 1 and "auc" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def saved(trained):  # type: ignore[no-untyped-def]
+    return modelstore.artifacts(modelstore.save(trained))
+
+
+def test_a_saved_model_runs_on_onnx_runtime_with_pytorchs_numbers(saved) -> None:  # type: ignore[no-untyped-def]
+    """`save` exports the network for ONNX Runtime; `auto` runs it on the CPU and answers as
+    PyTorch does (to 1e-6), out-of-range indices refused before either engine sees them, no rows
+    answered; `torch` keeps PyTorch; `onnxruntime` refuses what it cannot run."""
+    from ctr.model import engine
+    from ctr.model.runner import ModelRunner
+
+    assert (saved.path / engine.ONNX).is_file()
+    ort, pt = ModelRunner(saved, "cpu"), ModelRunner(saved, "cpu", engine="torch")
+    assert (ort.engine, pt.engine) == ("onnxruntime", "torch")
+    rng = np.random.default_rng(3)
+    for n in (1, 100, 700):
+        x = rng.integers(0, ort.cardinalities, size=(n, ort.n_fields))
+        got, want = ort(x), pt(x)
+        assert got.dtype == np.float32 and got.shape == (n,) and np.abs(got - want).max() < 1e-6
+    bad = np.zeros((2, ort.n_fields), dtype=np.int64)
+    bad[1, 3] = int(ort.cardinalities[3])
+    with pytest.raises(ValueError, match=r"column\(s\) \[3\]"):
+        ort(bad)
+    assert ort(np.zeros((0, ort.n_fields), dtype=np.int64)).shape == (0,)
+    assert ModelRunner(saved, "cpu", precision="int8").engine == "torch"  # quantized: PyTorch's
+    with pytest.raises(ValueError, match="float32 on the CPU only"):
+        ModelRunner(saved, "cpu", precision="int8", engine="onnxruntime")
+    assert engine.resolve("auto", "cuda", "float32", True) == "torch"
+    assert engine.resolve("auto", "cpu", "float32", False) == "torch"
+    with pytest.raises(ValueError, match=r"without model\.onnx"):
+        engine.resolve("onnxruntime", "cpu", "float32", False)
+    with pytest.raises(ValueError, match="unknown engine"):
+        engine.resolve("tensorrt", "cpu", "float32", True)
+
+
+def test_an_export_that_fails_or_disagrees_is_not_kept(trained, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An export that raises, or whose answers differ from PyTorch's, leaves no model.onnx (the
+    model then runs on PyTorch) and is no error."""
+    from ctr.features import schema
+    from ctr.model import engine
+
+    card = schema.CARDINALITIES
+    path = tmp_path / engine.ONNX
+    monkeypatch.setattr(engine, "TOLERANCE", -1.0)  # every answer "disagrees"
+    assert engine.export(trained.model, list(card), path) is False and not path.exists()
+    monkeypatch.setattr(engine, "TOLERANCE", 1e-5)
+
+    def broken(*a: object, **k: object) -> None:
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    assert engine.export(trained.model, list(card), path) is False and not path.exists()

@@ -82,7 +82,8 @@ def run(n: int = 300, budget_ms: float = 3.0) -> str:
     from ctr.model.runner import ModelRunner
 
     settings = Settings()
-    runner = ModelRunner(modelstore.artifacts(settings.model_tag), settings.device, settings.torch_threads)
+    runner = ModelRunner(modelstore.artifacts(settings.model_tag), settings.device, settings.torch_threads,
+                         engine=settings.model_engine)  # fmt: skip
     rng = np.random.default_rng(0)
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CTRModel", "--host", "127.0.0.1",

@@ -87,7 +87,7 @@ async def measure(settings: Settings, levels: list[int], duration_s: float, pass
 
     art = modelstore.artifacts(settings.model_tag)
     reqs = [parse_predict(b, settings.max_ads) for b in Traffic(settings.data_dir, 100).bodies(2000)]
-    runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision)
+    runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision, settings.model_engine)
     rows: list[tuple[Any, ...]] = []
     async with feature_stack.opened(settings.model_copy(update={"redis_url": ""})) as stack:
         await warm(stack.store, 10**9, stack.schema)

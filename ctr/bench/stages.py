@@ -61,7 +61,7 @@ async def measure(
     art = modelstore.artifacts(settings.model_tag)
     bodies = Traffic(settings.data_dir, 100).bodies(2000)
     reqs = [parse_predict(b, settings.max_ads) for b in bodies]
-    runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision)
+    runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision, settings.model_engine)
     transformer = Transformer(art.spec)
     key = b"k" * 32
     async with feature_stack.opened(settings.model_copy(update={"redis_url": ""})) as stack:

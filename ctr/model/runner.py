@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from ctr.model import engine as engines
 from ctr.model import precision as precisions
 from ctr.model import store as modelstore
 from ctr.model.store import ModelArtifacts
@@ -30,13 +33,20 @@ def check_indices(x: np.ndarray, cardinalities: np.ndarray) -> None:
 
 
 class ModelRunner:
-    def __init__(self, art: ModelArtifacts, device: str = "auto", threads: int = 1, precision: str = "auto") -> None:
+    def __init__(
+        self, art: ModelArtifacts, device: str = "auto", threads: int = 1, precision: str = "auto", engine: str = "auto"
+    ) -> None:
+        """`engine` (ctr.model.engine): what runs the passes on a CPU; auto takes ONNX Runtime
+        when the model was exported, as a peer given the same model does."""
         self.threads = threads
         self.bind_thread()
         self.device = pick_device(device)
         self.tag = art.tag
         self.precision = precisions.resolve(precision, self.device)
+        onnx = art.path / engines.ONNX
+        self.engine = engines.resolve(engine, self.device.type, self.precision, onnx.is_file())
         self.model = precisions.apply(modelstore.load_module(art, self.device), self.precision, self.device)
+        self._session: Any = engines.session(onnx, threads) if self.engine == "onnxruntime" else None
         self.n_fields = len(art.architecture["cardinalities"])
         self.cardinalities = np.asarray(art.architecture["cardinalities"], dtype=np.int64)
 
@@ -45,10 +55,16 @@ class ModelRunner:
         call it in any thread that runs passes besides the one that built the runner."""
         torch.set_num_threads(self.threads)
 
-    @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Click probabilities (float32, one a row) of an int64 [n, fields] matrix."""
         if x.ndim != 2 or x.shape[1] != self.n_fields:
             raise ValueError(f"expected a [n, {self.n_fields}] matrix, got shape {list(x.shape)}")
         check_indices(x, self.cardinalities)
+        if self._session is None or not len(x):
+            return self._torch(x)
+        return self._session.run(None, {engines.INPUT: np.require(x, dtype=np.int64, requirements=["C"])})[0]
+
+    @torch.inference_mode()
+    def _torch(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.require(x, dtype=np.int64, requirements=["C", "W"])).to(self.device, non_blocking=True)
         return torch.sigmoid(self.model(t)).float().cpu().numpy()

@@ -1,13 +1,15 @@
 """Saving trained models to the BentoML model store, and reading them back safely.
 
 A model is a directory: `weights.pt` (a state dict, loaded with weights_only=True, so
-no arbitrary object is ever unpickled) and `model.json` (architecture, transform spec,
-segment table). Metrics, feature versions, the data fingerprint and the segment table
-are also in the model's BentoML metadata.
+no arbitrary object is ever unpickled), `model.json` (architecture, transform spec,
+segment table) and `model.onnx` (the same network for ONNX Runtime, kept when it agrees
+with PyTorch: ctr.model.engine). Metrics, feature versions, the data fingerprint and the
+segment table are also in the model's BentoML metadata.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import bentoml
 
 from ctr.features import schema
 from ctr.features.transform import TransformSpec
+from ctr.model import engine
 from ctr.model.segments import SegmentTable
 
 if TYPE_CHECKING:
@@ -87,6 +90,8 @@ def save(result: Trained) -> str:
     with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"kind": "deepfm"}) as m:
         torch.save(result.model.state_dict(), m.path_of(WEIGHTS))
         Path(m.path_of(CONFIG)).write_text(json.dumps(config, indent=2))
+        cpu_copy = copy.deepcopy(result.model).cpu().eval()
+        engine.export(cpu_copy, arch["cardinalities"], Path(m.path_of(engine.ONNX)))
     return str(m.tag)
 
 

@@ -173,7 +173,7 @@ def local_runner(settings: Settings, art: ModelArtifacts) -> Callable[[np.ndarra
     """The forward pass in this process (a local replica, when placement.runs_local)."""
     from ctr.model.runner import ModelRunner
 
-    return ModelRunner(art, settings.device, settings.torch_threads, settings.model_precision)
+    return ModelRunner(art, settings.device, settings.torch_threads, settings.model_precision, settings.model_engine)
 
 
 def model_pool(settings: Settings, in_graph: ModelCall | None = None, width: int = 16, name: str = "model",
