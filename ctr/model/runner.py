@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,9 @@ def check_indices(x: np.ndarray, cardinalities: np.ndarray) -> None:
         raise ValueError(f"feature index out of range in column(s) {cols}; column j must lie in [0, {shown}[j])")
 
 
+log = logging.getLogger(__name__)
+
+
 class ModelRunner:
     def __init__(
         self, art: ModelArtifacts, device: str = "auto", threads: int = 1, precision: str = "auto", engine: str = "auto"
@@ -47,6 +51,8 @@ class ModelRunner:
         self.engine = engines.resolve(engine, self.device.type, self.precision, onnx.is_file())
         self.model = precisions.apply(modelstore.load_module(art, self.device), self.precision, self.device)
         self._session: Any = engines.session(onnx, threads) if self.engine == "onnxruntime" else None
+        log.info("model %s: forward pass on %s (%s, %s; CTR_MODEL_ENGINE=%s, %s)", self.tag, self.engine,
+                 self.device, self.precision, engine, "exported" if onnx.is_file() else "no model.onnx")  # fmt: skip
         self.n_fields = len(art.architecture["cardinalities"])
         self.cardinalities = np.asarray(art.architecture["cardinalities"], dtype=np.int64)
 
