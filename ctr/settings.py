@@ -186,7 +186,9 @@ class Settings(BaseSettings):
         "(ctr/model/engine.py; `ctr bench stages` with each).",
     )
     torch_threads: int = Field(
-        1, ge=1, description="Torch intra-op threads of a forward pass (1 is fastest on 2 cores)."
+        1,
+        ge=1,
+        description="Threads of a forward pass: torch's intra-op threads, or ONNX Runtime's (1 is fastest on 2 cores).",
     )
     model_workers: int = Field(1, ge=1, description="CTRModel processes (each loads the model; one per device).")
     model_hop: Literal["binary", "bentoml"] = Field(

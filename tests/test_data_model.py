@@ -30,6 +30,12 @@ def trained(log_dir: Path):  # type: ignore[no-untyped-def]
     return train(log_dir, TrainConfig(max_epochs=3))
 
 
+@pytest.fixture(scope="module")
+def saved(trained):  # type: ignore[no-untyped-def]
+    """The trained model saved once (with its ONNX export) for the tests that only read it."""
+    return modelstore.artifacts(modelstore.save(trained))
+
+
 def test_generation_is_deterministic_by_seed() -> None:
     """Same seed, same log; another seed, another log."""
     cfg = data.DataConfig(n_users=100, n_ads=20, n_impressions=2000)
@@ -115,11 +121,11 @@ def test_weights_are_loaded_without_unpickling_objects(trained, tmp_path: Path) 
         modelstore.load_module(art)
 
 
-def test_degradation_table_orders_the_substitutes(trained, log_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_degradation_table_orders_the_substitutes(saved, log_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """The full model beats every default-feature variant, the segment blend and the global CTR."""
     from models import degradation
 
-    rows = {name: auc for name, auc, _ in degradation.table(log_dir, modelstore.artifacts(modelstore.save(trained)))}
+    rows = {name: auc for name, auc, _ in degradation.table(log_dir, saved)}
     full = rows["full model"]
     assert rows["fallback: global CTR only"] == pytest.approx(0.5)
     assert full > rows["features: all stored features default"] > 0.5
@@ -127,7 +133,7 @@ def test_degradation_table_orders_the_substitutes(trained, log_dir: Path) -> Non
     assert "Reference design" in degradation.format_table(list(degradation.table(log_dir, modelstore.artifacts())))
 
 
-def test_infer_refuses_out_of_range_feature_indices(trained) -> None:  # type: ignore[no-untyped-def]
+def test_infer_refuses_out_of_range_feature_indices(saved) -> None:  # type: ignore[no-untyped-def]
     """CTRModel's /infer answers 400 for an index outside its column's vocabulary (on a GPU
     it would be a device assert that kills the process; the old route passed it on)."""
     from starlette.testclient import TestClient
@@ -135,7 +141,7 @@ def test_infer_refuses_out_of_range_feature_indices(trained) -> None:  # type: i
     from ctr.model.app import SHAPE, make_model_app
     from ctr.model.runner import ModelRunner
 
-    runner = ModelRunner(modelstore.artifacts(modelstore.save(trained)), "cpu")
+    runner = ModelRunner(saved, "cpu")
     app = make_model_app(runner)
     client = TestClient(app)
     x = np.zeros((3, runner.n_fields), dtype="<i8")
@@ -148,7 +154,7 @@ def test_infer_refuses_out_of_range_feature_indices(trained) -> None:  # type: i
         assert r.status_code == 400 and f"column(s) [{col}]" in r.text, r.text
 
 
-def test_a_local_replica_scores_like_the_runner_and_coalesces(trained) -> None:  # type: ignore[no-untyped-def]
+def test_a_local_replica_scores_like_the_runner_and_coalesces(saved) -> None:  # type: ignore[no-untyped-def]
     """CTR_MODEL_REPLICA=local: the pool's one replica is the model in this process; concurrent
     requests share a forward pass and get the runner's own scores; a matrix the runner refuses
     is an invalid answer of that replica, not an exception out of the gateway."""
@@ -159,7 +165,7 @@ def test_a_local_replica_scores_like_the_runner_and_coalesces(trained) -> None: 
     from ctr.serving.model_client import InvalidAnswer
     from ctr.settings import Settings
 
-    runner = ModelRunner(modelstore.artifacts(modelstore.save(trained)), "cpu")
+    runner = ModelRunner(saved, "cpu")
     calls: list[int] = []
 
     def counted(x: np.ndarray) -> np.ndarray:
@@ -199,26 +205,23 @@ def test_each_training_epoch_is_logged_once(log_dir: Path, caplog: pytest.LogCap
     assert len(lines) == 1 and "auc" in lines[0], lines
 
 
-@pytest.fixture(scope="module")
-def saved(trained):  # type: ignore[no-untyped-def]
-    return modelstore.artifacts(modelstore.save(trained))
-
-
 def test_a_saved_model_runs_on_onnx_runtime_with_pytorchs_numbers(saved) -> None:  # type: ignore[no-untyped-def]
     """`save` exports the network for ONNX Runtime; `auto` runs it on the CPU and answers as
-    PyTorch does (to 1e-6), out-of-range indices refused before either engine sees them, no rows
-    answered; `torch` keeps PyTorch; `onnxruntime` refuses what it cannot run."""
+    PyTorch does (within the export's tolerance), out-of-range indices refused before either
+    engine sees them, no rows answered; `torch` keeps PyTorch; `onnxruntime` refuses what it
+    cannot run. The file names no path of this machine."""
     from ctr.model import engine
     from ctr.model.runner import ModelRunner
 
     assert (saved.path / engine.ONNX).is_file()
+    assert str(Path(__file__).resolve().parents[1]).encode() not in (saved.path / engine.ONNX).read_bytes()
     ort, pt = ModelRunner(saved, "cpu"), ModelRunner(saved, "cpu", engine="torch")
     assert (ort.engine, pt.engine) == ("onnxruntime", "torch")
     rng = np.random.default_rng(3)
     for n in (1, 100, 700):
         x = rng.integers(0, ort.cardinalities, size=(n, ort.n_fields))
         got, want = ort(x), pt(x)
-        assert got.dtype == np.float32 and got.shape == (n,) and np.abs(got - want).max() < 1e-6
+        assert got.dtype == np.float32 and got.shape == (n,) and np.abs(got - want).max() <= engine.TOLERANCE
     bad = np.zeros((2, ort.n_fields), dtype=np.int64)
     bad[1, 3] = int(ort.cardinalities[3])
     with pytest.raises(ValueError, match=r"column\(s\) \[3\]"):
@@ -229,26 +232,54 @@ def test_a_saved_model_runs_on_onnx_runtime_with_pytorchs_numbers(saved) -> None
         ModelRunner(saved, "cpu", precision="int8", engine="onnxruntime")
     assert engine.resolve("auto", "cuda", "float32", True) == "torch"
     assert engine.resolve("auto", "cpu", "float32", False) == "torch"
-    with pytest.raises(ValueError, match=r"without model\.onnx"):
+    with pytest.raises(ValueError, match=r"no model\.onnx; `ctr train --force`"):
         engine.resolve("onnxruntime", "cpu", "float32", False)
     with pytest.raises(ValueError, match="unknown engine"):
         engine.resolve("tensorrt", "cpu", "float32", True)
 
 
-def test_an_export_that_fails_or_disagrees_is_not_kept(trained, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_export_that_does_not_load_leaves_pytorch_serving(saved, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A model.onnx ONNX Runtime cannot load (truncated on disk): `auto` warns and serves on
+    PyTorch; `onnxruntime`, asked for, refuses to start."""
+    import dataclasses
+    import logging
+    import shutil
+
+    from ctr.model import engine
+    from ctr.model.runner import ModelRunner
+
+    copy = tmp_path / "model"
+    shutil.copytree(saved.path, copy)
+    onnx = copy / engine.ONNX
+    onnx.write_bytes(onnx.read_bytes()[:1000])
+    art = dataclasses.replace(saved, path=copy)
+    with caplog.at_level(logging.WARNING, "ctr.model.runner"):
+        assert ModelRunner(art, "cpu").engine == "torch"
+    assert "does not load" in caplog.text
+    with pytest.raises(ValueError, match="does not load"):
+        ModelRunner(art, "cpu", engine="onnxruntime")
+
+
+def test_an_export_that_fails_or_disagrees_is_not_kept(trained, tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     """An export that raises, or whose answers differ from PyTorch's, leaves no model.onnx (the
-    model then runs on PyTorch) and is no error."""
+    model then runs on PyTorch), says so, and is no error."""
+    import logging
+
     from ctr.features import schema
     from ctr.model import engine
 
-    card = schema.CARDINALITIES
+    card = list(schema.CARDINALITIES)
     path = tmp_path / engine.ONNX
     monkeypatch.setattr(engine, "TOLERANCE", -1.0)  # every answer "disagrees"
-    assert engine.export(trained.model, list(card), path) is False and not path.exists()
+    with caplog.at_level(logging.WARNING, "ctr.model.engine"):
+        assert engine.export(trained.model, card, path) is False and not path.exists()
+    assert "differ from PyTorch's" in caplog.text
     monkeypatch.setattr(engine, "TOLERANCE", 1e-5)
 
     def broken(*a: object, **k: object) -> None:
         raise RuntimeError("exporter failed")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    assert engine.export(trained.model, list(card), path) is False and not path.exists()
+    with caplog.at_level(logging.WARNING, "ctr.model.engine"):
+        assert engine.export(trained.model, card, path) is False and not path.exists()
+    assert "exporter failed" in caplog.text

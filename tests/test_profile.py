@@ -217,13 +217,24 @@ def test_the_http_floor_validates_and_answers_constant_scores() -> None:
 
 
 def test_the_http_floor_bounds_the_share_of_the_in_process_limit() -> None:
-    """A floor of 250 us a request (2,000 rps on the 0.5 core its generator left) behind 250 us
-    of the service's own work allows at most half the in-process limit; a service at 40 % of the
-    limit served 80 % of that. No floor run: no line."""
+    """The floor's server spent 405 us a request (its own CPU, measured); less the parse (30) and
+    the answer (10) the limit already counts, HTTP adds 365 us to the limit's 365: at most half
+    the limit behind it. No best level, or no CPU reading: no line."""
     from ctr.bench.e2e import _floor
 
-    floor = [[_level(32, 2000, 20.0, client_cores=1.5)]]
-    lines, out = _floor(250.0, 0.4, floor, 2, 2)
-    assert out == pytest.approx({"floor_rps": 2000.0, "floor_us": 250.0, "ceiling_share": 0.5})
-    assert "250 us a request" in lines[0] and "50% of the in-process limit at most; served 80% of it" in lines[0]
-    assert _floor(250.0, 0.4, [[_level(32, 2000, 80.0)]], 2, 2) == ([], {})  # p99 past 50 ms: no best level
+    rows = [(k, k, us, 0.0, 0.0, 0.0) for k, us in
+            [("parse", 30.0), ("features", 60.0), ("transform", 20.0), ("gateway", 200.0), ("respond", 10.0),
+             ("served", 5.0), ("forward_100", 240.0)]]  # fmt: skip
+    lines, out = _floor(rows, [[_level(32, 10_000, 20.0, server_cpu_s=4.05)]])
+    assert out == pytest.approx({"floor_us": 405.0, "floor_http_us": 365.0, "ceiling_share": 0.5})
+    assert "405 us a request" in lines[0] and "365 us of it HTTP" in lines[0] and "50% of the in-process" in lines[0]
+    assert _floor(rows, [[_level(32, 10_000, 80.0, server_cpu_s=4.05)]]) == ([], {})  # p99 past 50 ms
+    assert _floor(rows, [[_level(32, 10_000, 20.0)]]) == ([], {})  # the server's CPU was not read
+
+
+def test_a_process_trees_cpu_is_read_and_a_gone_one_reads_zero() -> None:
+    import os
+
+    from ctr.bench.local_server import tree_cpu_s
+
+    assert tree_cpu_s(os.getpid()) > 0 and tree_cpu_s(2**22 + 12345) == 0.0

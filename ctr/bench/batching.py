@@ -83,7 +83,7 @@ def run(n: int = 300, budget_ms: float = 3.0) -> str:
 
     settings = Settings()
     runner = ModelRunner(modelstore.artifacts(settings.model_tag), settings.device, settings.torch_threads,
-                         engine=settings.model_engine)  # fmt: skip
+                         settings.model_precision, settings.model_engine)  # fmt: skip
     rng = np.random.default_rng(0)
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CTRModel", "--host", "127.0.0.1",

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import math
 import statistics
 import sys
 from dataclasses import asdict
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from ctr.bench import loadgen
 from ctr.bench.capacity import best_rps
-from ctr.bench.local_server import PeakRss, free_port, serving
+from ctr.bench.local_server import PeakRss, free_port, serving, tree_cpu_s
 from ctr.settings import Settings
 
 # The reference design's stage budget (ms) beside the measured stage means.
@@ -52,8 +51,9 @@ def _peer_levels(
     cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port",
            str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
            "--log-level", "warning", "--workers", str(workers)]  # fmt: skip
-    with serving(url, timeout_s=60, cmd=cmd):
-        return loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir)
+    with serving(url, timeout_s=60, cmd=cmd) as proc:
+        cpu = (lambda: tree_cpu_s(proc.pid)) if proc is not None else None
+        return loadgen.run_levels(url, levels, duration, n_ads, settings.data_dir, server_cpu=cpu)
 
 
 def _stages_line(rows: list[loadgen.LevelResult]) -> str:
@@ -138,21 +138,27 @@ def _per_core(best: list[loadgen.LevelResult], cores: int, workers: int) -> tupl
 
 
 def _floor(
-    per_us: float, share: float, floor_runs: list[list[loadgen.LevelResult]], cores: int, workers: int
+    rows: list[tuple[str, str, float, float, float, float]], floor_runs: list[list[loadgen.LevelResult]]
 ) -> tuple[list[str], dict[str, float]]:
-    """The HTTP floor's cost a request (on the cores its load generator left), and the most of
-    the in-process limit a service can serve behind it: its own work `per_us` plus the floor's."""
-    floor_best = [b for p in floor_runs if (b := best_level(p)) is not None]
-    if not floor_best:
+    """The HTTP floor's CPU a request at its best level (its server's own, measured), less the
+    parse and the JSON answer the in-process limit (`rows`, `ctr bench stages`) already counts:
+    what HTTP adds to a request; and the most of the limit a service can serve behind it."""
+    from ctr.bench import stages
+
+    best = [b for p in floor_runs if (b := best_level(p)) is not None and b.requests and b.server_cpu_s > 0]
+    if not best:
         return [], {}
-    f_rps, _, f_cores = _per_core(floor_best, cores, workers)
-    floor_us = 1e6 * f_cores / f_rps if f_rps else math.inf
-    ceiling = per_us / (per_us + floor_us)
-    line = (f"HTTP floor (uvicorn + Starlette, body parsed and validated, constant scores; {workers} worker(s)): "
-            f"{f_rps:.0f} rps on {f_cores:.2f} cores = {floor_us:.0f} us a request; the service's own work behind "
-            f"that floor: {1e6 / (per_us + floor_us):,.0f} requests/s per core = {ceiling:.0%} of the in-process "
-            f"limit at most; served {share / ceiling:.0%} of it")  # fmt: skip
-    return [line], {"floor_rps": f_rps, "floor_us": floor_us, "ceiling_share": ceiling}
+    floor_us = _median([1e6 * b.server_cpu_s / b.requests for b in best])
+    own = {key: med for key, _, med, *_ in rows}
+    http_us = max(floor_us - own.get("parse", 0.0) - own.get("respond", 0.0), 0.0)
+    per_us = stages.limit_us(rows)
+    ceiling = per_us / (per_us + http_us)
+    line = (f"HTTP floor (uvicorn + Starlette, body parsed and validated, constant scores): its server's CPU "
+            f"{floor_us:.0f} us a request at its best level ({_median([b.model_rps for b in best]):.0f} rps), "
+            f"{http_us:.0f} us of it HTTP (less the parse and the answer's JSON the limit counts); the service's own "
+            f"work behind it: {1e6 / (per_us + http_us):,.0f} requests/s per core = {ceiling:.0%} of the in-process "
+            f"limit at most")  # fmt: skip
+    return [line], {"floor_us": floor_us, "floor_http_us": http_us, "ceiling_share": ceiling}
 
 
 def _limit_lines(
@@ -188,7 +194,9 @@ def _limit_lines(
              f"{share:.0%} of the in-process limit per core"]  # fmt: skip
     out = {"limit_rps_per_core": limit, "limit_us": per_us, "batch_requests": batch, "client_cores": client,
            "served_per_core": served / service_cores, "share": share}  # fmt: skip
-    floor_lines, floor = _floor(per_us, share, floor_runs or [], cores, workers)
+    floor_lines, floor = _floor(rows, floor_runs or [])
+    if floor:
+        floor_lines[-1] += f"; served {share / floor['ceiling_share']:.0%} of it"
     return [*lines, *floor_lines], out | floor
 
 
@@ -215,13 +223,16 @@ def run(
         _fill_l2(settings)
     have_fastapi = importlib.util.find_spec("fastapi") is not None
     peer_list = [(lb, f) for lb, f in PEERS if lb != "FastAPI" or have_fastapi] if with_peers else []
-    peer_list += [FLOOR] if with_peers else []
     runs: dict[str, list[list[loadgen.LevelResult]]] = {SERVICE: [], **{label: [] for label, _ in peer_list}}
+    floor_runs: list[list[loadgen.LevelResult]] = []  # no Redis needed; apart from the peers' ratios
     open_rows: list[loadgen.LevelResult] = []
     peak: int | None = None
     for p in range(max(1, passes)):
-        order = [SERVICE, *(label for label, _ in peer_list)]
+        order = [SERVICE, *(label for label, _ in peer_list), *([FLOOR[0]] if peers else [])]
         for who in order if p % 2 == 0 else reversed(order):
+            if who == FLOOR[0]:
+                floor_runs.append(_peer_levels(settings, levels, duration, n_ads, FLOOR[1], workers))
+                continue
             if who != SERVICE:
                 runs[who].append(_peer_levels(settings, levels, duration, n_ads, dict(peer_list)[who], workers))
                 continue
@@ -245,16 +256,20 @@ def run(
                   loadgen.format_table(open_rows, stages=False), ""]  # fmt: skip
     for label, _ in peer_list:
         for p, rows in enumerate(runs[label]):
-            what = (f"{label} (uvicorn + Starlette, {workers} worker(s), constant scores: no features, no model)"
-                    if label == FLOOR[0] else
-                    f"monolith peer ({label} + uvicorn, {workers} worker(s), one MGET, model per request)")  # fmt: skip
-            lines += [f"{what}, closed loop, pass {p + 1}:", loadgen.format_table(rows, stages=False), ""]
+            lines += [f"monolith peer ({label} + uvicorn, {workers} worker(s), one MGET, model per request), "
+                      f"closed loop, pass {p + 1}:", loadgen.format_table(rows, stages=False), ""]  # fmt: skip
+    for p, rows in enumerate(floor_runs):
+        lines += [f"HTTP floor (uvicorn + Starlette, {workers} worker(s), constant scores: no features, no model; not "
+                  f"model-scored work), closed loop, pass {p + 1}:", loadgen.format_table(rows, stages=False),
+                  "server CPU a request (us): " + ", ".join(
+                      f"c={r.concurrency} {1e6 * r.server_cpu_s / r.requests:.0f}" for r in rows if r.requests),
+                  ""]  # fmt: skip
     if peak is not None:
         lines.append(f"peak RSS of the whole service graph: {peak / 2**20:.0f} MiB\n")
     lines += ["yardsticks (each pass's figure, and their median):", *_yardsticks(runs, workers), ""]
     limit: dict[str, float] = {}
-    if with_peers:
-        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers, runs.get(FLOOR[0], []))
+    if peers:
+        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers, floor_runs)
         lines += limit_lines
     best = _median([best_rps([asdict(r) for r in rows]) for rows in runs[SERVICE]])
     result: dict[str, object] = {
@@ -263,6 +278,7 @@ def run(
         "levels": [asdict(r) for r in runs[SERVICE][-1]], "passes": [[asdict(r) for r in p] for p in runs[SERVICE]],
         "open_levels": [asdict(r) for r in open_rows], "peak_rss_bytes": peak, "best_rps": best, "limit": limit,
         **{f"peer_{label.lower()}": [[asdict(r) for r in p] for p in runs[label]] for label, _ in peer_list},
+        "floor": [[asdict(r) for r in p] for p in floor_runs],
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

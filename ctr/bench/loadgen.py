@@ -71,6 +71,7 @@ class LevelResult:
     late_ms: float = 0.0  # open: how far behind its schedule the generator sent its furthest-behind request
     batch_requests: float = float("nan")  # the gateway's mean requests per model call (ctr_model_batch_requests)
     client_cores: float = 0.0  # the load generator's CPU over the level, in cores (its process's CPU s / wall s)
+    server_cpu_s: float = float("nan")  # the server's CPU seconds over the level, where the caller could read them
 
     @property
     def fallback_share(self) -> float:
@@ -182,7 +183,7 @@ class _Tally:
 
     def result(
         self, mode: str, c: int, offered: float, elapsed: float, stage_ms: dict[str, float], late_s: float = 0.0,
-        client_cpu_s: float = 0.0,
+        client_cpu_s: float = 0.0, server_cpu_s: float = float("nan"),
     ) -> LevelResult:  # fmt: skip
         arr = np.array(self.lat) * 1000
 
@@ -197,7 +198,8 @@ class _Tally:
                            p99_ms=pct(99), p999_ms=pct(99.9), max_ms=float(arr.max()) if n else float("nan"),
                            stage_ms=stage_ms, late_ms=late_s * 1000,
                            batch_requests=stage_ms.pop(BATCH_REQUESTS, float("nan")),
-                           client_cores=client_cpu_s / elapsed if elapsed > 0 else 0.0)  # fmt: skip
+                           client_cores=client_cpu_s / elapsed if elapsed > 0 else 0.0,
+                           server_cpu_s=server_cpu_s)  # fmt: skip
 
 
 async def open_loop(n: int, rate: float, t0: float, one: Callable[[int, float], Awaitable[None]]) -> float:
@@ -254,8 +256,15 @@ def _session(limit: int) -> aiohttp.ClientSession:
                                  headers={"content-type": "application/json"})  # fmt: skip
 
 
-async def _level(url: str, c: int, duration_s: float, bodies: list[bytes], path: str = "/predict") -> LevelResult:
-    """Closed loop: `c` workers for `duration_s`, POSTing to `path`."""
+ServerCpu = Callable[[], float]  # the server's CPU seconds so far (its whole process tree)
+
+
+async def _level(
+    url: str, c: int, duration_s: float, bodies: list[bytes], path: str = "/predict",
+    server_cpu: ServerCpu | None = None,
+) -> LevelResult:  # fmt: skip
+    """Closed loop: `c` workers for `duration_s`, POSTing to `path`; the server's CPU over the
+    level when `server_cpu` reads it."""
     tally = _Tally()
     stop = time.perf_counter() + duration_s
     async with _session(c) as session:
@@ -269,11 +278,13 @@ async def _level(url: str, c: int, duration_s: float, bodies: list[bytes], path:
                 i += c
 
         before = await _stages(session, url)
+        s0 = server_cpu() if server_cpu is not None else float("nan")
         t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(k) for k in range(c)))
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        served = server_cpu() - s0 if server_cpu is not None else float("nan")
         stage_ms = _stage_means(before, await _stages(session, url))
-    return tally.result("closed", c, 0.0, elapsed, stage_ms, client_cpu_s=cpu)
+    return tally.result("closed", c, 0.0, elapsed, stage_ms, client_cpu_s=cpu, server_cpu_s=served)
 
 
 async def open_level(
@@ -300,17 +311,18 @@ async def open_level(
 
 def run_levels(
     url: str, levels: list[int], duration_s: float, n_ads: int, data_dir: Path, warm_up: bool = True,
-    path: str = "/predict",
+    path: str = "/predict", server_cpu: ServerCpu | None = None,
 ) -> list[LevelResult]:  # fmt: skip
     """One bounded closed-loop run per concurrency level, after a short warm-up; requests go
-    to `path` (/predict, or the BentoML API's route with the same body)."""
+    to `path` (/predict, or the BentoML API's route with the same body); `server_cpu` reads
+    the server's CPU seconds (each level's are in its result)."""
     check_loopback(url)
     bodies = Traffic(data_dir, n_ads).bodies(2000)
 
     async def go() -> list[LevelResult]:
         if warm_up:
             await _level(url, 4, min(2.0, duration_s), bodies, path)  # caches, connections
-        return [await _level(url, c, duration_s, bodies, path) for c in levels]
+        return [await _level(url, c, duration_s, bodies, path, server_cpu) for c in levels]
 
     return asyncio.run(go())
 

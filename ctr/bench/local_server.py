@@ -49,6 +49,21 @@ def wait_ready(url: str, timeout_s: float = 240.0, proc: subprocess.Popen[bytes]
     return time.monotonic() - t0
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its live descendants so far."""
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return total
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 @contextmanager
 def serving(
     url: str, timeout_s: float = 180.0, cmd: list[str] | None = None, env: dict[str, str] | None = None

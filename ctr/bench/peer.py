@@ -48,7 +48,8 @@ class Monolith:
         from ctr.model.runner import ModelRunner
 
         art = modelstore.artifacts(settings.model_tag)
-        self.runner = ModelRunner(art, "cpu", settings.torch_threads, engine=settings.model_engine)  # as the service
+        # the service's precision and engine: the yardstick differs in its serving, not its model
+        self.runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision, settings.model_engine)
         self.transformer = Transformer(art.spec, memo=0)  # the afternoon's version: no pre-encoded rows
         self.redis = connect(settings.redis_url, timeout_s=1.0)
         self.tag = art.tag

@@ -15,6 +15,7 @@ models, an export that failed) runs on PyTorch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ def resolve(engine: str, device_type: str, precision: str, has_export: bool) -> 
     if engine == "onnxruntime" and not runnable:
         raise ValueError("CTR_MODEL_ENGINE=onnxruntime runs float32 on the CPU only; use torch (or auto) here")
     if engine == "onnxruntime" and not has_export:
-        raise ValueError("CTR_MODEL_ENGINE=onnxruntime: the model was saved without model.onnx; retrain it or use auto")
+        raise ValueError("CTR_MODEL_ENGINE=onnxruntime: the model has no model.onnx; `ctr train --force`, or use auto")
     return "onnxruntime" if engine != "torch" and runnable and has_export else "torch"
 
 
@@ -53,14 +54,17 @@ def session(path: Path, threads: int) -> object:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait on shared cores
     opts.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def export(model: object, cardinalities: list[int], path: Path, seed: int = 0) -> bool:
-    """Write `model` (a DeepFM in eval mode) with its sigmoid to `path` as ONNX (torch's
-    exporter), and keep it only when ONNX Runtime's answers match PyTorch's on random rows;
-    False (and a warning; the model then runs on PyTorch) when the export fails or disagrees."""
+    """Write `model` (a DeepFM; a CPU copy is exported) with its sigmoid to `path` as ONNX
+    (torch's exporter), and keep it only when ONNX Runtime's answers match PyTorch's on random
+    rows; False (and a warning; the model then runs on PyTorch) when the export fails or
+    disagrees. The file names no path of this machine (the exporter's per-node source
+    locations are dropped), so the same weights export the same bytes anywhere."""
     import torch
 
     class WithSigmoid(torch.nn.Module):
@@ -71,19 +75,25 @@ def export(model: object, cardinalities: list[int], path: Path, seed: int = 0) -
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.sigmoid(self.net(x))
 
-    wrapped = WithSigmoid(model).eval()  # type: ignore[arg-type]
     card = np.asarray(cardinalities, dtype=np.int64)
     rng = np.random.default_rng(seed)
     x = (rng.random((257, len(card))) * card).astype(np.int64)
     x[:8] = card  # out of range: the network clamps, the exports must too
     x[8:16] = -1
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed", once per operator
+    level = quiet.level
     try:
+        quiet.setLevel(logging.ERROR)
+        wrapped = WithSigmoid(copy.deepcopy(model).cpu().eval())  # type: ignore[attr-defined]
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             rows = torch.export.Dim("rows", min=1, max=1 << 20)
             program = torch.onnx.export(wrapped, (torch.from_numpy(x[:4].copy()),), input_names=[INPUT],
                                         dynamic_shapes=({0: rows},), dynamo=True, verbose=False)  # fmt: skip
-            program.save(str(path))
+            proto = program.model_proto
+            for node in proto.graph.node:
+                del node.metadata_props[:]
+            path.write_bytes(proto.SerializeToString())
             want = wrapped(torch.from_numpy(x)).numpy()
         got = session(path, 1).run(None, {INPUT: x})[0]  # type: ignore[attr-defined]
         diff = float(np.max(np.abs(got - want)))
@@ -93,4 +103,6 @@ def export(model: object, cardinalities: list[int], path: Path, seed: int = 0) -
         path.unlink(missing_ok=True)
         log.warning("model not exported to ONNX (it runs on PyTorch): %s: %s", type(exc).__name__, exc)
         return False
+    finally:
+        quiet.setLevel(level)
     return True

@@ -50,7 +50,15 @@ class ModelRunner:
         onnx = art.path / engines.ONNX
         self.engine = engines.resolve(engine, self.device.type, self.precision, onnx.is_file())
         self.model = precisions.apply(modelstore.load_module(art, self.device), self.precision, self.device)
-        self._session: Any = engines.session(onnx, threads) if self.engine == "onnxruntime" else None
+        self._session: Any = None
+        if self.engine == "onnxruntime":
+            try:
+                self._session = engines.session(onnx, threads)
+            except Exception as exc:  # a file ONNX Runtime cannot load: PyTorch serves, unless asked for it
+                if engine == "onnxruntime":
+                    raise ValueError(f"CTR_MODEL_ENGINE=onnxruntime: {onnx} does not load: {exc}") from exc
+                log.warning("model %s: model.onnx does not load (%s); the forward pass runs on PyTorch", self.tag, exc)
+                self.engine = "torch"
         log.info("model %s: forward pass on %s (%s, %s; CTR_MODEL_ENGINE=%s, %s)", self.tag, self.engine,
                  self.device, self.precision, engine, "exported" if onnx.is_file() else "no model.onnx")  # fmt: skip
         self.n_fields = len(art.architecture["cardinalities"])

@@ -9,7 +9,6 @@ segment table are also in the model's BentoML metadata.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +89,7 @@ def save(result: Trained) -> str:
     with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"kind": "deepfm"}) as m:
         torch.save(result.model.state_dict(), m.path_of(WEIGHTS))
         Path(m.path_of(CONFIG)).write_text(json.dumps(config, indent=2))
-        cpu_copy = copy.deepcopy(result.model).cpu().eval()
-        engine.export(cpu_copy, arch["cardinalities"], Path(m.path_of(engine.ONNX)))
+        engine.export(result.model, arch["cardinalities"], Path(m.path_of(engine.ONNX)))
     return str(m.tag)
 
 
