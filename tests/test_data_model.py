@@ -238,9 +238,12 @@ def test_a_saved_model_runs_on_onnx_runtime_with_pytorchs_numbers(saved) -> None
         engine.resolve("tensorrt", "cpu", "float32", True)
 
 
-def test_an_export_that_does_not_load_leaves_pytorch_serving(saved, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
-    """A model.onnx ONNX Runtime cannot load (truncated on disk): `auto` warns and serves on
-    PyTorch; `onnxruntime`, asked for, refuses to start."""
+def test_an_export_that_is_not_this_models_leaves_pytorch_serving(saved, trained, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A model.onnx that does not load (truncated on disk), or loads but is another network's
+    (weights retrained beside an old export): `auto` warns and serves on PyTorch, with
+    PyTorch's scores; `onnxruntime`, asked for, refuses to start. (The old runner served the
+    other network's scores without a word.)"""
+    import copy
     import dataclasses
     import logging
     import shutil
@@ -248,16 +251,37 @@ def test_an_export_that_does_not_load_leaves_pytorch_serving(saved, tmp_path: Pa
     from ctr.model import engine
     from ctr.model.runner import ModelRunner
 
-    copy = tmp_path / "model"
-    shutil.copytree(saved.path, copy)
-    onnx = copy / engine.ONNX
+    other = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        other.bias += 1.0
+    dirs = {}
+    for case in ("truncated", "other weights"):
+        dirs[case] = tmp_path / case.replace(" ", "_")
+        shutil.copytree(saved.path, dirs[case])
+    onnx = dirs["truncated"] / engine.ONNX
     onnx.write_bytes(onnx.read_bytes()[:1000])
-    art = dataclasses.replace(saved, path=copy)
-    with caplog.at_level(logging.WARNING, "ctr.model.runner"):
-        assert ModelRunner(art, "cpu").engine == "torch"
-    assert "does not load" in caplog.text
-    with pytest.raises(ValueError, match="does not load"):
-        ModelRunner(art, "cpu", engine="onnxruntime")
+    assert engine.export(other, list(ModelRunner(saved, "cpu").cardinalities), dirs["other weights"] / engine.ONNX)
+    x = np.random.default_rng(5).integers(0, 3, size=(50, len(trained.model.offsets)))
+    want = ModelRunner(saved, "cpu", engine="torch")(x)
+    for case, path in dirs.items():
+        art = dataclasses.replace(saved, path=path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "ctr.model.runner"):
+            runner = ModelRunner(art, "cpu")
+        assert runner.engine == "torch" and "model.onnx is not usable" in caplog.text, case
+        assert np.abs(runner(x) - want).max() == 0.0, case
+        with pytest.raises(ValueError, match="is not this model's"):
+            ModelRunner(art, "cpu", engine="onnxruntime")
+
+
+def test_a_large_call_on_onnx_runtime_answers_as_pytorch(saved) -> None:  # type: ignore[no-untyped-def]
+    """Past LARGE_ROWS a call gives its arena memory back; the answers are the same."""
+    from ctr.model import engine
+    from ctr.model.runner import ModelRunner
+
+    ort, pt = ModelRunner(saved, "cpu"), ModelRunner(saved, "cpu", engine="torch")
+    x = np.random.default_rng(4).integers(0, ort.cardinalities, size=(engine.Session.LARGE_ROWS + 1, ort.n_fields))
+    assert np.abs(ort(x) - pt(x)).max() <= engine.TOLERANCE
 
 
 def test_an_export_that_fails_or_disagrees_is_not_kept(trained, tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
@@ -50,19 +49,21 @@ class ModelRunner:
         onnx = art.path / engines.ONNX
         self.engine = engines.resolve(engine, self.device.type, self.precision, onnx.is_file())
         self.model = precisions.apply(modelstore.load_module(art, self.device), self.precision, self.device)
-        self._session: Any = None
+        self.n_fields = len(art.architecture["cardinalities"])
+        self.cardinalities = np.asarray(art.architecture["cardinalities"], dtype=np.int64)
+        self._session: engines.Session | None = None
         if self.engine == "onnxruntime":
-            try:
-                self._session = engines.session(onnx, threads)
-            except Exception as exc:  # a file ONNX Runtime cannot load: PyTorch serves, unless asked for it
+            try:  # the export must load and answer as these weights do (it could be another model's)
+                ort = engines.Session(onnx, threads)
+                engines.check(ort, self._torch, self.cardinalities)
+                self._session = ort
+            except Exception as exc:  # PyTorch serves, unless ONNX Runtime was asked for
                 if engine == "onnxruntime":
-                    raise ValueError(f"CTR_MODEL_ENGINE=onnxruntime: {onnx} does not load: {exc}") from exc
-                log.warning("model %s: model.onnx does not load (%s); the forward pass runs on PyTorch", self.tag, exc)
+                    raise ValueError(f"CTR_MODEL_ENGINE=onnxruntime: {onnx} is not this model's: {exc}") from exc
+                log.warning("model %s: model.onnx is not usable (%s); the forward pass runs on PyTorch", self.tag, exc)
                 self.engine = "torch"
         log.info("model %s: forward pass on %s (%s, %s; CTR_MODEL_ENGINE=%s, %s)", self.tag, self.engine,
                  self.device, self.precision, engine, "exported" if onnx.is_file() else "no model.onnx")  # fmt: skip
-        self.n_fields = len(art.architecture["cardinalities"])
-        self.cardinalities = np.asarray(art.architecture["cardinalities"], dtype=np.int64)
 
     def bind_thread(self) -> None:
         """Torch's intra-op thread count for the calling thread (OpenMP keeps it per thread):
@@ -76,7 +77,7 @@ class ModelRunner:
         check_indices(x, self.cardinalities)
         if self._session is None or not len(x):
             return self._torch(x)
-        return self._session.run(None, {engines.INPUT: np.require(x, dtype=np.int64, requirements=["C"])})[0]
+        return self._session(x)
 
     @torch.inference_mode()
     def _torch(self, x: np.ndarray) -> np.ndarray:
