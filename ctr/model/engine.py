@@ -4,9 +4,10 @@ same network exported when the model is saved.
 A served call is small (100 to a few thousand rows), and PyTorch's eager mode spends a fixed
 ~200 us a call dispatching its ~25 operators; ONNX Runtime runs the same graph with a fraction
 of that (`ctr bench stages` with CTR_MODEL_ENGINE=torch and without; docs/performance.md).
-The numbers are the network's own: the export is checked against PyTorch on random rows
-(out-of-range indices included) before it is kept, and a model saved without one (older
-models, an export that failed) runs on PyTorch.
+The numbers are the network's own: the export is checked against PyTorch on fixed rows
+(out-of-range indices included) before it is kept, and again by each runner that loads it
+(a file of other weights, or one that does not load, leaves PyTorch serving); a model saved
+without one (older models, an export that failed) runs on PyTorch.
 
 - `auto`: ONNX Runtime when the device is the CPU, the precision float32 and the model has
   its export; PyTorch otherwise (a GPU, int8 dynamic quantization, half precisions);
