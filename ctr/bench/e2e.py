@@ -8,8 +8,11 @@ import importlib.util
 import json
 import statistics
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
+
+import orjson
 
 from ctr.bench import loadgen
 from ctr.bench.capacity import best_rps
@@ -137,12 +140,25 @@ def _per_core(best: list[loadgen.LevelResult], cores: int, workers: int) -> tupl
     return _median([b.model_rps for b in best]), client, max(min(float(workers), cores - client), 0.1)
 
 
+def _floor_json_us(n_ads: int, calls: int = 2000) -> float:
+    """The floor's own answer encoding (orjson of `n_ads` constant scores), us a call."""
+    answer = {"request_id": "", "scores": [0.5] * n_ads, "model_version": "floor", "arm": "stable",
+              "fallback": False, "degraded": []}  # fmt: skip
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        orjson.dumps(answer)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def _floor(
-    rows: list[tuple[str, str, float, float, float, float]], floor_runs: list[list[loadgen.LevelResult]]
+    rows: list[tuple[str, str, float, float, float, float]],
+    floor_runs: list[list[loadgen.LevelResult]],
+    n_ads: int = 100,
 ) -> tuple[list[str], dict[str, float]]:
     """The HTTP floor's CPU a request at its best level (its server's own, measured), less the
-    parse and the JSON answer the in-process limit (`rows`, `ctr bench stages`) already counts:
-    what HTTP adds to a request; and the most of the limit a service can serve behind it."""
+    parse the in-process limit (`rows`, `ctr bench stages`) already counts and the floor's own
+    JSON (timed here): what HTTP adds to a request; and the most of the limit a service can
+    serve behind it."""
     from ctr.bench import stages
 
     best = [b for p in floor_runs if (b := best_level(p)) is not None and b.requests and b.server_cpu_s > 0]
@@ -150,12 +166,12 @@ def _floor(
         return [], {}
     floor_us = _median([1e6 * b.server_cpu_s / b.requests for b in best])
     own = {key: med for key, _, med, *_ in rows}
-    http_us = max(floor_us - own.get("parse", 0.0) - own.get("respond", 0.0), 0.0)
+    http_us = max(floor_us - own.get("parse", 0.0) - _floor_json_us(n_ads), 0.0)
     per_us = stages.limit_us(rows)
     ceiling = per_us / (per_us + http_us)
     line = (f"HTTP floor (uvicorn + Starlette, body parsed and validated, constant scores): its server's CPU "
             f"{floor_us:.0f} us a request at its best level ({_median([b.model_rps for b in best]):.0f} rps), "
-            f"{http_us:.0f} us of it HTTP (less the parse and the answer's JSON the limit counts); the service's own "
+            f"{http_us:.0f} us of it HTTP (less the parse the limit counts and its own JSON); the service's own "
             f"work behind it: {1e6 / (per_us + http_us):,.0f} requests/s per core = {ceiling:.0%} of the in-process "
             f"limit at most")  # fmt: skip
     return [line], {"floor_us": floor_us, "floor_http_us": http_us, "ceiling_share": ceiling}
@@ -167,6 +183,7 @@ def _limit_lines(
     cores: int,
     workers: int,
     floor_runs: list[list[loadgen.LevelResult]] | None = None,
+    n_ads: int = 100,
 ) -> tuple[list[str], dict[str, float]]:
     """The in-process limit per core at the coalescer's batch, and the share of it served per core:
     the service's cores are the cores the load generator left, at most one per gateway process
@@ -194,7 +211,7 @@ def _limit_lines(
              f"{share:.0%} of the in-process limit per core"]  # fmt: skip
     out = {"limit_rps_per_core": limit, "limit_us": per_us, "batch_requests": batch, "client_cores": client,
            "served_per_core": served / service_cores, "share": share}  # fmt: skip
-    floor_lines, floor = _floor(rows, floor_runs or [])
+    floor_lines, floor = _floor(rows, floor_runs or [], n_ads)
     if floor:
         floor_lines[-1] += f"; served {share / floor['ceiling_share']:.0%} of it"
     return [*lines, *floor_lines], out | floor
@@ -269,7 +286,7 @@ def run(
     lines += ["yardsticks (each pass's figure, and their median):", *_yardsticks(runs, workers), ""]
     limit: dict[str, float] = {}
     if peers:
-        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers, floor_runs)
+        limit_lines, limit = _limit_lines(settings, runs[SERVICE], cores, workers, floor_runs, n_ads)
         lines += limit_lines
     best = _median([best_rps([asdict(r) for r in rows]) for rows in runs[SERVICE]])
     result: dict[str, object] = {

@@ -50,7 +50,8 @@ def wait_ready(url: str, timeout_s: float = 240.0, proc: subprocess.Popen[bytes]
 
 
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of process `pid` and its live descendants so far."""
+    """CPU seconds (user + system) of process `pid` and its descendants so far: the live ones,
+    and those that exited and were waited for (a restarted worker's seconds stay counted)."""
     total = 0.0
     try:
         procs = [psutil.Process(pid)]
@@ -60,7 +61,7 @@ def tree_cpu_s(pid: int) -> float:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
-            total += t.user + t.system
+            total += t.user + t.system + t.children_user + t.children_system
     return total
 
 

@@ -48,8 +48,10 @@ class Monolith:
         from ctr.model.runner import ModelRunner
 
         art = modelstore.artifacts(settings.model_tag)
-        # the service's precision and engine: the yardstick differs in its serving, not its model
-        self.runner = ModelRunner(art, "cpu", settings.torch_threads, settings.model_precision, settings.model_engine)
+        # the service's precision (float32 where it is a GPU's) and engine: the yardstick differs
+        # in its serving, not its model
+        precision = settings.model_precision if settings.model_precision not in ("float16",) else "float32"
+        self.runner = ModelRunner(art, "cpu", settings.torch_threads, precision, settings.model_engine)
         self.transformer = Transformer(art.spec, memo=0)  # the afternoon's version: no pre-encoded rows
         self.redis = connect(settings.redis_url, timeout_s=1.0)
         self.tag = art.tag

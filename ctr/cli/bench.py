@@ -27,7 +27,7 @@ def bench() -> None:
     "--peers/--no-peers",
     default=True,
     show_default=True,
-    help="Also measure the monolith peer and the in-process limit.",
+    help="Also measure the monolith peers, the in-process limit and the HTTP floor.",
 )
 @click.option(
     "--rates",
